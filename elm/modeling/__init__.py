@@ -1,0 +1,63 @@
+"""The exported model: ``ElmConfig`` + ``ElmFor*`` Hugging Face classes, registered with the Auto API."""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
+
+from ..space import ArchConfig
+from .configuration_elm import ElmConfig
+from .modeling_elm import (
+    ElmForCausalLM,
+    ElmForMaskedLM,
+    ElmForSequenceClassification,
+    ElmModel,
+    ElmPreTrainedModel,
+)
+
+AUTO_CLASSES = {
+    "AutoModel": (AutoModel, ElmModel),
+    "AutoModelForMaskedLM": (AutoModelForMaskedLM, ElmForMaskedLM),
+    "AutoModelForCausalLM": (AutoModelForCausalLM, ElmForCausalLM),
+    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, ElmForSequenceClassification),
+}
+
+
+def register() -> None:
+    """Register ELM with the ``transformers`` Auto classes (idempotent; done on ``import elm``).
+
+    ``register_for_auto_class`` makes ``save_pretrained`` copy this folder's two modelling files
+    into the export and write ``auto_map``, so ``trust_remote_code=True`` loads it without elm.
+    """
+    AutoConfig.register("elm", ElmConfig, exist_ok=True)
+    ElmConfig.register_for_auto_class()
+    for name, (auto, cls) in AUTO_CLASSES.items():
+        auto.register(ElmConfig, cls, exist_ok=True)
+        cls.register_for_auto_class(name)
+
+
+def config_from_arch(arch: ArchConfig, **kwargs) -> ElmConfig:
+    """An ``ElmConfig`` for a validated architecture (extra kwargs: dropout, num_labels, ...)."""
+    return ElmConfig.from_arch_dict(arch.validate().to_dict(), **kwargs)
+
+
+def arch_from_config(config: ElmConfig) -> ArchConfig:
+    return ArchConfig.from_dict(config.arch_dict())
+
+
+__all__ = [
+    "ElmConfig",
+    "ElmModel",
+    "ElmPreTrainedModel",
+    "ElmForMaskedLM",
+    "ElmForCausalLM",
+    "ElmForSequenceClassification",
+    "config_from_arch",
+    "arch_from_config",
+    "register",
+]

@@ -1,0 +1,338 @@
+"""Standalone ELM models: any mix of BERT and MobileBERT blocks as a Hugging Face model.
+
+Self-contained (only ``configuration_elm`` beside it) so an export can ship it for
+``trust_remote_code=True``. The supernet's elastic blocks (``elm.supernet``) compute the same
+function on sliced weights; ``elm.supernet.extract`` copies them here and the outputs agree.
+
+Speed levers (small models are dominated by the vocabulary projection and by overheads):
+one fused projection for Q/K/V (two when Q=V or K=V are shared), attention through
+``scaled_dot_product_attention``, and MLM logits only at the masked positions when labels
+are given (``config.mlm_masked_only``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    CausalLMOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+
+from .configuration_elm import ElmConfig
+
+ACTIVATIONS = {"bert": F.gelu, "mobilebert": F.relu}
+
+
+def attention_bias(attention_mask: torch.Tensor | None, causal: bool, seq_len: int) -> torch.Tensor | None:
+    """Boolean mask [B, 1, T, T] (True = may attend), or None when SDPA needs none.
+
+    Every token may attend to itself, so rows of padding never become all-masked (NaN).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    keep = attention_mask[:, None, None, :].bool()
+    eye = torch.eye(seq_len, dtype=torch.bool, device=keep.device)
+    if causal:
+        keep = keep & torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep.device).tril()
+    return keep | eye
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout: float,
+    need_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention on [B, h, T, d]; the explicit path only when probs are asked for."""
+    if not need_probs:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None
+        )
+        return out, None
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
+    return F.dropout(probs, dropout, training=dropout > 0) @ v, probs
+
+
+def split_qkv(qkv: torch.Tensor, share: str, num_heads: int, head_dim: int):
+    """Fused projection output [B, T, n*A] -> q, k, v as [B, h, T, d] (shared ones are the same tensor)."""
+    b, t, _ = qkv.shape
+    parts = qkv.view(b, t, -1, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    if share == "qv":
+        return parts[0], parts[1], parts[0]
+    if share == "kv":
+        return parts[0], parts[1], parts[1]
+    return parts[0], parts[1], parts[2]
+
+
+class ElmAttention(nn.Module):
+    """Multi-head self-attention at width ``dim`` with post-LayerNorm residual."""
+
+    def __init__(self, config: ElmConfig, dim: int, num_heads: int, head_dim: int, share: str) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.share = num_heads, head_dim, share
+        projections = 3 if share == "none" else 2  # Q=V or K=V: one projection serves two roles
+        self.qkv = nn.Linear(dim, projections * num_heads * head_dim)
+        self.out = nn.Linear(num_heads * head_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, mask, causal: bool, output_attentions: bool = False):
+        q, k, v = split_qkv(self.qkv(x), self.share, self.num_heads, self.head_dim)
+        drop = self.attn_dropout if self.training else 0.0
+        ctx, probs = attend(q, k, v, mask, causal, drop, output_attentions)
+        ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.norm(x + self.dropout(self.out(ctx))), probs
+
+
+class ElmFFN(nn.Module):
+    def __init__(self, config: ElmConfig, dim: int, ffn_dim: int, block: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, ffn_dim)
+        self.down = nn.Linear(ffn_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.act = ACTIVATIONS[block]
+
+    def forward(self, x):
+        return self.norm(x + self.dropout(self.down(self.act(self.up(x)))))
+
+
+class ElmLayer(nn.Module):
+    """A BERT block (attention + FFN at H) or a MobileBERT block (H -> B, attention and
+    ``num_ffn`` FFNs at B, B -> H with the residual at H)."""
+
+    def __init__(self, config: ElmConfig, layer: dict) -> None:
+        super().__init__()
+        self.block = layer["block"]
+        h = config.hidden_size
+        width = layer["bottleneck_size"] if self.block == "mobilebert" else h
+        if self.block == "mobilebert":
+            self.bottleneck_in = nn.Linear(h, width)
+            self.norm_in = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            self.bottleneck_out = nn.Linear(width, h)
+            self.norm_out = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
+        self.ffns = nn.ModuleList(
+            ElmFFN(config, width, layer["ffn_dim"], self.block) for _ in range(layer.get("num_ffn", 1))
+        )
+
+    def forward(self, x, mask, causal: bool, output_attentions: bool = False):
+        h = self.norm_in(self.bottleneck_in(x)) if self.block == "mobilebert" else x
+        h, probs = self.attention(h, mask, causal, output_attentions)
+        for ffn in self.ffns:
+            h = ffn(h)
+        if self.block == "mobilebert":
+            h = self.norm_out(x + self.dropout(self.bottleneck_out(h)))
+        return h, probs
+
+
+class ElmEmbeddings(nn.Module):
+    """Word + position (+ token type) embeddings at E, projected to H when E != H, then LayerNorm."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__()
+        e, h = config.embedding_size, config.hidden_size
+        self.word = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, e)
+        self.token_type = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
+        self.project = nn.Linear(e, h) if e != h else None
+        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        t = input_ids.shape[1]
+        if t > self.position.num_embeddings:
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings={self.position.num_embeddings}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device)
+        x = self.word(input_ids) + self.position(position_ids)
+        if self.token_type is not None:
+            x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+        if self.project is not None:
+            x = self.project(x)
+        return self.dropout(self.norm(x))
+
+
+class ElmPreTrainedModel(PreTrainedModel):
+    config_class = ElmConfig
+    config: ElmConfig
+    base_model_prefix = "elm"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ElmLMHead):
+            nn.init.zeros_(module.bias)
+
+
+class ElmModel(ElmPreTrainedModel):
+    """Embeddings + layers; returns the last hidden state (and all of them on request)."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__(config)
+        self.embeddings = ElmEmbeddings(config)
+        self.layers = nn.ModuleList(ElmLayer(config, layer) for layer in config.layers)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
+        output_attentions = bool(output_attentions or self.config.output_attentions)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        mask = attention_bias(attention_mask, self.config.causal, x.shape[1])
+        hidden, attentions = (x,), ()
+        for layer in self.layers:
+            x, probs = layer(x, mask, self.config.causal, output_attentions)
+            hidden += (x,)
+            attentions += (probs,)
+        out = BaseModelOutput(
+            last_hidden_state=x,
+            hidden_states=hidden if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class ElmLMHead(nn.Module):
+    """H -> E transform, then the decoder tied to the word embeddings (one parameter, no copy)."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__()
+        self.transform = nn.Linear(config.hidden_size, config.embedding_size)
+        self.norm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h, word_embeddings: torch.Tensor):
+        return F.linear(self.norm(F.gelu(self.transform(h))), word_embeddings, self.bias)
+
+
+class ElmForMaskedLM(ElmPreTrainedModel):
+    """Masked LM. With ``labels`` and ``config.mlm_masked_only`` (default), vocabulary logits are
+    computed only at the masked positions and ``logits`` has shape [num_masked, vocab]; pass
+    ``return_full_logits=True`` for [B, T, vocab]."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__(config)
+        self.elm = ElmModel(config)
+        self.lm_head = ElmLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                return_full_logits: bool = False, **kwargs):  # fmt: skip
+        out = self.elm(input_ids, attention_mask, token_type_ids, position_ids,
+                       output_hidden_states, output_attentions)  # fmt: skip
+        h, loss = out.last_hidden_state, None
+        word = self.elm.embeddings.word.weight
+        if labels is not None and self.config.mlm_masked_only and not return_full_logits:
+            selected = labels != -100
+            logits = self.lm_head(h[selected], word)
+            loss = F.cross_entropy(logits.float(), labels[selected])
+        else:
+            logits = self.lm_head(h, word)
+            if labels is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                attentions=out.attentions)  # fmt: skip
+        return result if return_dict is not False else result.to_tuple()
+
+
+class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
+    """Causal LM (needs ``config.causal=True``); labels are shifted inside, as in HF GPT-2."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__(config)
+        if not config.causal:
+            raise ValueError("ElmForCausalLM needs an architecture with causal=true")
+        self.elm = ElmModel(config)
+        self.lm_head = ElmLMHead(config)
+        self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # no KV cache: the whole (short) prefix is re-encoded each step
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                **kwargs):  # fmt: skip
+        out = self.elm(input_ids, attention_mask, token_type_ids, position_ids,
+                       output_hidden_states, output_attentions)  # fmt: skip
+        logits = self.lm_head(out.last_hidden_state, self.elm.embeddings.word.weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        result = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                attentions=out.attentions)  # fmt: skip
+        return result if return_dict is not False else result.to_tuple()
+
+
+class ElmForSequenceClassification(ElmPreTrainedModel):
+    """Pooler (first token; last non-padding token for causal models) + linear classifier.
+    ``num_labels == 1`` is regression (MSE), otherwise cross-entropy, as in HF BERT."""
+
+    def __init__(self, config: ElmConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.elm = ElmModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(drop)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                **kwargs):  # fmt: skip
+        out = self.elm(input_ids, attention_mask, token_type_ids, position_ids,
+                       output_hidden_states, output_attentions)  # fmt: skip
+        h = out.last_hidden_state
+        if self.config.causal:
+            last = (attention_mask.sum(1) - 1) if attention_mask is not None else torch.full_like(h[:, 0, 0], h.shape[1] - 1)
+            pooled = h[torch.arange(h.shape[0], device=h.device), last.long()]
+        else:
+            pooled = h[:, 0]
+        logits = self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.view(-1))
+        result = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                          attentions=out.attentions)  # fmt: skip
+        return result if return_dict is not False else result.to_tuple()

@@ -1,0 +1,17 @@
+"""Elastic supernet: candidate BERT/MobileBERT blocks per layer with elastic heads and FFN width."""
+
+from .elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear, uniform_layer_map
+from .extract import copy_candidate, extract
+from .supernet import SpaceConfig, Supernet
+
+__all__ = [
+    "CandidateBlock",
+    "ElasticAttention",
+    "ElasticFFN",
+    "ElasticLinear",
+    "SpaceConfig",
+    "Supernet",
+    "copy_candidate",
+    "extract",
+    "uniform_layer_map",
+]

@@ -1,0 +1,182 @@
+"""The ELM supernet: embeddings + L layers, each holding candidate blocks side by side.
+
+Two ways to run it:
+
+* ``blockwise(teacher_hidden_states, mask)`` — search time. [project decision] Every candidate
+  of student layer l reads the teacher's hidden state at mapped layer ``m[l]`` (brought to the
+  student width by a learned linear map when widths differ, TinyBERT-style; the map is a search
+  helper and not exported) and is distilled towards the teacher's state ``m[l + 1]``. All
+  candidates of all layers train in one pass and are scored independently.
+* ``forward(input_ids, mask)`` — the active path (one candidate per layer, chained from the
+  student embeddings), which is exactly what ``extract()`` turns into a standalone model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
+from ..space import BLOCK_TYPES, SHARE_MODES, ArchConfig, ArchError
+from .elastic import CandidateBlock, uniform_layer_map
+
+
+@dataclass
+class SpaceConfig:
+    """What the supernet may contain (mirrors ``configs/space/*.yaml``).
+
+    Candidates per layer = ``blocks`` x ``shares``. Defaults follow the method doc: FFN widths
+    start at 132 and move in units of 132 up to 792 [paper / W-PCA]; MobileBERT blocks narrow to
+    ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs.
+    """
+
+    num_layers: int = 6
+    hidden_size: int = 256
+    embedding_size: int = 128
+    causal: bool = False
+    blocks: list[str] = field(default_factory=lambda: ["bert", "mobilebert"])
+    shares: list[str] = field(default_factory=lambda: ["none", "qv", "kv"])
+    head_dim: int = 32
+    bert_heads: int = 8
+    mobilebert_heads: int = 4
+    bottleneck_size: int = 128
+    mobilebert_num_ffn: int = 2
+    ffn_init: int = 132
+    ffn_unit: int = 132
+    ffn_max: int = 792
+    dropout: float = 0.1
+    layer_map: list[int] | None = None  # teacher hidden-state index per student layer boundary
+
+    def validate(self) -> SpaceConfig:
+        bad = [b for b in self.blocks if b not in BLOCK_TYPES]
+        if bad or not self.blocks:
+            raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {BLOCK_TYPES}")
+        bad = [s for s in self.shares if s not in SHARE_MODES]
+        if bad or not self.shares:
+            raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")
+        for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "bert_heads",
+                     "mobilebert_heads", "bottleneck_size", "mobilebert_num_ffn", "ffn_init",
+                     "ffn_unit", "ffn_max"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArchError(f"space.{name} must be a positive integer, got {value!r}")
+        if self.ffn_init > self.ffn_max:
+            raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
+        if "mobilebert" in self.blocks and self.bottleneck_size > self.hidden_size:
+            raise ArchError(
+                f"space.bottleneck_size={self.bottleneck_size} is larger than hidden_size={self.hidden_size}"
+            )
+        return self
+
+
+class Supernet(nn.Module):
+    def __init__(
+        self,
+        space: SpaceConfig,
+        vocab_size: int,
+        max_positions: int,
+        teacher_hidden_size: int,
+        teacher_layers: int,
+        type_vocab_size: int = 2,
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__()
+        from ..modeling import ElmConfig  # local: keeps elm.supernet importable in isolation
+
+        self.space = space.validate()
+        self.arch_base = dict(
+            hidden_size=space.hidden_size,
+            embedding_size=space.embedding_size,
+            vocab_size=vocab_size,
+            max_positions=max_positions,
+            type_vocab_size=type_vocab_size,
+            causal=space.causal,
+        )
+        self.embeddings = ElmEmbeddings(
+            ElmConfig.from_arch_dict({**self.arch_base, "layers": []}, hidden_dropout_prob=space.dropout,
+                                     pad_token_id=pad_token_id)  # fmt: skip
+        )
+        self.layers = nn.ModuleList(
+            nn.ModuleList(self._candidate(block, share) for block in space.blocks for share in space.shares)
+            for _ in range(space.num_layers)
+        )
+        layer_map = list(space.layer_map) if space.layer_map else uniform_layer_map(space.num_layers, teacher_layers)
+        if len(layer_map) != space.num_layers + 1 or not all(0 <= i <= teacher_layers for i in layer_map):
+            raise ArchError(
+                f"space.layer_map={layer_map} must list {space.num_layers + 1} teacher hidden-state "
+                f"indices in [0, {teacher_layers}]"
+            )
+        self.layer_map = layer_map
+        self.input_maps = nn.ModuleDict(
+            {
+                str(t): nn.Linear(teacher_hidden_size, space.hidden_size)
+                for t in sorted(set(layer_map[:-1]))
+                if teacher_hidden_size != space.hidden_size
+            }
+        )
+        self.active = [0] * space.num_layers
+
+    def _candidate(self, block: str, share: str) -> CandidateBlock:
+        s = self.space
+        mobile = block == "mobilebert"
+        return CandidateBlock(
+            block=block,
+            hidden_size=s.hidden_size,
+            max_heads=s.mobilebert_heads if mobile else s.bert_heads,
+            head_dim=s.head_dim,
+            share=share,
+            ffn_init=s.ffn_init,
+            ffn_max=s.ffn_max,
+            num_ffn=s.mobilebert_num_ffn if mobile else 1,
+            bottleneck_size=s.bottleneck_size if mobile else None,
+            dropout=s.dropout,
+        )
+
+    # ---- search-time path -----------------------------------------------------------------
+    def candidates(self):
+        """Yield ``(layer, index, key, block)`` for every candidate; key is e.g. ``L3.mobilebert.qv``."""
+        for li, layer in enumerate(self.layers):
+            for ci, cand in enumerate(layer):
+                yield li, ci, f"L{li}.{cand.name}", cand
+
+    def block_inputs(self, teacher_hidden_states, layer: int) -> torch.Tensor:
+        t = self.layer_map[layer]
+        h = teacher_hidden_states[t]
+        return self.input_maps[str(t)](h) if str(t) in self.input_maps else h
+
+    def block_targets(self, teacher_hidden_states, layer: int) -> torch.Tensor:
+        return teacher_hidden_states[self.layer_map[layer + 1]]
+
+    def blockwise(self, teacher_hidden_states, attention_mask=None, layers=None):
+        """Outputs of every candidate of every layer on the teacher's mapped inputs: list[list[Tensor]]."""
+        t = teacher_hidden_states[0].shape[1]
+        mask = attention_bias(attention_mask, self.space.causal, t)
+        outputs = []
+        for li in layers if layers is not None else range(len(self.layers)):
+            x = self.block_inputs(teacher_hidden_states, li)
+            outputs.append([cand(x, mask, self.space.causal)[0] for cand in self.layers[li]])
+        return outputs
+
+    # ---- active path ----------------------------------------------------------------------
+    def set_active(self, choice: list[int]) -> None:
+        if len(choice) != len(self.layers) or any(not 0 <= c < len(self.layers[0]) for c in choice):
+            raise ValueError(f"choice {choice} must pick one of {len(self.layers[0])} candidates per layer")
+        self.active = list(choice)
+
+    def active_arch(self, choice: list[int] | None = None) -> ArchConfig:
+        choice = self.active if choice is None else choice
+        layers = [self.layers[li][ci].layer_config() for li, ci in enumerate(choice)]
+        return ArchConfig(**self.arch_base, layers=layers).validate()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Chain the active candidates from the student embeddings; returns the last hidden state."""
+        x = self.embeddings(input_ids, token_type_ids)
+        mask = attention_bias(attention_mask, self.space.causal, x.shape[1])
+        for li, ci in enumerate(self.active):
+            x, _ = self.layers[li][ci](x, mask, self.space.causal)
+        return x
+
+    def embedding_parameters(self) -> int:
+        return ArchConfig(**self.arch_base, layers=[]).embedding_parameters()
