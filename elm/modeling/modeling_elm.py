@@ -27,6 +27,15 @@ from .configuration_elm import ElmConfig
 
 ACTIVATIONS = {"bert": F.gelu, "mobilebert": F.relu}
 
+# Auto classes an export loads with under ``trust_remote_code=True``. ``save_pretrained`` only
+# writes the saved class into ``config.auto_map``; ElmPreTrainedModel.save_pretrained adds all of them.
+AUTO_MAP = {
+    "AutoModel": "ElmModel",
+    "AutoModelForMaskedLM": "ElmForMaskedLM",
+    "AutoModelForCausalLM": "ElmForCausalLM",  # causal architectures only
+    "AutoModelForSequenceClassification": "ElmForSequenceClassification",
+}
+
 
 def attention_bias(attention_mask: torch.Tensor | None, causal: bool, seq_len: int) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, T] (True = may attend), or None when SDPA needs none.
@@ -176,6 +185,19 @@ class ElmPreTrainedModel(PreTrainedModel):
     base_model_prefix = "elm"
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+    # Losses are batch means and ignore ``num_items_in_batch``; without this the Trainer (which sees
+    # ``**kwargs`` in forward) would skip dividing by the gradient-accumulation steps.
+    accepts_loss_kwargs = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if getattr(self, "_auto_class", None) is not None:  # registered (import elm) or remote-code loaded
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto, name in AUTO_MAP.items():
+                if auto != "AutoModelForCausalLM" or self.config.causal:
+                    auto_map[auto] = f"{module}.{name}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -282,8 +304,12 @@ class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # no KV cache: the whole (short) prefix is re-encoded each step
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        # no KV cache: the whole (short) prefix is re-encoded each step; positions count only
+        # real tokens so that left-padded batches match unpadded prompts (as in HF GPT-2)
+        position_ids = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,
@@ -321,9 +347,10 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
         out = self.elm(input_ids, attention_mask, token_type_ids, position_ids,
                        output_hidden_states, output_attentions)  # fmt: skip
         h = out.last_hidden_state
-        if self.config.causal:
-            last = (attention_mask.sum(1) - 1) if attention_mask is not None else torch.full_like(h[:, 0, 0], h.shape[1] - 1)
-            pooled = h[torch.arange(h.shape[0], device=h.device), last.long()]
+        if self.config.causal:  # last non-padding token, for right or left padding
+            positions = torch.arange(h.shape[1], device=h.device)
+            last = (positions * attention_mask.long()).argmax(-1) if attention_mask is not None else positions[-1:]
+            pooled = h[torch.arange(h.shape[0], device=h.device), last]
         else:
             pooled = h[:, 0]
         logits = self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))

@@ -102,9 +102,11 @@ class ArchConfig:
     layers: list[LayerConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, (list, tuple)):
+            raise ArchError(f"layers must be a list of layer objects, got {type(self.layers).__name__}")
         self.layers = [
-            layer if isinstance(layer, LayerConfig) else LayerConfig(**_known(LayerConfig, layer, "layer"))
-            for layer in self.layers
+            layer if isinstance(layer, LayerConfig) else LayerConfig(**_known(LayerConfig, layer, f"layers[{i}]"))
+            for i, layer in enumerate(self.layers)
         ]
 
     @property
@@ -177,6 +179,8 @@ class ArchConfig:
 
 
 def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ArchError(f"{where} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -1,0 +1,370 @@
+"""Sentence(-pair) classification and regression tasks for fine-tuning and evaluation.
+
+``load_task(name, tokenizer)`` returns a :class:`TaskData` whose splits have ``input_ids``,
+``attention_mask``, ``token_type_ids`` and ``labels`` (truncated to ``max_length``, not padded;
+batch them with :class:`elm.data.collate.PadCollator`). Names:
+
+* ``"bbc"`` (offline default): BBC News topic classification (5 labels, sorted topic names),
+  a deterministic ~20% held-out split by document (duplicate articles stay in one split).
+* a local folder holding ``train.tsv``/``train.csv`` and ``dev``/``validation`` (and optional
+  ``test``) files, or one ``.tsv``/``.csv`` file (split 80/20 by row). Text columns are
+  recognised by name (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ...).
+  A folder named after a GLUE task (``sst2``, ``rte``, ...) uses that task's metrics.
+* GLUE names (``"sst2"``, ``"glue/rte"``, ...; see :data:`GLUE_TASKS`) through
+  ``datasets.load_dataset("glue", name)``, online only.
+
+String labels are mapped to ids in sorted order (``entailment`` = 0, ``not_entailment`` = 1).
+Metrics come from scikit-learn and scipy in :func:`compute_metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from elm.data.corpus import bbc_documents, bbc_group_key, split_documents
+
+_TSV_SUFFIXES = (".tsv", ".csv")
+
+
+class TaskError(ValueError):
+    """A task that cannot be found or read; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Text fields, label count and official metrics of a GLUE task."""
+
+    text_fields: tuple[str, ...]
+    num_labels: int
+    metrics: tuple[str, ...]
+    validation_split: str = "validation"
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": TaskSpec(("sentence",), 2, ("matthews_correlation",)),
+    "sst2": TaskSpec(("sentence",), 2, ("accuracy",)),
+    "mrpc": TaskSpec(("sentence1", "sentence2"), 2, ("accuracy", "f1")),
+    "qqp": TaskSpec(("question1", "question2"), 2, ("accuracy", "f1")),
+    "stsb": TaskSpec(("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
+    "mnli": TaskSpec(("premise", "hypothesis"), 3, ("accuracy",), "validation_matched"),
+    "qnli": TaskSpec(("question", "sentence"), 2, ("accuracy",)),
+    "rte": TaskSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
+    "wnli": TaskSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
+}
+# Column names recognised in local files, most specific first.
+_TEXT_COLUMN_SETS = (
+    ("sentence1", "sentence2"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+    ("question", "sentence"),
+    ("sentence",),
+    ("text",),
+)
+
+
+@dataclass
+class TaskData:
+    """A tokenised task: splits, label count (1 = regression), metric names and label names."""
+
+    name: str
+    train: Dataset
+    validation: Dataset
+    num_labels: int
+    metric: list[str]
+    label_names: list[str] | None = None
+    test: Dataset | None = None
+    text_fields: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_metrics(
+    metric_names: list[str] | tuple[str, ...], predictions: Any, labels: Any
+) -> dict[str, float]:
+    """Score predictions with scikit-learn / scipy.
+
+    ``predictions`` may be class ids [N], logits [N, C] (arg-maxed) or regression scores [N] /
+    [N, 1]. Names: ``accuracy``, ``f1`` (binary for 0/1 labels, else macro), ``f1_macro``,
+    ``matthews_correlation``, ``pearson``, ``spearmanr``.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    preds, gold = np.asarray(predictions), np.asarray(labels)
+    regression = any(m in ("pearson", "spearmanr") for m in metric_names)
+    if preds.ndim == 2:
+        preds = preds[:, 0] if regression and preds.shape[1] == 1 else preds.argmax(axis=-1)
+    if preds.shape != gold.shape:
+        raise ValueError(f"predictions shape {preds.shape} does not match labels shape {gold.shape}")
+    binary = set(np.unique(gold).tolist()) <= {0, 1}
+    scorers = {
+        "accuracy": lambda: accuracy_score(gold, preds),
+        "f1": lambda: f1_score(gold, preds, average="binary" if binary else "macro"),
+        "f1_macro": lambda: f1_score(gold, preds, average="macro"),
+        "matthews_correlation": lambda: matthews_corrcoef(gold, preds),
+        "pearson": lambda: pearsonr(preds, gold)[0],
+        "spearmanr": lambda: spearmanr(preds, gold)[0],
+    }
+    unknown = [m for m in metric_names if m not in scorers]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(scorers)}")
+    return {m: float(scorers[m]()) for m in metric_names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a ``.tsv`` (GLUE style: no quoting) or ``.csv`` file with a header line."""
+    tsv = path.suffix == ".tsv"
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(
+            fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+        )
+        rows = list(reader)
+    if not rows:
+        raise TaskError(f"task file {str(path)!r} has no rows")
+    bad = next((i for i, r in enumerate(rows, 2) if None in r or None in r.values()), None)
+    if bad is not None:
+        raise TaskError(
+            f"task file {str(path)!r} line {bad} has a different number of fields than its header"
+        )
+    return rows
+
+
+def _text_fields(columns: list[str], where: str) -> tuple[str, ...]:
+    for fields in _TEXT_COLUMN_SETS:
+        if all(f in columns for f in fields):
+            return fields
+    raise TaskError(
+        f"{where} has no known text columns (sentence, sentence1/sentence2, text, ...): {columns}"
+    )
+
+
+def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in _TSV_SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return str(value).strip().lstrip("-").isdigit()
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_ids(
+    train: list[Any], others: list[list[Any]], regression: bool, where: str
+) -> tuple[list, list[list], list[str] | None]:
+    """Map raw labels to ids: integers stay as is, other numbers mean regression (floats), and
+    strings are numbered in sorted order (returned as label names)."""
+    every = [*train, *(v for o in others for v in o)]
+    if regression or (not all(_is_int(v) for v in every) and all(_is_number(v) for v in every)):
+        return [float(v) for v in train], [[float(v) for v in o] for o in others], None
+    if all(_is_int(v) for v in every):
+        return [int(v) for v in train], [[int(v) for v in o] for o in others], None
+    values = sorted({str(v) for v in train})
+    index = {v: i for i, v in enumerate(values)}
+    for o in others:
+        unseen = {str(v) for v in o} - set(index)
+        if unseen:
+            raise TaskError(f"{where}: labels {sorted(unseen)} are not in the training labels {values}")
+    return [index[str(v)] for v in train], [[index[str(v)] for v in o] for o in others], values
+
+
+def _local_task(path: Path, seed: int) -> tuple[dict[str, dict[str, list]], TaskSpec, list[str] | None]:
+    """Columns ``text fields + label`` per split of a local folder or single file."""
+    glue = GLUE_TASKS.get(path.stem.lower().replace("-", "").replace("_", ""))
+    if path.is_dir():
+        files = {
+            "train": _find_split(path, ("train",)),
+            "validation": _find_split(
+                path, ("dev", "validation", "valid", "dev_matched", "validation_matched")
+            ),
+            "test": _find_split(path, ("test",)),
+        }
+        if files["train"] is None or files["validation"] is None:
+            raise TaskError(
+                f"task folder {str(path)!r} needs train.tsv/.csv and dev.tsv/.csv (or validation.*)"
+            )
+        tables = {k: _read_table(f) for k, f in files.items() if f is not None}
+    else:
+        rows = _read_table(path)
+        train_idx, val_idx = split_documents([repr(sorted(r.items())) for r in rows], 0.2, seed)
+        tables = {"train": [rows[i] for i in train_idx], "validation": [rows[i] for i in val_idx]}
+    columns = list(tables["train"][0])
+    fields = (
+        glue.text_fields
+        if glue and all(f in columns for f in glue.text_fields)
+        else _text_fields(columns, str(path))
+    )
+    if "label" not in columns:
+        raise TaskError(f"task {str(path)!r} has no 'label' column: {columns}")
+    if "test" in tables and "label" not in tables["test"][0]:
+        tables.pop("test")  # unlabelled test sets are left out
+    splits = list(tables)
+    raw = [[r["label"] for r in tables[s]] for s in splits]
+    regression = glue is not None and glue.num_labels == 1
+    train_labels, other_labels, names = _label_ids(raw[0], raw[1:], regression, str(path))
+    regression = isinstance(train_labels[0], float)
+    out = {
+        s: {**{f: [r[f] for r in tables[s]] for f in fields}, "label": lab}
+        for s, lab in zip(splits, [train_labels, *other_labels])
+    }
+    n_labels = (
+        1
+        if regression
+        else len(names)
+        if names
+        else int(max(max(v) for v in [train_labels, *other_labels])) + 1
+    )
+    metrics = glue.metrics if glue else ("pearson", "spearmanr") if regression else ("accuracy",)
+    return out, TaskSpec(fields, n_labels, metrics), names
+
+
+def _bbc_task(seed: int) -> tuple[dict[str, dict[str, list]], TaskSpec, list[str]]:
+    docs = bbc_documents()
+    topics = sorted({topic for _, topic in docs})
+    texts = [text for text, _ in docs]
+    train_idx, val_idx = split_documents(texts, 0.2, seed, groups=[bbc_group_key(t) for t in texts])
+    splits = {
+        name: {"text": [docs[i][0] for i in idx], "label": [topics.index(docs[i][1]) for i in idx]}
+        for name, idx in (("train", train_idx), ("validation", val_idx))
+    }
+    return splits, TaskSpec(("text",), len(topics), ("accuracy", "f1_macro")), topics
+
+
+def _glue_task(name: str) -> tuple[dict[str, dict[str, list]], TaskSpec, list[str] | None]:
+    import datasets
+
+    spec = GLUE_TASKS[name]
+    hint = "use a local folder with train.tsv and dev.tsv instead (e.g. task.name=/path/to/sst2)"
+    offline = any(
+        os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on")
+        for f in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    if offline and not datasets.config.HF_HUB_OFFLINE:
+        raise TaskError(f"GLUE task {name!r} needs the Hugging Face Hub, which is set offline; {hint}")
+    try:
+        ds = datasets.load_dataset("glue", name)
+    except Exception as err:  # ConnectionError, OSError, DatasetNotFoundError, ...
+        raise TaskError(
+            f"could not load GLUE task {name!r} (Hub offline or unreachable: {err.__class__.__name__}); {hint}"
+        ) from err
+    splits = {}
+    for ours, theirs in (("train", "train"), ("validation", spec.validation_split)):
+        cols = ds[theirs].select_columns([*spec.text_fields, "label"]).to_dict()
+        splits[ours] = cols
+    names = getattr(ds["train"].features["label"], "names", None)
+    return splits, spec, names
+
+
+def _resolve_name(name: str) -> str:
+    key = name.strip().lower()
+    key = key[5:] if key.startswith("glue/") or key.startswith("glue:") else key
+    return key.replace("-", "").replace("_", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenise(columns: dict[str, list], fields: tuple[str, ...], tokenizer: Any, max_length: int) -> Dataset:
+    """Tokenise text columns into input_ids / attention_mask / token_type_ids (+ labels)."""
+    sep = tokenizer.sep_token
+    joiner = None if sep is not None else (tokenizer.eos_token or " ")  # causal: "a<eos>b"
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[f] for f in fields]
+        if len(fields) == 2 and joiner is not None:
+            texts = [[a + joiner + b for a, b in zip(*texts)]]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length, verbose=False)
+        if "token_type_ids" not in enc:
+            enc["token_type_ids"] = [[0] * len(ids) for ids in enc["input_ids"]]
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"],
+            "labels": batch["label"],
+        }
+
+    ds = Dataset.from_dict(columns)
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenising")
+
+
+def load_task(
+    name: str,
+    tokenizer: Any,
+    max_length: int = 128,
+    max_train: int | None = None,
+    seed: int = 0,
+) -> TaskData:
+    """Load and tokenise a classification / regression task (see the module docstring).
+
+    Args:
+        name: ``"bbc"``, a local folder / .tsv / .csv path, or a GLUE name (``"sst2"``, ``"glue/rte"``).
+        tokenizer: the teacher's (fast) tokenizer.
+        max_length: truncation length in tokens, special tokens included.
+        max_train: keep a seeded random subset of this many training rows.
+        seed: seeds the bbc / single-file split and the ``max_train`` subsample.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
+        raise TaskError(f"max_length must be an integer >= 4, got {max_length!r}")
+    path = Path(str(name)).expanduser()
+    key = _resolve_name(str(name))
+    if str(name).strip().lower() == "bbc":
+        splits, spec, label_names = _bbc_task(seed)
+    elif path.exists():
+        if path.is_file() and path.suffix not in _TSV_SUFFIXES:
+            raise TaskError(f"task file {str(name)!r} must be a .tsv or .csv file")
+        splits, spec, label_names = _local_task(path.resolve(), seed)
+    elif str(name).strip().lower().startswith(("glue/", "glue:")) or key in GLUE_TASKS:
+        if key not in GLUE_TASKS:
+            raise TaskError(f"unknown GLUE task {name!r}; known: {', '.join(sorted(GLUE_TASKS))}")
+        splits, spec, label_names = _glue_task(key)
+    elif str(name).startswith(("/", ".", "~")) or os.sep in str(name):
+        raise TaskError(f"task path {str(name)!r} does not exist")
+    else:
+        raise TaskError(
+            f"task {name!r} is not 'bbc', a GLUE name ({', '.join(sorted(GLUE_TASKS))}) or an existing folder/.tsv/.csv"
+        )
+
+    if max_train is not None and max_train < len(splits["train"]["label"]):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(splits["train"]["label"]))[:max_train])
+        splits["train"] = {k: [v[i] for i in keep] for k, v in splits["train"].items()}
+    data = {s: _tokenise(cols, spec.text_fields, tokenizer, max_length) for s, cols in splits.items()}
+    return TaskData(
+        name=str(name),
+        train=data["train"],
+        validation=data["validation"],
+        test=data.get("test"),
+        num_labels=spec.num_labels,
+        metric=list(spec.metrics),
+        label_names=label_names,
+        text_fields=spec.text_fields,
+    )

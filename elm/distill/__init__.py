@@ -1,0 +1,1 @@
+"""Distillation losses for block-wise supervision and whole-model retraining."""

@@ -1,0 +1,279 @@
+"""Distillation losses (method doc, sections 2 and 5).
+
+[paper] Point-wise KD (MSE, KL) pushes all candidate blocks of a layer towards the same output;
+relational KD keeps them diverse (lower mean cosine similarity between candidates' features).
+[project decision] :func:`rkd_loss` = 1 - Pearson correlation between student and teacher
+token-token cosine-relation matrices, per sequence. MSE (learned projection), hidden-state KL
+and MiniLM-style attention KL stay available for ablations; logit-level forward / reverse KL are
+for whole-model retraining.
+
+Conventions: hidden states ``[B, T, D]``; ``attention_mask`` ``[B, T]`` with 1 (or True) for
+real tokens and 0 for padding (Hugging Face convention), ``None`` = all tokens valid. Losses
+return 0-dim tensors (differentiable), averaged over valid tokens (or sequences for RKD).
+Computation is in at least float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-8
+
+
+def _float(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _token_mask(x: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Boolean ``[B, T]`` validity mask for hidden states / logits ``[B, T, ...]``."""
+    if attention_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if attention_mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"attention_mask must have shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.to(device=x.device) != 0
+
+
+def _masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``per_token [B, T]`` over valid tokens (0 if none, still differentiable)."""
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+def relation_matrix(h: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Token-token cosine similarity ``[B, T, T]`` of hidden states ``h [B, T, D]``.
+
+    Rows and columns of padding tokens are zero. Zero vectors have zero similarity with
+    everything (eps-normalised), so the result is always finite.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"h must have shape [B, T, D], got shape {tuple(h.shape)}")
+    z = F.normalize(_float(h), dim=-1, eps=EPS)
+    rel = z @ z.transpose(1, 2)
+    if mask is not None:
+        m = _token_mask(h, mask).to(rel.dtype)
+        rel = rel * m[:, :, None] * m[:, None, :]
+    return rel
+
+
+def _pair_mask(mask: Tensor) -> Tensor:
+    """Valid token pairs (i, j) with j < i: ``[B, T, T]`` bool."""
+    t = mask.shape[1]
+    lower = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril(-1)
+    return lower[None] & mask[:, :, None] & mask[:, None, :]
+
+
+def rkd_loss(
+    student: Tensor,
+    teacher: Tensor,
+    attention_mask: Tensor | None = None,
+    causal: bool = False,
+    eps: float = EPS,
+) -> Tensor:
+    """Relational KD: 1 - Pearson(student relations, teacher relations). [project decision]
+
+    For each sequence the token-token cosine-relation matrices of student ``[B, T, Ds]`` and
+    teacher ``[B, T, Dt]`` are compared by Pearson correlation over the valid token pairs
+    (i, j) with j < i (the diagonal is always 1 and is excluded). With ``causal=True`` only a
+    token's relations to earlier tokens count; because cosine relations are symmetric this is
+    the same set of pairs as the bidirectional case, so both give the same value. ``Ds`` and
+    ``Dt`` may differ (no projection needed). The loss is averaged over sequences that have at
+    least 2 valid pairs; it is 0 if none has. ``eps`` guards the variances (constant relations
+    give correlation 0, not NaN).
+    """
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"student and teacher must share [B, T], got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    mask = _token_mask(student, attention_mask)
+    rs = relation_matrix(student)
+    rt = relation_matrix(teacher).to(rs.dtype)
+    # Cosine relations are symmetric: the pairs j < i list every unordered pair once, which is
+    # also exactly the causal set (each token with the tokens before it), so `causal` changes
+    # nothing here; it is kept so callers can pass their model's setting uniformly.
+    pairs = _pair_mask(mask).to(rs.dtype)
+    n = pairs.sum(dim=(1, 2))  # [B]
+    n_safe = n.clamp_min(1.0)
+    ms = (rs * pairs).sum(dim=(1, 2)) / n_safe
+    mt = (rt * pairs).sum(dim=(1, 2)) / n_safe
+    ds = (rs - ms[:, None, None]) * pairs
+    dt = (rt - mt[:, None, None]) * pairs
+    cov = (ds * dt).sum(dim=(1, 2)) / n_safe
+    var_s = ds.square().sum(dim=(1, 2)) / n_safe
+    var_t = dt.square().sum(dim=(1, 2)) / n_safe
+    corr = cov / (torch.sqrt(var_s + eps) * torch.sqrt(var_t + eps))
+    valid = (n >= 2).to(rs.dtype)
+    return ((1.0 - corr) * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def mse_loss(
+    student: Tensor,
+    teacher: Tensor,
+    proj: nn.Module | None = None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Point-wise MSE between ``proj(student)`` and ``teacher`` (``[B, T, D]``).
+
+    ``proj`` (owned and trained by the caller) maps the student width to the teacher's; without
+    it the widths must match. Mean over valid tokens and features.
+    """
+    s = _float(proj(student) if proj is not None else student)
+    t = _float(teacher).to(s.dtype)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
+    per_token = (s - t).square().mean(dim=-1)
+    return _masked_token_mean(per_token, _token_mask(t, attention_mask))
+
+
+def kl_hidden_loss(
+    student: Tensor,
+    teacher: Tensor,
+    proj: nn.Module | None = None,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """KL(softmax(teacher / T) || softmax(proj(student) / T)) over the feature dimension.
+
+    [project decision] A point-wise KL ablation for hidden states: each token's feature vector
+    is turned into a distribution over features by a softmax, as if it were logits. Needs equal
+    widths (hence ``proj``). Mean over valid tokens.
+    """
+    s = _float(proj(student) if proj is not None else student)
+    t = _float(teacher).to(s.dtype)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
+    return forward_kl(s, t, attention_mask, temperature)
+
+
+def attention_relation_loss(
+    student_attn: Tensor,
+    teacher_attn: Tensor,
+    attention_mask: Tensor | None = None,
+    eps: float = EPS,
+) -> Tensor:
+    """MiniLM-style KL(teacher attention || student attention).
+
+    Inputs are attention probabilities ``[B, H, T, T]`` (rows sum to 1 over keys) or
+    ``[B, T, T]``. [project decision] Maps are averaged over heads first, so student and teacher
+    may have different head counts (the search changes them); the KL of each valid query row
+    is averaged over valid queries. Student probabilities are clamped at ``eps`` in the log.
+    """
+
+    def heads_mean(a: Tensor) -> Tensor:
+        if a.dim() == 4:
+            return _float(a).mean(dim=1)
+        if a.dim() == 3:
+            return _float(a)
+        raise ValueError(f"attention maps must be [B, H, T, T] or [B, T, T], got {tuple(a.shape)}")
+
+    s, t = heads_mean(student_attn), heads_mean(teacher_attn)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} attention maps differ")
+    t = t.to(s.dtype)
+    per_query = (torch.xlogy(t, t) - t * torch.log(s.clamp_min(eps))).sum(dim=-1)  # [B, T]
+    return _masked_token_mean(per_query, _token_mask(s, attention_mask))
+
+
+def forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Token-level KL(p_teacher || p_student) over the last (vocabulary) dim, at ``temperature``.
+
+    Logits ``[B, T, V]``. Mean over valid tokens. Not multiplied by ``temperature**2``
+    (Hinton's gradient scaling is left to the caller).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    log_ps = F.log_softmax(_float(student_logits) / temperature, dim=-1)
+    log_pt = F.log_softmax(_float(teacher_logits).to(log_ps.dtype) / temperature, dim=-1)
+    per_token = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
+
+
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Token-level KL(p_student || p_teacher) (mode-seeking), mean over valid tokens.
+
+    [project decision] The exact per-token reverse KL over the vocabulary, the token-level
+    objective behind MiniLLM; MiniLLM's sequence-level policy-gradient estimator is not used.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    log_ps = F.log_softmax(_float(student_logits) / temperature, dim=-1)
+    log_pt = F.log_softmax(_float(teacher_logits).to(log_ps.dtype) / temperature, dim=-1)
+    per_token = (log_ps.exp() * (log_ps - log_pt)).sum(dim=-1)
+    return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
+
+
+@torch.no_grad()
+def cosine_diversity(outputs: list[Tensor], mask: Tensor | None = None) -> float:
+    """Mean pairwise cosine similarity between candidate blocks' outputs of one layer.
+
+    [paper] metric (lower = more diverse candidates). ``outputs``: one ``[B, T, D]`` tensor per
+    candidate, all the same shape (every candidate outputs the student hidden size). For each
+    pair of candidates, the per-token cosine similarity is averaged over valid tokens; the
+    result is the mean over pairs. Needs at least two candidates.
+    """
+    if len(outputs) < 2:
+        raise ValueError(f"cosine_diversity needs at least 2 candidate outputs, got {len(outputs)}")
+    shape = outputs[0].shape
+    if any(o.shape != shape for o in outputs) or len(shape) != 3:
+        raise ValueError(
+            f"all outputs must share one [B, T, D] shape, got {[tuple(o.shape) for o in outputs]}"
+        )
+    valid = _token_mask(outputs[0], mask).reshape(-1)
+    z = torch.stack([F.normalize(_float(o).reshape(-1, shape[-1])[valid], dim=-1, eps=EPS) for o in outputs])
+    if z.shape[1] == 0:
+        raise ValueError("mask selects no tokens")
+    sims = torch.einsum("ind,jnd->ij", z, z) / z.shape[1]  # [C, C] mean per-token cosine
+    c = len(outputs)
+    iu = torch.triu_indices(c, c, offset=1)
+    return float(sims[iu[0], iu[1]].mean())
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "rkd": rkd_loss,
+    "mse": mse_loss,
+    "kl": kl_hidden_loss,
+    "attn": attention_relation_loss,
+}
+
+
+def get_loss(name: str) -> Callable[..., Tensor]:
+    """Look up ``distill.loss`` in :data:`LOSSES` (ValueError naming the valid names)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown distillation loss {name!r}; valid: {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def block_loss(
+    name: str,
+    student: Tensor,
+    teacher: Tensor,
+    attention_mask: Tensor | None = None,
+    proj: nn.Module | None = None,
+    causal: bool = False,
+) -> Tensor:
+    """Hidden-state block loss by name, passing each loss the arguments it takes.
+
+    ``rkd`` ignores ``proj`` (relations are width-free); ``mse``/``kl`` use it; ``attn`` expects
+    attention maps as ``student``/``teacher``.
+    """
+    fn = get_loss(name)
+    if name == "rkd":
+        return fn(student, teacher, attention_mask=attention_mask, causal=causal)
+    if name in ("mse", "kl"):
+        return fn(student, teacher, proj=proj, attention_mask=attention_mask)
+    return fn(student, teacher, attention_mask=attention_mask)

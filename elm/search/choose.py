@@ -1,0 +1,99 @@
+"""Choosing the architecture and writing the search's outputs.
+
+[project decision] Candidates are scored block-wise (validation distillation loss), so a model's
+score is a sum over layers; under a budget the best combination is a multiple-choice knapsack,
+solved exactly by ``select.select_under_budget``. Costs are exact parameter counts of each
+candidate's active configuration (from the architecture description alone).
+
+Budgets: ``{name: value}``; a value <= 1 is a fraction of the *teacher's* non-embedding
+parameters, applied to the student's non-embedding (layer) parameters; a value > 1 is an
+absolute layer-parameter count. [project decision] The paper's sizes (Small/Tiny/Micro ~ 1/7,
+1/11, 1/22 of BERT-base) are whole-model ratios; with a 30k vocabulary the student's
+embeddings alone exceed those shares of a small teacher, so budgets apply to the layers and
+the embedding size is a separate, reported choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..space import ArchConfig
+from ..supernet import Supernet
+from ..utils.io import atomic_write_json
+from .select import pareto_front, select_under_budget
+
+
+def teacher_layer_parameters(teacher) -> int:
+    """Non-embedding parameters of the teacher (its encoder/decoder layers)."""
+    model = teacher.model
+    embed = model.get_input_embeddings()
+    skip = {id(p) for p in embed.parameters()}
+    for name, module in model.named_modules():
+        if name.endswith("embeddings") or name.endswith("wpe") or name.endswith("position_embeddings"):
+            skip |= {id(p) for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def cost_table(supernet: Supernet) -> list[list[int]]:
+    return [[cand.num_parameters() for cand in layer] for layer in supernet.layers]
+
+
+def resolve_budgets(budgets: dict[str, float], teacher_layer_params: int) -> dict[str, int]:
+    out = {}
+    for name, value in budgets.items():
+        if not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"search.budgets.{name}={value!r} must be a positive number (fraction <= 1 or count)")
+        out[name] = int(value * teacher_layer_params) if value <= 1 else int(value)
+    return out
+
+
+def check_budgets(supernet: Supernet, budgets: dict[str, int], min_heads: int) -> None:
+    """Fail before training when a budget is outside what the space can reach at all."""
+    lo = hi = 0
+    for layer in supernet.layers:
+        lo += min(c.layer_config(num_heads=min_heads, ffn_dim=supernet.space.ffn_init).num_parameters(
+            supernet.space.hidden_size) for c in layer)  # fmt: skip
+        hi += max(c.layer_config(num_heads=c.attention.max_heads, ffn_dim=supernet.space.ffn_max).num_parameters(
+            supernet.space.hidden_size) for c in layer)  # fmt: skip
+    for name, budget in budgets.items():
+        if not lo <= budget:
+            raise ValueError(f"budget {name}={budget:,} layer params is below the smallest architecture "
+                             f"of this space ({lo:,}); raise it or shrink the space")  # fmt: skip
+        if budget > hi:
+            raise ValueError(f"budget {name}={budget:,} layer params is above the largest architecture "
+                             f"of this space ({hi:,}); lower it or enlarge the space")  # fmt: skip
+
+
+def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]) -> dict[str, Any]:
+    """Exact DP choice per budget plus the whole Pareto front; returns a JSON-able summary."""
+    keys = [[key for li2, _, key, _ in supernet.candidates() if li2 == li] for li in range(len(supernet.layers))]
+    table = [[scores[k] for k in row] for row in keys]
+    costs = cost_table(supernet)
+    embed = supernet.embedding_parameters()
+    chosen, errors = {}, {}
+    for name, budget in budgets.items():
+        try:
+            choice, score, cost = select_under_budget(table, costs, budget)
+        except ValueError as err:  # widths only grow: a budget feasible at the start may not be now
+            errors[name] = str(err)
+            continue
+        arch = supernet.active_arch(choice)
+        chosen[name] = {"budget": budget, "choice": choice, "score": score, "layer_params": cost,
+                        "params": arch.num_parameters(), "params_with_lm_head": arch.num_parameters("lm"),
+                        "candidates": [keys[li][c] for li, c in enumerate(choice)], "arch": arch.to_dict()}  # fmt: skip
+    front = [{"layer_params": c, "params": c + embed, "score": s, "choice": ch} for c, s, ch in pareto_front(table, costs)]
+    return {"chosen": chosen, "infeasible": errors, "pareto": front, "embedding_params": embed}
+
+
+def write_archs(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """``arch_<budget>.json`` per budget, ``arch.json`` = the first feasible budget, ``pareto.json``."""
+    run_dir = Path(run_dir)
+    paths = []
+    for i, (name, point) in enumerate(summary["chosen"].items()):
+        arch = ArchConfig.from_dict(point["arch"])
+        paths.append(atomic_write_json(run_dir / f"arch_{name}.json", arch.to_dict()))
+        if i == 0:
+            paths.append(atomic_write_json(run_dir / "arch.json", arch.to_dict()))
+    paths.append(atomic_write_json(run_dir / "pareto.json", summary))
+    return paths

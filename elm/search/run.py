@@ -1,0 +1,123 @@
+"""``run_search(cfg)``: the whole search stage from a (Hydra) config; ``python -m elm.search`` calls it.
+
+Order: check inputs (cheap, before any training) -> teacher -> data -> supernet -> train with
+growth/pruning -> final scores -> budgeted choice -> arch*.json, pareto.json, plots, DONE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.corpus import load_corpus
+from ..space import ArchConfig
+from ..supernet import SpaceConfig
+from ..teacher import load_teacher
+from ..utils.io import atomic_write_json
+from ..utils.logging import RunLogger
+from ..utils.runtime import dist_info, resolve_device, seed_everything
+from . import plots
+from .analysis import CKAConfig, PCAConfig
+from .choose import check_budgets, choose, resolve_budgets, teacher_layer_parameters, write_archs
+from .trainer import STATE_FILE, SearchTrainer
+
+log = logging.getLogger("elm.search")
+DONE_FILE = "DONE"
+
+
+def _dataclass(cls, node: Any, group: str):
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{group} has unknown key(s) {unknown}; valid: {sorted(names)}")
+    return cls(**data)
+
+
+def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, _ = dist_info()
+    seed_everything(cfg.seed)
+    space = _dataclass(SpaceConfig, cfg.space, "space").validate()
+    pca, cka = _dataclass(PCAConfig, cfg.pca, "pca"), _dataclass(CKAConfig, cfg.cka, "cka")
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+
+    teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
+    if cfg.data.seq_len > teacher.max_positions:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max positions ({teacher.max_positions})")
+    budgets = resolve_budgets(dict(cfg.search.budgets), teacher_layer_parameters(teacher))
+    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
+                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    logger = None
+    if rank == 0:
+        logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
+                           config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+    s = cfg.search
+    trainer = SearchTrainer(
+        teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, pca=pca, cka=cka,
+        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size, lr=s.lr,
+        weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
+        eval_batches=s.eval_batches, analysis_batch_size=s.analysis_batch_size, seed=cfg.seed,
+        device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
+    )  # fmt: skip
+    check_budgets(trainer.supernet, budgets, cka.min_heads)
+    state_path = run_dir / STATE_FILE
+    if cfg.resume and state_path.exists():
+        import torch
+
+        trainer.load_state_dict(torch.load(state_path, map_location=device, weights_only=False))
+        log.info("resumed from %s at epoch %d", state_path, trainer.epoch)
+    history = trainer.fit()
+
+    scores = trainer.validate() if not history else history[-1]["val_loss"]
+    summary = choose(trainer.supernet, scores, budgets)
+    summary["search_time_s"] = time.perf_counter() - t_start
+    summary["teacher"] = {"name": teacher.name, "layer_params": teacher_layer_parameters(teacher)}
+    if rank == 0:
+        write_archs(run_dir, summary)
+        if cfg.plots.enabled:
+            write_plots(run_dir, trainer, summary, list(cfg.plots.compare_with), cfg.plots.get("cka_layer"))
+        if logger is not None:
+            logger.log({"final": {name: {"params": p["params"], "score": p["score"]} for name, p in summary["chosen"].items()}})
+            logger.finish()
+    if not summary["chosen"]:
+        raise ValueError("no budget is feasible after the search: " + "; ".join(summary["infeasible"].values())
+                         + f" (the trained supernet is kept in {state_path})")  # fmt: skip
+    if rank == 0:
+        atomic_write_json(run_dir / DONE_FILE, {"stage": "search", "arch": str(run_dir / "arch.json"),
+                                                "time_s": summary["search_time_s"]})  # fmt: skip
+    return summary
+
+
+def write_plots(run_dir: Path, trainer: SearchTrainer, summary: dict, compare_with: list[str], cka_layer=None) -> None:
+    """Fig. 2 (PCA curves), 3a (head CKA), 3b (diversity per layer, several losses), 5 (arch), Pareto."""
+    history = trainer.history
+    plots.plot_pca_curves(history, run_dir / "pca_curves.png")
+    first = next(iter(summary["chosen"].values()), None)
+    if first is not None:
+        arch = ArchConfig.from_dict(first["arch"])
+        plots.plot_architecture(arch, run_dir / "architecture.png", title=f"chosen: {next(iter(summary['chosen']))}")
+        layer = len(arch.layers) // 2 if cka_layer is None else int(cka_layer)
+        key = first["candidates"][layer]
+        pruned = [d["head"] for rec in history for d in rec["pruning"] if d["candidate"] == key]
+        matrix = trainer.last_cka.get(key, [])
+        plots.plot_cka_heatmap(matrix, run_dir / "cka_heatmap.png",
+                               title=f"head CKA of {key} (after pruning {len(pruned)} head(s))")  # fmt: skip
+    diversity = {trainer.loss: history[-1]["diversity"]} if history else {}
+    for other in compare_with:
+        lines = [json.loads(x) for x in (Path(other) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        epochs = [r for r in lines if "diversity" in r]
+        cfg_path = Path(other) / ".hydra" / "config.yaml"
+        name = OmegaConf.load(cfg_path).distill.loss if cfg_path.exists() else Path(other).name
+        if epochs:
+            diversity[str(name)] = epochs[-1]["diversity"]
+    plots.plot_diversity(diversity, run_dir / "diversity.png")
+    plots.plot_pareto(summary["pareto"], [{"name": n, **p} for n, p in summary["chosen"].items()], run_dir / "pareto.png")

@@ -1,0 +1,279 @@
+"""The ELM search, read top to bottom like the paper's procedure.
+
+    for epoch in 1..E:
+        train every candidate block side by side (block-wise distillation from the teacher)
+        if not the last epoch:
+            PCA scores on a held-out batch -> grow the top-k FFNs by one unit      [paper]
+            CKA between heads              -> prune redundant heads             [project decision]
+        log losses, PCA scores, widths, heads, CKA summaries, diversity
+    score every candidate on validation batches -> exact budgeted choice (DP)   [project decision]
+
+The math lives in ``pca.py``, ``cka.py``, ``select.py`` and ``elm.distill.losses``; this file only
+orders the steps, keeps the state resumable and writes the run's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..distill.losses import block_loss
+from ..supernet import SpaceConfig, Supernet
+from ..utils.io import atomic_torch_save
+from ..utils.logging import RunLogger
+from ..utils.runtime import autocast, dist_info
+from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, prune_heads
+
+STATE_FILE = "search_state.pt"
+LOSSES = ("rkd", "mse", "kl")
+
+
+class SearchTrainer:
+    """Trains the supernet block-wise and takes the growth/pruning decisions after each epoch.
+
+    Args:
+        teacher: an ``elm.teacher.Teacher`` (frozen).
+        space: the supernet's search space.
+        train, validation: datasets of packed ``input_ids`` / ``attention_mask`` rows.
+        loss: ``rkd`` (default, relational) | ``mse`` | ``kl`` (point-wise, with a learned
+            projection per candidate to the teacher's width; for ablations).
+    """
+
+    def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd",
+                 pca: PCAConfig | None = None, cka: CKAConfig | None = None, epochs: int = 6,
+                 steps_per_epoch: int | None = None, batch_size: int = 16, lr: float = 5e-4,
+                 weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
+                 eval_batches: int = 2, analysis_batch_size: int = 16, seed: int = 0,
+                 device: torch.device | str = "cpu", precision: str = "bf16",
+                 run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True) -> None:  # fmt: skip
+        if loss not in LOSSES:
+            raise ValueError(f"distill.loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
+        if space.causal != teacher.causal:
+            raise ValueError(
+                f"space.causal={space.causal} but teacher {teacher.name!r} is "
+                f"{'causal' if teacher.causal else 'bidirectional'}; set space.causal={teacher.causal}"
+            )
+        self.teacher, self.loss, self.seed = teacher, loss, seed
+        self.pca, self.cka = pca or PCAConfig(), cka or CKAConfig()
+        self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
+        self.device, self.precision = torch.device(device), precision
+        self.train_data, self.val_data = train, validation
+        self.rank, self.world = dist_info()
+        full = len(train) // (batch_size * self.world)
+        if full < 1:
+            raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
+        self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
+        self.eval_batches, self.analysis_batch_size = eval_batches, analysis_batch_size
+        self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
+
+        self.supernet = Supernet(
+            space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,
+            teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,
+            type_vocab_size=0 if space.causal else 2, pad_token_id=teacher.tokenizer.pad_token_id or 0,
+        ).to(self.device)  # fmt: skip
+        # point-wise ablations compare in the teacher's space through a learned projection
+        self.projections = nn.ModuleDict(
+            {key.replace(".", "_"): nn.Linear(space.hidden_size, teacher.hidden_size)
+             for *_, key, _ in self.supernet.candidates()} if loss != "rkd" else {}
+        ).to(self.device)  # fmt: skip
+        # the student embeddings are not used block-wise: they wait for extraction and retraining
+        params = [p for n, p in self.supernet.named_parameters() if not n.startswith("embeddings.")]
+        params += list(self.projections.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        total = self.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )  # fmt: skip
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+
+    # ---- data ------------------------------------------------------------------------------
+    def _rows(self, data, index) -> dict[str, torch.Tensor]:
+        rows = data[index]
+        return {k: torch.as_tensor(rows[k], device=self.device) for k in ("input_ids", "attention_mask")}
+
+    def train_batches(self, epoch: int):
+        """This rank's share of each global batch, in a seeded order that depends on the epoch."""
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        order = torch.randperm(len(self.train_data), generator=g).tolist()
+        per_rank = self.batch_size
+        for step in range(self.steps_per_epoch):
+            start = (step * self.world + self.rank) * per_rank
+            yield self._rows(self.train_data, order[start : start + per_rank])
+
+    def val_batches(self, count: int, batch_size: int):
+        n = len(self.val_data)
+        for i in range(count):
+            idx = [(i * batch_size + j) % n for j in range(batch_size)]
+            yield self._rows(self.val_data, idx)
+
+    # ---- losses ----------------------------------------------------------------------------
+    def teacher_states(self, batch):
+        with autocast(self.device, self.precision):
+            hidden = self.teacher(batch["input_ids"], batch["attention_mask"]).hidden_states
+        return tuple(h.float() for h in hidden)
+
+    def candidate_losses(self, batch) -> dict[str, torch.Tensor]:
+        hidden = self.teacher_states(batch)
+        mask = batch["attention_mask"]
+        with autocast(self.device, self.precision):
+            outputs = self.supernet.blockwise(hidden, mask)
+        losses = {}
+        for (li, ci, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
+            proj = self.projections[key.replace(".", "_")] if self.loss != "rkd" else None
+            target = self.supernet.block_targets(hidden, li)
+            losses[key] = block_loss(self.loss, out.float(), target, mask, proj=proj, causal=self.supernet.space.causal)
+        return losses
+
+    # ---- one epoch -------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        self.supernet.train()
+        sums: dict[str, float] = {}
+        tokens, start = 0, time.perf_counter()
+        bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, disable=not self.progress,
+                   desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
+        for batch in bar:
+            losses = self.candidate_losses(batch)
+            total = torch.stack(list(losses.values())).sum()
+            if not torch.isfinite(total):
+                bad = sorted(k for k, v in losses.items() if not torch.isfinite(v))
+                raise FloatingPointError(f"non-finite search loss at step {self.step} in candidates {bad}")
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.sync_gradients()
+            nn.utils.clip_grad_norm_(self.supernet.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            tokens += int(batch["attention_mask"].sum()) * self.world
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{float(total) / len(losses):.4f}", tok_s=f"{tokens / elapsed:.0f}")
+        self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    def sync_gradients(self) -> None:
+        """Average gradients over ranks (all ranks hold the same architecture, so shapes agree)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in list(self.supernet.parameters()) + list(self.projections.parameters()):
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Per-candidate validation distillation loss: the score the architecture choice minimises."""
+        self.supernet.eval()
+        sums: dict[str, float] = {}
+        for batch in self.val_batches(self.eval_batches, self.batch_size):
+            for k, v in self.candidate_losses(batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v) / self.eval_batches
+        self.supernet.train()
+        return sums
+
+    def analysis_batch(self):
+        batch = next(self.val_batches(1, self.analysis_batch_size))
+        return self.teacher_states(batch), batch["attention_mask"]
+
+    def end_of_epoch(self, last: bool) -> dict[str, Any]:
+        """PCA growth and CKA pruning (not after the last epoch: new units would stay untrained)."""
+        hidden, mask = self.analysis_batch()
+        result = analyse(self.supernet, hidden, mask, self.pca)
+        pruning, growth = [], []
+        prune_now = self.cka.enabled and (self.cka.when == "every_epoch" and not last or self.cka.when == "final" and last)
+        if prune_now:
+            pruning = prune_heads(self.supernet, result, self.cka, self.optimizer)
+        if not last:
+            growth = grow_widths(self.supernet, result.pca, self.pca, self.optimizer)
+        return {"analysis": result, "growth": growth, "pruning": pruning}
+
+    # ---- the whole search ------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        while self.epoch < self.epochs:
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch()
+            last = self.epoch == self.epochs - 1
+            decisions = self.end_of_epoch(last)
+            result = decisions["analysis"]
+            record = {
+                "epoch": self.epoch + 1,
+                "step": self.step,
+                "train_loss": train_loss,
+                "val_loss": self.validate(),
+                "pca": result.pca,
+                "ffn": {key: c.ffn_dim for *_, key, c in self.supernet.candidates()},
+                "heads": {key: c.attention.active_heads for *_, key, c in self.supernet.candidates()},
+                "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
+                "diversity": result.diversity,
+                "growth": decisions["growth"],
+                "pruning": decisions["pruning"],
+                "tokens_per_s": self.last_tokens_per_s,
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+            self.history.append(record)
+            self.last_cka = result.cka
+            self.epoch += 1
+            if self.rank == 0:
+                if self.logger is not None:
+                    self.logger.log(record, step=self.step)
+                self.save()
+        return self.history
+
+    # ---- state -----------------------------------------------------------------------------
+    def elastic_state(self) -> dict[str, dict[str, int]]:
+        return {key: {"heads": c.attention.active_heads, "ffn": c.ffn_dim} for *_, key, c in self.supernet.candidates()}
+
+    def load_elastic_state(self, state: dict[str, dict[str, int]]) -> None:
+        for *_, key, cand in self.supernet.candidates():
+            cand.attention.active_heads = state[key]["heads"]
+            for ffn in cand.ffns:
+                ffn.active_dim = state[key]["ffn"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "supernet": self.supernet.state_dict(),
+            "projections": self.projections.state_dict(),
+            "elastic": self.elastic_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "last_cka": getattr(self, "last_cka", {}),
+            "space": asdict(self.supernet.space),
+            "layer_map": self.supernet.layer_map,
+            "loss": self.loss,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("space") != asdict(self.supernet.space) or state.get("loss") != self.loss:
+            raise ValueError("search state was written for another space or loss; start a new run dir")
+        self.supernet.load_state_dict(state["supernet"])
+        self.projections.load_state_dict(state["projections"])
+        self.load_elastic_state(state["elastic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.last_cka = state.get("last_cka", {})
+        torch.set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
+
+
+def _mean_offdiag(matrix: list[list[float]]) -> float | None:
+    n = len(matrix)
+    if n < 2:
+        return None
+    return sum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))

@@ -1,0 +1,19 @@
+"""Shared bits of the command-line entry points: where the configs are, one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@contextlib.contextmanager
+def fail_cleanly(stage: str):
+    """Turn expected user errors (bad values, missing files) into one line on stderr and exit 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"[elm.{stage}] error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""Run logging: ``metrics.jsonl`` in the run dir (always) and wandb (``offline`` by default)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to wandb.
+
+    ``mode``: wandb's ``online`` | ``offline`` | ``disabled``. Only rank 0 should create one.
+    """
+
+    def __init__(self, run_dir: str | Path, mode: str = "offline", project: str = "elm",
+                 name: str | None = None, config: dict | None = None) -> None:  # fmt: skip
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.mode={mode!r} is unknown; valid: online, offline, disabled")
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run = None
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(mode=mode, project=project, name=name, dir=str(run_dir), config=config,
+                                  reinit="finish_previous")  # fmt: skip
+
+    def log(self, record: dict[str, Any], step: int | None = None) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(_scalars(record), step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[name] = value
+        elif isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

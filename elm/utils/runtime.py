@@ -1,0 +1,38 @@
+"""Seeding, device and precision choices shared by every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA when ``precision=bf16``; full precision elsewhere (CPU bf16 is slower)."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r} is unknown; valid: bf16, fp32")
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment (0, 1 when not distributed)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
