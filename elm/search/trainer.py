@@ -203,6 +203,7 @@ class SearchTrainer:
             t0 = time.perf_counter()
             train_loss = self.train_epoch()
             last = self.epoch == self.epochs - 1
+            widths = {key: c.ffn_dim for *_, key, c in self.supernet.candidates()}  # what PCA scored
             decisions = self.end_of_epoch(last)
             result = decisions["analysis"]
             record = {
@@ -211,7 +212,7 @@ class SearchTrainer:
                 "train_loss": train_loss,
                 "val_loss": self.validate(),
                 "pca": result.pca,
-                "ffn": {key: c.ffn_dim for *_, key, c in self.supernet.candidates()},
+                "ffn": widths,
                 "heads": {key: c.attention.active_heads for *_, key, c in self.supernet.candidates()},
                 "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
                 "diversity": result.diversity,

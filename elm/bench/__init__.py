@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (``python -m elm.bench``): every number is a ratio measured in one run."""

@@ -1,0 +1,51 @@
+"""``python -m elm.bench [--quick] [--device cpu|cuda] [--only NAME ...]``: print every ratio.
+
+Cases: ELM vs HF BERT MLM train step, supernet active path vs standalone, exported model vs HF
+inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from ..utils.runtime import autocast, resolve_device
+from . import cases
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m elm.bench", description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="subset of: mlm inference supernet analysis")  # fmt: skip
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    reps = 2 if args.quick else 5
+    ctx = lambda: autocast(device, args.precision)  # noqa: E731
+    want = set(args.only or ["mlm", "inference", "supernet", "analysis"])
+    print(f"# elm.bench on {device_name(device)}, torch {torch.__version__}, precision {args.precision}")
+    if "mlm" in want:
+        mlm = cases.mlm_step_vs_hf(device, ctx, repeats=reps)
+        print(mlm.line(), flush=True)
+        print(cases.flops_utilisation(device, ctx, mlm), flush=True)
+    if "supernet" in want:
+        print(cases.supernet_vs_standalone(device, ctx, repeats=reps).line(), flush=True)
+    if "inference" in want:
+        for batch in (1, 32):
+            print(cases.inference_vs_hf(device, ctx, batch, repeats=reps + 2).line(), flush=True)
+    if "analysis" in want:
+        print(cases.analysis_share(device, ctx, repeats=max(2, reps - 2)).line(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
