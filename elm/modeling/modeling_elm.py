@@ -156,7 +156,9 @@ class ElmEmbeddings(nn.Module):
     def __init__(self, config: ElmConfig) -> None:
         super().__init__()
         e, h = config.embedding_size, config.hidden_size
-        self.word = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        # a frozen padding row suits BERT's [PAD]; causal tokenizers pad with eos, which must train
+        pad = None if config.causal else config.pad_token_id
+        self.word = nn.Embedding(config.vocab_size, e, padding_idx=pad)
         self.position = nn.Embedding(config.max_position_embeddings, e)
         self.token_type = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
         self.project = nn.Linear(e, h) if e != h else None
@@ -173,7 +175,9 @@ class ElmEmbeddings(nn.Module):
             position_ids = torch.arange(t, device=input_ids.device)
         x = self.word(input_ids) + self.position(position_ids)
         if self.token_type is not None:
-            x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+            x = x + (
+                self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0]
+            )
         if self.project is not None:
             x = self.project(x)
         return self.dropout(self.norm(x))
@@ -336,7 +340,9 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
         self.num_labels = config.num_labels
         self.elm = ElmModel(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        drop = (
+            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        )
         self.dropout = nn.Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
@@ -349,7 +355,8 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
         h = out.last_hidden_state
         if self.config.causal:  # last non-padding token, for right or left padding
             positions = torch.arange(h.shape[1], device=h.device)
-            last = (positions * attention_mask.long()).argmax(-1) if attention_mask is not None else positions[-1:]
+            mask = attention_mask if attention_mask is not None else torch.ones_like(h[:, :, 0])
+            last = (positions * mask.long()).argmax(-1)
             pooled = h[torch.arange(h.shape[0], device=h.device), last]
         else:
             pooled = h[:, 0]

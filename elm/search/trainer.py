@@ -86,6 +86,7 @@ class SearchTrainer:
         # the student embeddings are not used block-wise: they wait for extraction and retraining
         params = [p for n, p in self.supernet.named_parameters() if not n.startswith("embeddings.")]
         params += list(self.projections.parameters())
+        self.trained_parameters = params  # clipped together (the projections of mse/kl included)
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         total = self.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -126,7 +127,7 @@ class SearchTrainer:
         with autocast(self.device, self.precision):
             outputs = self.supernet.blockwise(hidden, mask)
         losses = {}
-        for (li, ci, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
+        for (li, _, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
             proj = self.projections[key.replace(".", "_")] if self.loss != "rkd" else None
             target = self.supernet.block_targets(hidden, li)
             losses[key] = block_loss(self.loss, out.float(), target, mask, proj=proj, causal=self.supernet.space.causal)
@@ -148,7 +149,7 @@ class SearchTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.sync_gradients()
-            nn.utils.clip_grad_norm_(self.supernet.parameters(), self.grad_clip)
+            nn.utils.clip_grad_norm_(self.trained_parameters, self.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
@@ -156,7 +157,7 @@ class SearchTrainer:
                 sums[k] = sums.get(k, 0.0) + v.item()
             tokens += int(batch["attention_mask"].sum()) * self.world
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{float(total) / len(losses):.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{total.item() / len(losses):.4f}", tok_s=f"{tokens / elapsed:.0f}")
         self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
 

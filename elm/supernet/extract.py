@@ -57,7 +57,7 @@ def extract(supernet: Supernet, model_cls: type = ElmModel, choice: list[int] | 
     arch = supernet.active_arch()
     config_kwargs.setdefault("hidden_dropout_prob", supernet.space.dropout)
     config_kwargs.setdefault("attention_probs_dropout_prob", supernet.space.dropout)
-    config_kwargs.setdefault("pad_token_id", supernet.embeddings.word.padding_idx)
+    config_kwargs.setdefault("pad_token_id", supernet.pad_token_id)
     model = model_cls(config_from_arch(arch, **config_kwargs))
     backbone = model if isinstance(model, ElmModel) else model.elm
     backbone.embeddings.load_state_dict(supernet.embeddings.state_dict())

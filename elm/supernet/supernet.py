@@ -23,6 +23,11 @@ from ..space import BLOCK_TYPES, SHARE_MODES, ArchConfig, ArchError
 from .elastic import CandidateBlock, uniform_layer_map
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArchError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class SpaceConfig:
     """What the supernet may contain (mirrors ``configs/space/*.yaml``).
@@ -41,6 +46,7 @@ class SpaceConfig:
     head_dim: int = 32
     bert_heads: int = 8
     mobilebert_heads: int = 4
+    mobilebert_head_dim: int | None = None  # None = head_dim (W-PCA: 12 x 44 in BERT, 4 x 33 in MobileBERT)
     bottleneck_size: int = 128
     mobilebert_num_ffn: int = 2
     ffn_init: int = 132
@@ -56,18 +62,37 @@ class SpaceConfig:
         bad = [s for s in self.shares if s not in SHARE_MODES]
         if bad or not self.shares:
             raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")
+        for name in ("blocks", "shares"):  # duplicates would give two candidates the same key
+            values = list(getattr(self, name))
+            if len(set(values)) != len(values):
+                raise ArchError(f"space.{name}={values} lists a value twice")
         for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "bert_heads",
                      "mobilebert_heads", "bottleneck_size", "mobilebert_num_ffn", "ffn_init",
                      "ffn_unit", "ffn_max"):  # fmt: skip
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ArchError(f"space.{name} must be a positive integer, got {value!r}")
+            _positive_int(f"space.{name}", getattr(self, name))
+        if self.mobilebert_head_dim is not None:
+            _positive_int("space.mobilebert_head_dim", self.mobilebert_head_dim)
+        if not isinstance(self.causal, bool):
+            raise ArchError(f"space.causal must be true or false, got {self.causal!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ArchError(f"space.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.ffn_init > self.ffn_max:
             raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
         if "mobilebert" in self.blocks and self.bottleneck_size > self.hidden_size:
             raise ArchError(
                 f"space.bottleneck_size={self.bottleneck_size} is larger than hidden_size={self.hidden_size}"
             )
+        if self.layer_map is not None:
+            m = list(self.layer_map)
+            if (
+                len(m) != self.num_layers + 1
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in m)
+                or any(b < a for a, b in zip(m, m[1:]))
+            ):
+                raise ArchError(
+                    f"space.layer_map={m} must list {self.num_layers + 1} non-decreasing teacher hidden-state "
+                    f"indices (integers >= 0), one per student layer boundary"
+                )
         return self
 
 
@@ -117,6 +142,7 @@ class Supernet(nn.Module):
             }
         )
         self.active = [0] * space.num_layers
+        self.pad_token_id = pad_token_id
 
     def _candidate(self, block: str, share: str) -> CandidateBlock:
         s = self.space
@@ -125,7 +151,7 @@ class Supernet(nn.Module):
             block=block,
             hidden_size=s.hidden_size,
             max_heads=s.mobilebert_heads if mobile else s.bert_heads,
-            head_dim=s.head_dim,
+            head_dim=(s.mobilebert_head_dim or s.head_dim) if mobile else s.head_dim,
             share=share,
             ffn_init=s.ffn_init,
             ffn_max=s.ffn_max,
