@@ -106,9 +106,9 @@ def gpt2_tokenizer_path() -> str:
     return str(target)
 
 
-def _hub_offline() -> bool:
-    """Whether the user asked for offline mode through the standard environment variables."""
-    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+def hub_offline(*extra_flags: str) -> bool:
+    """Whether offline mode is asked for by ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (or extra flags)."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *extra_flags)
     return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
@@ -157,7 +157,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
         raise TeacherError(f"teacher path {name!r} is a file; expected a model directory (with config.json)")
     if _looks_like_path(name):
         raise TeacherError(f"teacher path {name!r} does not exist")
-    if _hub_offline() and not _hub_cached(name):
+    if hub_offline() and not _hub_cached(name):
         raise _hub_error(name, "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not cached")
     return name
 
@@ -167,12 +167,17 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    is_dir = Path(path).is_dir()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_hub_offline())
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=is_dir or hub_offline())
+    except (OSError, ValueError) as err:
+        if is_dir:
+            raise TeacherError(f"directory {path!r} has no loadable tokenizer: {err}") from err
         raise _hub_error(
             str(name_or_path), f"unreachable or has no tokenizer for it ({err.__class__.__name__})"
         ) from err
+    if len(tokenizer) < 2:  # transformers 5 builds an empty tokenizer when the files are missing
+        raise TeacherError(f"directory {path!r} has no loadable tokenizer (no tokenizer.json / vocab files)")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -312,7 +317,7 @@ def load_teacher(
         raise TeacherError(
             f"teacher directory {path!r} has no config.json; expected a save_pretrained model directory"
         )
-    local_only = _hub_offline() or is_dir
+    local_only = hub_offline() or is_dir
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as err:  # connection errors, gated repos, unknown model types

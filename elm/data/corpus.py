@@ -10,8 +10,9 @@ Sources (``source=``):
 * a local ``.txt`` file (documents separated by blank lines; WikiText files are split into
   articles at their `` = Title = `` headings), a ``.jsonl`` file (one ``{"text": ...}`` per
   line) or a folder of such files (searched recursively, in sorted order).
-* ``"hf:<path>[/<config>]"`` or ``"wikitext:<config>"``: the ``train`` split of a Hub data set
-  through ``datasets.load_dataset`` (online only), e.g. ``"hf:wikitext/wikitext-103-raw-v1"``.
+* ``"hf:<path>[:<config>]"`` or ``"wikitext:<config>"``: the ``train`` split of a Hub data set
+  through ``datasets.load_dataset`` (online only), e.g. ``"hf:wikitext/wikitext-103-raw-v1"``;
+  its documents are then split by ``val_fraction`` like any other source.
 
 The split is by document and deterministic: unique texts are ranked by ``sha256(seed, text)``
 and the first ``ceil(val_fraction * n)`` go to validation, so identical documents never straddle
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from elm.teacher import elm_cache_dir, load_tokenizer
+from elm.teacher import elm_cache_dir, hub_offline, load_tokenizer
 
 CACHE_VERSION = 2
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -151,16 +152,24 @@ def read_documents(source: str) -> list[str]:
 
 
 def _hub_spec(source: str) -> tuple[str, str | None] | None:
-    """``"hf:wikitext/wikitext-103-raw-v1"`` -> ("wikitext", "wikitext-103-raw-v1"); else None."""
+    """Parse a Hub corpus spec into ``(path, config)``; None for other sources.
+
+    ``"hf:<path>:<config>"`` is explicit; ``"hf:org/dataset/config"`` and
+    ``"hf:wikitext/wikitext-103-raw-v1"`` (second part extends the first) also name a config;
+    ``"wikitext:<config>"`` is short for ``"hf:wikitext:<config>"``.
+    """
     if source.startswith("wikitext:"):
         return "wikitext", source.split(":", 1)[1] or None
     if not source.startswith("hf:"):
         return None
     spec = source[3:].strip("/")
+    if ":" in spec:
+        path, config = spec.split(":", 1)
+        return path, config or None
     parts = spec.split("/")
-    if len(parts) == 3:  # org/dataset/config
+    if len(parts) == 3:
         return "/".join(parts[:2]), parts[2]
-    if len(parts) == 2 and "-" in parts[1] and parts[1].startswith(parts[0]):  # wikitext/wikitext-2-raw-v1
+    if len(parts) == 2 and parts[1].startswith(parts[0] + "-"):
         return parts[0], parts[1]
     return spec, None
 
@@ -170,12 +179,9 @@ def _hub_documents(source: str, path: str, name: str | None) -> list[str]:
     WikiText-style line rows, which are regrouped into articles)."""
     import datasets
 
-    env_offline = any(
-        os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on")
-        for f in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
     hint = "use a local .txt/.jsonl file or folder instead (data.source=/path/to/corpus)"
-    if env_offline and not datasets.config.HF_HUB_OFFLINE:
+    # datasets reads its offline flag at import; an env var set later cannot make it offline.
+    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
         raise CorpusError(f"corpus {source!r} needs the Hugging Face Hub, which is set offline; {hint}")
     try:
         ds = datasets.load_dataset(path, name, split="train")
@@ -298,8 +304,11 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _source_fingerprint(source: str) -> Any:
-    if source == "bbc" or _hub_spec(source) is not None:
-        return source if source != "bbc" else ["bbc", str(bbc_data_dir()), len(_bbc_documents())]
+    """What a cached corpus depends on: the spec for Hub/BBC sources, paths+sizes+mtimes for files."""
+    if source == "bbc":
+        return ["bbc", str(bbc_data_dir()), len(_bbc_documents())]
+    if _hub_spec(source) is not None:
+        return source
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _local_files(source)]
 
 
@@ -315,7 +324,7 @@ def load_corpus(
     """Load, split (by document), tokenise and pack a corpus into ``seq_len`` blocks.
 
     Args:
-        source: ``"bbc"``, a local .txt/.jsonl file or folder, or ``"hf:<path>[/<config>]"``.
+        source: ``"bbc"``, a local .txt/.jsonl file or folder, or ``"hf:<path>[:<config>]"``.
         tokenizer: a fast Hugging Face tokenizer (default: the default teacher's).
         seq_len: tokens per block, special tokens included.
         val_fraction: share of (unique) documents held out for validation, in (0, 1).
@@ -368,12 +377,14 @@ def load_corpus(
         train=_pack_split([texts[i] for i in train_idx], tokenizer, seq_len),
         validation=_pack_split([texts[i] for i in val_idx], tokenizer, seq_len),
     )
-    for name, ds in splits.items():
+    for name, ds, n_docs in (
+        ("train", splits["train"], len(train_idx)),
+        ("validation", splits["validation"], len(val_idx)),
+    ):
         if len(ds) == 0:
             raise CorpusError(
-                f"corpus {source!r} is too short: the {name} split ({len(val_idx if name == 'validation' else train_idx)} "
-                f"documents) gives no block of seq_len={seq_len} tokens; use more text, a smaller seq_len "
-                f"or a larger val_fraction"
+                f"corpus {source!r} is too short: the {name} split ({n_docs} documents) gives no block "
+                f"of seq_len={seq_len} tokens; use more text, a smaller seq_len or a larger val_fraction"
             )
 
     cache_root.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import numpy as np
 from datasets import Dataset
 
 from elm.data.corpus import bbc_documents, bbc_group_key, split_documents
+from elm.teacher import hub_offline
 
 _TSV_SUFFIXES = (".tsv", ".csv")
 
@@ -235,14 +236,13 @@ def _local_task(path: Path, seed: int) -> tuple[dict[str, dict[str, list]], Task
         s: {**{f: [r[f] for r in tables[s]] for f in fields}, "label": lab}
         for s, lab in zip(splits, [train_labels, *other_labels])
     }
-    n_labels = (
-        1
-        if regression
-        else len(names)
-        if names
-        else int(max(max(v) for v in [train_labels, *other_labels])) + 1
-    )
-    metrics = glue.metrics if glue else ("pearson", "spearmanr") if regression else ("accuracy",)
+    if regression:
+        n_labels, metrics = 1, ("pearson", "spearmanr")
+    else:
+        n_labels = len(names) if names else max(max(v) for v in [train_labels, *other_labels]) + 1
+        metrics = ("accuracy",)
+    if glue is not None:
+        n_labels, metrics = max(n_labels, glue.num_labels), glue.metrics
     return out, TaskSpec(fields, n_labels, metrics), names
 
 
@@ -263,11 +263,7 @@ def _glue_task(name: str) -> tuple[dict[str, dict[str, list]], TaskSpec, list[st
 
     spec = GLUE_TASKS[name]
     hint = "use a local folder with train.tsv and dev.tsv instead (e.g. task.name=/path/to/sst2)"
-    offline = any(
-        os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on")
-        for f in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-    if offline and not datasets.config.HF_HUB_OFFLINE:
+    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
         raise TaskError(f"GLUE task {name!r} needs the Hugging Face Hub, which is set offline; {hint}")
     try:
         ds = datasets.load_dataset("glue", name)
@@ -294,22 +290,42 @@ def _resolve_name(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Longest-first truncation of two token lists to ``len(a) + len(b) <= budget``."""
+    while len(a) + len(b) > budget:
+        if len(a) >= len(b):
+            a = a[:-1]
+        else:
+            b = b[:-1]
+    return a, b
+
+
 def _tokenise(columns: dict[str, list], fields: tuple[str, ...], tokenizer: Any, max_length: int) -> Dataset:
-    """Tokenise text columns into input_ids / attention_mask / token_type_ids (+ labels)."""
-    sep = tokenizer.sep_token
-    joiner = None if sep is not None else (tokenizer.eos_token or " ")  # causal: "a<eos>b"
+    """Tokenise text columns into input_ids / attention_mask / token_type_ids (+ labels).
+
+    Encoder tokenizers add their own specials (``[CLS] a [SEP] b [SEP]``, segment ids 0/1).
+    Causal tokenizers have no pair template: pairs become ``a <eos> b`` (longest-first
+    truncation, so the second text is never cut away entirely) with all segment ids 0.
+    """
+    causal_pair = len(fields) == 2 and tokenizer.sep_token is None and tokenizer.eos_token_id is not None
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [batch[f] for f in fields]
-        if len(fields) == 2 and joiner is not None:
-            texts = [[a + joiner + b for a, b in zip(*texts)]]
-        enc = tokenizer(*texts, truncation=True, max_length=max_length, verbose=False)
-        if "token_type_ids" not in enc:
-            enc["token_type_ids"] = [[0] * len(ids) for ids in enc["input_ids"]]
+        if causal_pair:
+            first, second = (
+                tokenizer(batch[f], add_special_tokens=False, verbose=False)["input_ids"] for f in fields
+            )
+            pairs = [_truncate_pair(a, b, max_length - 1) for a, b in zip(first, second)]
+            input_ids = [a + [tokenizer.eos_token_id] + b for a, b in pairs]
+            enc = {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids]}
+        else:
+            enc = tokenizer(
+                *(batch[f] for f in fields), truncation=True, max_length=max_length, verbose=False
+            )
+        token_types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
-            "token_type_ids": enc["token_type_ids"],
+            "token_type_ids": token_types,
             "labels": batch["label"],
         }
 
