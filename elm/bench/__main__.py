@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m elm.bench", description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument(
+        "--teacher", default=None, help="teacher for the analysis case (default: packaged MiniLM)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="subset of: mlm inference supernet analysis")  # fmt: skip
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         for batch in (1, 32):
             print(cases.inference_vs_hf(device, ctx, batch, repeats=reps + 2).line(), flush=True)
     if "analysis" in want:
-        print(cases.analysis_share(device, ctx, repeats=max(2, reps - 2)).line(), flush=True)
+        print(
+            cases.analysis_share(device, ctx, repeats=max(2, reps - 2), teacher_name=args.teacher).line(),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

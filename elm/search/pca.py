@@ -59,7 +59,7 @@ def explained_variance(acts: Tensor) -> Tensor:
     xc = x - x.mean(dim=0, keepdim=True)
     raw = torch.linalg.vector_norm(x)
     if torch.linalg.vector_norm(xc) <= _DEGENERATE_RTOL * raw:
-        return torch.zeros(min(x.shape), dtype=torch.float64)
+        return torch.zeros(min(x.shape), dtype=torch.float64, device=x.device)
     s = torch.linalg.svdvals(xc)  # descending
     return s.square() / max(x.shape[0] - 1, 1)
 
@@ -90,7 +90,7 @@ def pca_components(acts: Tensor, threshold: float = 0.99) -> int:
     if ratio.sum() <= 0:
         return 0
     cumsum = torch.cumsum(ratio, dim=0)
-    k = int(torch.searchsorted(cumsum, torch.tensor([t - _CUMSUM_ATOL], dtype=cumsum.dtype)).item()) + 1
+    k = int(torch.searchsorted(cumsum, torch.tensor([t - _CUMSUM_ATOL], dtype=cumsum.dtype, device=cumsum.device)).item()) + 1
     return min(k, ratio.numel())
 
 
