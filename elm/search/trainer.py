@@ -14,6 +14,7 @@ orders the steps, keeps the state resumable and writes the run's outputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -35,6 +36,30 @@ STATE_FILE = "search_state.pt"
 LOSSES = ("rkd", "mse", "kl")
 
 
+class BlockwiseDistiller(nn.Module):
+    """Supernet + (for mse/kl) projections; ``forward`` returns every candidate's block loss as one
+    vector, so the whole search step is a single module that ``DistributedDataParallel`` wraps.
+
+    Every parameter exists at its maximum size from the start (elastic growth only changes
+    slices), so DDP's buckets and the optimiser never meet a new parameter; inactive slices
+    simply receive zero gradients. The student embeddings are frozen here (unused block-wise).
+    """
+
+    def __init__(self, supernet: Supernet, projections: nn.ModuleDict, loss: str) -> None:
+        super().__init__()
+        self.supernet, self.projections, self.loss = supernet, projections, loss
+        self.keys = [key for *_, key, _ in supernet.candidates()]
+
+    def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+        outputs = self.supernet.blockwise(hidden, mask)
+        losses = []
+        for (li, _, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
+            proj = self.projections[key.replace(".", "_")] if self.loss != "rkd" else None
+            target = self.supernet.block_targets(hidden, li)
+            losses.append(block_loss(self.loss, out.float(), target, mask, proj=proj, causal=self.supernet.space.causal))
+        return torch.stack(losses)
+
+
 class SearchTrainer:
     """Trains the supernet block-wise and takes the growth/pruning decisions after each epoch.
 
@@ -48,7 +73,7 @@ class SearchTrainer:
 
     def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd",
                  pca: PCAConfig | None = None, cka: CKAConfig | None = None, epochs: int = 6,
-                 steps_per_epoch: int | None = None, batch_size: int = 16, lr: float = 5e-4,
+                 steps_per_epoch: int | None = None, batch_size: int = 16, grad_accum: int = 1, lr: float = 5e-4,
                  weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
                  eval_batches: int = 2, analysis_batch_size: int = 16, seed: int = 0,
                  device: torch.device | str = "cpu", precision: str = "bf16",
@@ -66,7 +91,12 @@ class SearchTrainer:
         self.device, self.precision = torch.device(device), precision
         self.train_data, self.val_data = train, validation
         self.rank, self.world = dist_info()
-        full = len(train) // (batch_size * self.world)
+        # batch_size is the global batch: split over ranks and accumulation micro-steps
+        if batch_size % (self.world * grad_accum):
+            raise ValueError(f"search.batch_size={batch_size} must be divisible by world size x grad_accum "
+                             f"({self.world} x {grad_accum})")  # fmt: skip
+        self.grad_accum, self.micro_batch = grad_accum, batch_size // (self.world * grad_accum)
+        full = len(train) // batch_size
         if full < 1:
             raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
         self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
@@ -84,8 +114,15 @@ class SearchTrainer:
              for *_, key, _ in self.supernet.candidates()} if loss != "rkd" else {}
         ).to(self.device)  # fmt: skip
         # the student embeddings are not used block-wise: they wait for extraction and retraining
-        params = [p for n, p in self.supernet.named_parameters() if not n.startswith("embeddings.")]
-        params += list(self.projections.parameters())
+        self.supernet.embeddings.requires_grad_(False)
+        self.distiller = BlockwiseDistiller(self.supernet, self.projections, loss)
+        self.ddp: nn.Module = self.distiller
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.distiller, device_ids=ids)
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
         self.trained_parameters = params  # clipped together (the projections of mse/kl included)
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         total = self.epochs * self.steps_per_epoch
@@ -101,13 +138,16 @@ class SearchTrainer:
         return {k: torch.as_tensor(rows[k], device=self.device) for k in ("input_ids", "attention_mask")}
 
     def train_batches(self, epoch: int):
-        """This rank's share of each global batch, in a seeded order that depends on the epoch."""
+        """Per step, this rank's micro-batches of the global batch, in a seeded epoch order."""
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(self.train_data), generator=g).tolist()
-        per_rank = self.batch_size
         for step in range(self.steps_per_epoch):
-            start = (step * self.world + self.rank) * per_rank
-            yield self._rows(self.train_data, order[start : start + per_rank])
+            base = step * self.batch_size
+            yield [
+                self._rows(self.train_data, order[start : start + self.micro_batch])
+                for micro in range(self.grad_accum)
+                for start in [base + (micro * self.world + self.rank) * self.micro_batch]
+            ]
 
     def val_batches(self, count: int, batch_size: int):
         n = len(self.val_data)
@@ -121,66 +161,50 @@ class SearchTrainer:
             hidden = self.teacher(batch["input_ids"], batch["attention_mask"]).hidden_states
         return tuple(h.float() for h in hidden)
 
-    def candidate_losses(self, batch) -> dict[str, torch.Tensor]:
+    def candidate_losses(self, batch, module: nn.Module | None = None) -> torch.Tensor:
+        """Block loss of every candidate (order of ``self.distiller.keys``) on one batch."""
         hidden = self.teacher_states(batch)
-        mask = batch["attention_mask"]
         with autocast(self.device, self.precision):
-            outputs = self.supernet.blockwise(hidden, mask)
-        losses = {}
-        for (li, _, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
-            proj = self.projections[key.replace(".", "_")] if self.loss != "rkd" else None
-            target = self.supernet.block_targets(hidden, li)
-            losses[key] = block_loss(self.loss, out.float(), target, mask, proj=proj, causal=self.supernet.space.causal)
-        return losses
+            return (module or self.distiller)(hidden, batch["attention_mask"])
 
     # ---- one epoch -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         self.supernet.train()
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None
         tokens, start = 0, time.perf_counter()
         bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, disable=not self.progress,
                    desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
-        for batch in bar:
-            losses = self.candidate_losses(batch)
-            total = torch.stack(list(losses.values())).sum()
-            if not torch.isfinite(total):
-                bad = sorted(k for k, v in losses.items() if not torch.isfinite(v))
-                raise FloatingPointError(f"non-finite search loss at step {self.step} in candidates {bad}")
+        keys = self.distiller.keys
+        for micro_batches in bar:
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.sync_gradients()
+            step_losses = torch.zeros(len(keys), device=self.device)
+            for i, batch in enumerate(micro_batches):
+                sync = i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
+                with contextlib.nullcontext() if sync or self.ddp is self.distiller else self.ddp.no_sync():
+                    losses = self.candidate_losses(batch, self.ddp)
+                    if not torch.isfinite(losses).all():
+                        bad = [k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)]
+                        raise FloatingPointError(f"non-finite search loss at step {self.step} in candidates {bad}")
+                    (losses.sum() / len(micro_batches)).backward()
+                step_losses += losses.detach() / len(micro_batches)
+                tokens += int(batch["attention_mask"].sum()) * self.world
             nn.utils.clip_grad_norm_(self.trained_parameters, self.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            tokens += int(batch["attention_mask"].sum()) * self.world
+            sums = step_losses if sums is None else sums + step_losses
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total.item() / len(losses):.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{step_losses.mean().item():.4f}", tok_s=f"{tokens / elapsed:.0f}")
         self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
-        return {k: v / self.steps_per_epoch for k, v in sums.items()}
-
-    def sync_gradients(self) -> None:
-        """Average gradients over ranks (all ranks hold the same architecture, so shapes agree)."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            for p in list(self.supernet.parameters()) + list(self.projections.parameters()):
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
+        return dict(zip(keys, (reduce_mean(sums) / self.steps_per_epoch).tolist()))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Per-candidate validation distillation loss: the score the architecture choice minimises."""
         self.supernet.eval()
-        sums: dict[str, float] = {}
-        for batch in self.val_batches(self.eval_batches, self.batch_size):
-            for k, v in self.candidate_losses(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.eval_batches
+        total = sum(self.candidate_losses(b) for b in self.val_batches(self.eval_batches, self.batch_size))
         self.supernet.train()
-        return sums
+        return dict(zip(self.distiller.keys, (total / self.eval_batches).tolist()))
 
     def analysis_batch(self):
         batch = next(self.val_batches(1, self.analysis_batch_size))
@@ -189,7 +213,8 @@ class SearchTrainer:
     def end_of_epoch(self, last: bool) -> dict[str, Any]:
         """PCA growth and CKA pruning (not after the last epoch: new units would stay untrained)."""
         hidden, mask = self.analysis_batch()
-        result = analyse(self.supernet, hidden, mask, self.pca)
+        # rank 0's statistics decide for everyone, so all ranks keep the same architecture
+        result = broadcast_object(analyse(self.supernet, hidden, mask, self.pca) if self.rank == 0 else None)
         pruning, growth = [], []
         prune_now = self.cka.enabled and (self.cka.when == "every_epoch" and not last or self.cka.when == "final" and last)
         if prune_now:
@@ -272,6 +297,28 @@ class SearchTrainer:
 
     def save(self) -> Path:
         return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
+
+
+def reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity when not distributed)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist_info()[1]
+    return x
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity when not distributed)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 def _mean_offdiag(matrix: list[list[float]]) -> float | None:
