@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..space import ArchConfig
-from ..supernet import Supernet
+from ..space import ArchConfig, LayerConfig
+from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_write_json
 from .select import pareto_front, select_under_budget
 
@@ -39,23 +39,46 @@ def cost_table(supernet: Supernet) -> list[list[int]]:
     return [[cand.num_parameters() for cand in layer] for layer in supernet.layers]
 
 
-def resolve_budgets(budgets: dict[str, float], teacher_layer_params: int) -> dict[str, int]:
+def resolve_budgets(budgets: dict[str, float | None], teacher_layer_params: int) -> dict[str, int]:
+    """Budgets in layer parameters. ``null`` drops a budget (e.g. one inherited from the defaults
+    by an experiment config)."""
     out = {}
     for name, value in budgets.items():
-        if not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"search.budgets.{name}={value!r} must be a positive number (fraction <= 1 or count)")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(
+                f"search.budgets.{name}={value!r} must be a positive number (fraction <= 1 or count)"
+            )
         out[name] = int(value * teacher_layer_params) if value <= 1 else int(value)
+    if not out:
+        raise ValueError(f"search.budgets={dict(budgets)} names no budget; give one, e.g. small: 0.25")
     return out
 
 
-def check_budgets(supernet: Supernet, budgets: dict[str, int], min_heads: int) -> None:
-    """Fail before training when a budget is outside what the space can reach at all."""
+def layer_param_range(space: SpaceConfig, min_heads: int = 1) -> tuple[int, int]:
+    """Smallest and largest layer-parameter count the space can reach (from its description alone:
+    every layer at its cheapest candidate with ``min_heads`` heads and ``ffn_init``, or at its
+    largest with all heads and ``ffn_max``)."""
     lo = hi = 0
-    for layer in supernet.layers:
-        lo += min(c.layer_config(num_heads=min_heads, ffn_dim=supernet.space.ffn_init).num_parameters(
-            supernet.space.hidden_size) for c in layer)  # fmt: skip
-        hi += max(c.layer_config(num_heads=c.attention.max_heads, ffn_dim=supernet.space.ffn_max).num_parameters(
-            supernet.space.hidden_size) for c in layer)  # fmt: skip
+    for _ in range(space.num_layers):
+        small, large = [], []
+        for block in space.blocks:
+            mobile, heads = block == "mobilebert", space.heads_of(block)
+            for share in space.shares:
+                layer = dict(block=block, head_dim=space.head_dim_of(block), share=share,
+                             num_ffn=space.mobilebert_num_ffn if mobile else 1,
+                             bottleneck_size=space.bottleneck_size if mobile else None)  # fmt: skip
+                small.append(LayerConfig(num_heads=min(min_heads, heads), ffn_dim=space.ffn_init, **layer))
+                large.append(LayerConfig(num_heads=heads, ffn_dim=space.ffn_max, **layer))
+        lo += min(c.num_parameters(space.hidden_size) for c in small)
+        hi += max(c.num_parameters(space.hidden_size) for c in large)
+    return lo, hi
+
+
+def check_budgets(space: SpaceConfig | Supernet, budgets: dict[str, int], min_heads: int) -> None:
+    """Fail before training when a budget is outside what the space can reach at all."""
+    lo, hi = layer_param_range(space.space if isinstance(space, Supernet) else space, min_heads)
     for name, budget in budgets.items():
         if not lo <= budget:
             raise ValueError(f"budget {name}={budget:,} layer params is below the smallest architecture "

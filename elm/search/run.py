@@ -54,6 +54,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.data.seq_len > teacher.max_positions:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max positions ({teacher.max_positions})")
     budgets = resolve_budgets(dict(cfg.search.budgets), teacher_layer_parameters(teacher))
+    check_budgets(space, budgets, cka.min_heads)  # before loading data or training anything
     data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
     logger = None
@@ -63,12 +64,11 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     s = cfg.search
     trainer = SearchTrainer(
         teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, pca=pca, cka=cka,
-        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size, lr=s.lr,
+        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size, grad_accum=s.get("grad_accum", 1), lr=s.lr,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
         eval_batches=s.eval_batches, analysis_batch_size=s.analysis_batch_size, seed=cfg.seed,
         device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
     )  # fmt: skip
-    check_budgets(trainer.supernet, budgets, cka.min_heads)
     state_path = run_dir / STATE_FILE
     if cfg.resume and state_path.exists():
         import torch

@@ -55,6 +55,14 @@ class SpaceConfig:
     dropout: float = 0.1
     layer_map: list[int] | None = None  # teacher hidden-state index per student layer boundary
 
+    def heads_of(self, block: str) -> int:
+        """Maximum (stored) heads of a candidate of this block type."""
+        return self.mobilebert_heads if block == "mobilebert" else self.bert_heads
+
+    def head_dim_of(self, block: str) -> int:
+        """Head width of a candidate of this block type."""
+        return (self.mobilebert_head_dim or self.head_dim) if block == "mobilebert" else self.head_dim
+
     def validate(self) -> SpaceConfig:
         bad = [b for b in self.blocks if b not in BLOCK_TYPES]
         if bad or not self.blocks:
@@ -74,7 +82,8 @@ class SpaceConfig:
             _positive_int("space.mobilebert_head_dim", self.mobilebert_head_dim)
         if not isinstance(self.causal, bool):
             raise ArchError(f"space.causal must be true or false, got {self.causal!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ArchError(f"space.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.ffn_init > self.ffn_max:
             raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
@@ -150,8 +159,8 @@ class Supernet(nn.Module):
         return CandidateBlock(
             block=block,
             hidden_size=s.hidden_size,
-            max_heads=s.mobilebert_heads if mobile else s.bert_heads,
-            head_dim=(s.mobilebert_head_dim or s.head_dim) if mobile else s.head_dim,
+            max_heads=s.heads_of(block),
+            head_dim=s.head_dim_of(block),
             share=share,
             ffn_init=s.ffn_init,
             ffn_max=s.ffn_max,
