@@ -64,17 +64,24 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     s = cfg.search
     trainer = SearchTrainer(
         teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, pca=pca, cka=cka,
-        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size, grad_accum=s.get("grad_accum", 1), lr=s.lr,
+        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size,
+        grad_accum=s.get("grad_accum", 1), lr=s.lr,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
         eval_batches=s.eval_batches, analysis_batch_size=s.analysis_batch_size, seed=cfg.seed,
         device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
+        checkpoint_every=s.get("checkpoint_every"),
     )  # fmt: skip
     state_path = run_dir / STATE_FILE
     if cfg.resume and state_path.exists():
-        import torch
-
-        trainer.load_state_dict(torch.load(state_path, map_location=device, weights_only=False))
-        log.info("resumed from %s at epoch %d", state_path, trainer.epoch)
+        trainer.load_state_dict(load_state(state_path, device))
+        log.info("resumed from %s at step %d (epoch %d)", state_path, trainer.step, trainer.epoch + 1)
+        if logger is not None:  # the metrics of finished epochs, exactly once
+            logger.rewrite(trainer.history)
+    elif cfg.resume:
+        log.info("resume=true but %s does not exist yet: starting a new search", state_path)
+    elif state_path.exists():
+        raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
+                         "or choose another hydra.run.dir")  # fmt: skip
     history = trainer.fit()
 
     scores = trainer.validate() if not history else history[-1]["val_loss"]
@@ -95,6 +102,20 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         atomic_write_json(run_dir / DONE_FILE, {"stage": "search", "arch": str(run_dir / "arch.json"),
                                                 "time_s": summary["search_time_s"]})  # fmt: skip
     return summary
+
+
+def load_state(path: Path, device) -> dict[str, Any]:
+    """A search state, or a one-line error when it is unreadable (truncated, not a checkpoint)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise ValueError(f"search state {path} is corrupt or unreadable ({type(err).__name__}); "
+                         "delete it to start over") from None  # fmt: skip
+    if not isinstance(state, dict) or "supernet" not in state:
+        raise ValueError(f"{path} is not an elm search state")
+    return state
 
 
 def write_plots(run_dir: Path, trainer: SearchTrainer, summary: dict, compare_with: list[str], cka_layer=None) -> None:

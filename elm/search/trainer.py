@@ -29,6 +29,7 @@ from ..distill.losses import block_loss
 from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
+from ..utils.preempt import Preempted, Preemption, maybe_inject_kill
 from ..utils.runtime import autocast, dist_info
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, prune_heads
 
@@ -77,7 +78,8 @@ class SearchTrainer:
                  weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
                  eval_batches: int = 2, analysis_batch_size: int = 16, seed: int = 0,
                  device: torch.device | str = "cpu", precision: str = "bf16",
-                 run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True) -> None:  # fmt: skip
+                 run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True,
+                 checkpoint_every: int | None = None) -> None:  # fmt: skip
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
         if space.causal != teacher.causal:
@@ -131,17 +133,21 @@ class SearchTrainer:
         )  # fmt: skip
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, Any]] = []
+        # mid-epoch checkpoints: every ``checkpoint_every`` steps and on SIGTERM (preemption)
+        self.checkpoint_every, self.preemption = checkpoint_every, Preemption()
+        self.epoch_sums: torch.Tensor | None = None  # this epoch's summed losses so far
 
     # ---- data ------------------------------------------------------------------------------
     def _rows(self, data, index) -> dict[str, torch.Tensor]:
         rows = data[index]
         return {k: torch.as_tensor(rows[k], device=self.device) for k in ("input_ids", "attention_mask")}
 
-    def train_batches(self, epoch: int):
-        """Per step, this rank's micro-batches of the global batch, in a seeded epoch order."""
+    def train_batches(self, epoch: int, first_step: int = 0):
+        """Per step, this rank's micro-batches of the global batch, in a seeded epoch order
+        (the order depends only on seed and epoch, so a resumed epoch skips what it has seen)."""
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(self.train_data), generator=g).tolist()
-        for step in range(self.steps_per_epoch):
+        for step in range(first_step, self.steps_per_epoch):
             base = step * self.batch_size
             yield [
                 self._rows(self.train_data, order[start : start + self.micro_batch])
@@ -170,10 +176,11 @@ class SearchTrainer:
     # ---- one epoch -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         self.supernet.train()
-        sums: torch.Tensor | None = None
+        first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+        sums = self.epoch_sums
         tokens, start = 0, time.perf_counter()
-        bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, disable=not self.progress,
-                   desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
+        bar = tqdm(self.train_batches(self.epoch, first), total=self.steps_per_epoch, initial=first,
+                   disable=not self.progress, desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
         keys = self.distiller.keys
         for micro_batches in bar:
             self.optimizer.zero_grad(set_to_none=True)
@@ -184,7 +191,10 @@ class SearchTrainer:
                     losses = self.candidate_losses(batch, self.ddp)
                     if not torch.isfinite(losses).all():
                         bad = [k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)]
-                        raise FloatingPointError(f"non-finite search loss at step {self.step} in candidates {bad}")
+                        raise FloatingPointError(
+                            f"non-finite search loss at step {self.step} (epoch {self.epoch + 1}, micro-batch {i}) "
+                            f"in candidates {bad}; the last good checkpoint is kept in {self.run_dir / STATE_FILE}"
+                        )
                     (losses.sum() / len(micro_batches)).backward()
                 step_losses += losses.detach() / len(micro_batches)
                 tokens += int(batch["attention_mask"].sum()) * self.world
@@ -193,10 +203,25 @@ class SearchTrainer:
             self.scheduler.step()
             self.step += 1
             sums = step_losses if sums is None else sums + step_losses
+            self.epoch_sums = sums
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_losses.mean().item():.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            self.maybe_checkpoint()
         self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        self.epoch_sums = None
         return dict(zip(keys, (reduce_mean(sums) / self.steps_per_epoch).tolist()))
+
+    def maybe_checkpoint(self) -> None:
+        """Mid-epoch checkpoint every ``checkpoint_every`` steps; on SIGTERM, checkpoint and exit 143."""
+        stop = bool(broadcast_object(self.preemption.requested))
+        periodic = self.checkpoint_every and self.step % self.checkpoint_every == 0
+        if (periodic or stop) and self.rank == 0:
+            self.save()
+        if stop:
+            raise Preempted(f"preempted at step {self.step}: checkpoint in {self.run_dir / STATE_FILE}; "
+                            f"continue with resume=true hydra.run.dir={self.run_dir}")  # fmt: skip
+        if periodic:
+            maybe_inject_kill(self.step)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -225,6 +250,10 @@ class SearchTrainer:
 
     # ---- the whole search ------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
+        with self.preemption:
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, Any]]:
         while self.epoch < self.epochs:
             t0 = time.perf_counter()
             train_loss = self.train_epoch()
@@ -251,9 +280,9 @@ class SearchTrainer:
             self.last_cka = result.cka
             self.epoch += 1
             if self.rank == 0:
+                self.save()
                 if self.logger is not None:
                     self.logger.log(record, step=self.step)
-                self.save()
         return self.history
 
     # ---- state -----------------------------------------------------------------------------
@@ -281,6 +310,8 @@ class SearchTrainer:
             "layer_map": self.supernet.layer_map,
             "loss": self.loss,
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "epoch_sums": self.epoch_sums,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -294,6 +325,9 @@ class SearchTrainer:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.last_cka = state.get("last_cka", {})
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch_sums = state.get("epoch_sums")
 
     def save(self) -> Path:
         return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)

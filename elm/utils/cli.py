@@ -12,8 +12,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 @contextlib.contextmanager
 def fail_cleanly(stage: str):
     """Turn expected user errors (bad values, missing files) into one line on stderr and exit 2."""
+    from .preempt import Preempted
+
     try:
         yield
+    except Preempted as stop:
+        print(f"[elm.{stage}] {stop.message}", file=sys.stderr)
+        sys.exit(143)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"[elm.{stage}] error: {err}", file=sys.stderr)
         sys.exit(2)

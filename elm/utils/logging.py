@@ -32,6 +32,12 @@ class RunLogger:
         if self.run is not None:
             self.run.log(_scalars(record), step=step)
 
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``records`` (on resume: drop lines past the checkpoint)."""
+        from .io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -53,4 +59,6 @@ def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
