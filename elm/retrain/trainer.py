@@ -1,0 +1,272 @@
+"""Whole-model distillation of a standalone student, read top to bottom like the procedure:
+
+    for epoch in 1..E:
+        for step in 1..S:
+            teacher(masked batch) -> hidden states (+ logits)                 (frozen)
+            student(masked batch) -> hidden states, MLM/CLM loss, logits
+            loss = w_lm * LM + w_hidden * mean_l RKD(student h_l, teacher h_m[l])
+                   + w_kd * T^2 * KL(p_teacher || p_student)
+            AdamW step, gradient clipping, LR schedule (transformers)
+        validation LM loss / perplexity; checkpoint (atomic)
+
+[project decision] Hidden-state loss = relational KD (``elm.distill.losses.rkd_loss``), the
+loss the search used, on the output of every student layer l against the teacher's hidden
+state ``layer_map[l + 1]``; being relational it needs no projection between widths. Logit KD
+is the forward KL at the masked positions (MLM) or at every real token (CLM), with Hinton's
+T^2 scaling. Both models see the same masked batch.
+
+Reproducibility: each epoch's order and masks come from generators seeded by (seed, epoch); the
+global RNG (dropout) is saved in the checkpoint, so a run resumed from the end of epoch k ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from ..data.collate import CLMCollator, MLMCollator, make_loader
+from ..distill.losses import forward_kl, rkd_loss
+from ..utils.io import atomic_torch_save
+from ..utils.runtime import autocast
+
+STATE_FILE = "retrain_state.pt"
+SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
+VAL_MASK_SEED = 1_000_003  # fixed masks for validation: scores comparable across epochs and runs
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, LayerNorms), as in nanoGPT/BERT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+class RetrainTrainer:
+    """Distils ``teacher`` into ``model`` (``ElmForMaskedLM`` or ``ElmForCausalLM``).
+
+    Args:
+        layer_map: ``num_layers + 1`` teacher hidden-state indices (``elm.supernet.uniform_layer_map``);
+            student layer l is pulled towards teacher state ``layer_map[l + 1]``.
+        teacher_head: a fitted MLM head for a head-less teacher (``teacher_head.py``) or None.
+        weights: ``{"lm": ..., "hidden": ..., "kd": ...}``; a 0 weight skips that term.
+        steps_per_epoch: None = one pass over the training split (full batches).
+        eval_batches: validation batches per evaluation (None = the whole split).
+    """
+
+    def __init__(self, model, teacher, train, validation, *, layer_map: list[int], teacher_head=None,
+                 weights: dict[str, float] | None = None, temperature: float = 1.0, epochs: int = 2,
+                 steps_per_epoch: int | None = None, batch_size: int = 16, lr: float = 5e-4,
+                 weight_decay: float = 0.01, warmup_steps: int = 30, schedule: str = "linear",
+                 grad_clip: float = 1.0, eval_batches: int | None = 20, mlm_probability: float = 0.15,
+                 log_every: int = 25, seed: int = 0, device: torch.device | str = "cpu",
+                 precision: str = "bf16", run_dir: str | Path = ".", logger=None, progress: bool = True) -> None:  # fmt: skip
+        if schedule not in SCHEDULES:
+            raise ValueError(f"retrain.schedule={schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        if temperature <= 0:
+            raise ValueError(f"distill.temperature={temperature} must be > 0")
+        num_layers = model.config.num_hidden_layers
+        if len(layer_map) != num_layers + 1 or not all(0 <= t <= teacher.num_layers for t in layer_map):
+            raise ValueError(f"layer_map={list(layer_map)} must list {num_layers + 1} teacher hidden-state "
+                             f"indices in [0, {teacher.num_layers}]")  # fmt: skip
+        if epochs < 0 or batch_size < 1:
+            raise ValueError(f"retrain.epochs={epochs} must be >= 0 and retrain.batch_size={batch_size} >= 1")
+        self.model, self.teacher, self.teacher_head = model, teacher, teacher_head
+        self.train_data, self.val_data = train, validation
+        self.layer_map, self.temperature = list(layer_map), temperature
+        self.weights = {"lm": 1.0, "hidden": 1.0, "kd": 1.0, **(weights or {})}
+        self.causal = bool(model.config.causal)
+        self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
+        self.mlm_probability, self.seed, self.log_every = mlm_probability, seed, log_every
+        full = len(train) // batch_size
+        if full < 1:
+            raise ValueError(
+                f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}"
+            )
+        self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
+        self.eval_batches = eval_batches
+        self.device, self.precision = torch.device(device), precision
+        self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress
+        self.has_logits = teacher_head is not None or teacher.has_lm_head
+        self.optimizer = configure_optimizer(model, lr, weight_decay)
+        total = epochs * self.steps_per_epoch
+        warmup_steps = min(warmup_steps, total)
+        self.scheduler = SCHEDULES[schedule](self.optimizer, warmup_steps, max(1, total))
+        self.plan = {"epochs": epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": batch_size,
+                     "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps}  # fmt: skip
+        self.epoch, self.step, self.train_time_s = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}  # facts of the run saved with the state (e.g. how it was initialised)
+
+    # ---- data ------------------------------------------------------------------------------
+    def collator(self, seed: int):
+        tok = self.teacher.tokenizer
+        return CLMCollator(tok) if self.causal else MLMCollator(tok, self.mlm_probability, seed=seed)
+
+    def train_batches(self, epoch: int):
+        """The first ``steps_per_epoch`` full batches of a (seed, epoch)-seeded shuffle and masking."""
+        seed = self.seed * 1000 + epoch
+        loader = make_loader(self.train_data, self.collator(seed), self.batch_size, shuffle=True,
+                             seed=seed, drop_last=True)  # fmt: skip
+        for step, batch in enumerate(loader):
+            if step == self.steps_per_epoch:
+                break
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def val_batches(self):
+        loader = make_loader(self.val_data, self.collator(VAL_MASK_SEED), self.batch_size)
+        for i, batch in enumerate(loader):
+            if self.eval_batches is not None and i == self.eval_batches:
+                break
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- losses ----------------------------------------------------------------------------
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weighted terms of the retraining loss for one batch (``total`` included)."""
+        w, mask = self.weights, batch["attention_mask"]
+        need_teacher = w["hidden"] > 0 or (w["kd"] > 0 and self.has_logits)
+        with autocast(self.device, self.precision):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
+                             output_hidden_states=need_teacher)  # fmt: skip
+            t = self.teacher(batch["input_ids"], mask) if need_teacher else None
+        terms = {"lm": out.loss.float()}
+        if w["hidden"] > 0:
+            per_layer = [
+                rkd_loss(
+                    out.hidden_states[li + 1].float(), t.hidden_states[m].float(), mask, causal=self.causal
+                )
+                for li, m in enumerate(self.layer_map[1:])
+            ]
+            terms["hidden"] = torch.stack(per_layer).mean()
+        if w["kd"] > 0 and self.has_logits:
+            terms["kd"] = self.temperature**2 * self.logit_kd(out.logits, t, batch)
+        terms["total"] = sum(w[k] * v for k, v in terms.items())
+        return terms
+
+    def logit_kd(self, student_logits, t, batch) -> torch.Tensor:
+        """Forward KL at the masked positions (MLM: the student's logits are [num_masked, V]) or tokens (CLM)."""
+        vocab = student_logits.shape[-1]
+        if self.causal:
+            return forward_kl(
+                student_logits, t.logits[..., :vocab], batch["attention_mask"], self.temperature
+            )
+        selected = batch["labels"] != -100
+        if student_logits.dim() == 3:  # config.mlm_masked_only=False: [B, T, V]
+            student_logits = student_logits[selected]
+        if self.teacher_head is not None:
+            teacher_logits = self.teacher_head(t.hidden_states[-1][selected].float())
+        else:
+            teacher_logits = t.logits[selected]
+        return forward_kl(student_logits[None], teacher_logits[None, :, :vocab], None, self.temperature)
+
+    # ---- loop ------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        tokens, start = 0, time.perf_counter()
+        bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, disable=not self.progress,
+                   desc=f"retrain epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
+        for batch in bar:
+            terms = self.losses(batch)
+            if not torch.isfinite(terms["total"]):
+                bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
+                raise FloatingPointError(
+                    f"non-finite retrain loss at step {self.step} ({bad}); lower retrain.lr"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            values = {k: v.item() for k, v in terms.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            tokens += int(batch["attention_mask"].sum())
+            if self.logger is not None and self.log_every and self.step % self.log_every == 0:
+                self.logger.log(
+                    {"step": self.step, "train": values, "lr": self.scheduler.get_last_lr()[0]},
+                    step=self.step,
+                )
+            bar.set_postfix(
+                loss=f"{values['total']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
+            )
+        self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Student LM loss on the validation split (fixed masks) and its perplexity exp(loss)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val_batches():
+            with autocast(self.device, self.precision):
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"])  # fmt: skip
+            n = int((batch["labels"][:, 1:] if self.causal else batch["labels"]).ne(-100).sum())
+            total, count = total + float(out.loss) * n, count + n
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+    def fit(self) -> list[dict[str, Any]]:
+        while self.epoch < self.epochs:
+            t0 = time.perf_counter()
+            train = self.train_epoch()
+            record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": train, **self.validate(),
+                      "tokens_per_s": self.last_tokens_per_s, "epoch_time_s": time.perf_counter() - t0}  # fmt: skip
+            self.train_time_s += record["epoch_time_s"]
+            self.history.append(record)
+            self.epoch += 1
+            if self.logger is not None:
+                self.logger.log(record, step=self.step)
+            self.save()
+        return self.history
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "train_time_s": self.train_time_s,
+            "plan": self.plan,
+            "arch": self.model.config.arch_dict(),
+            "layer_map": self.layer_map,
+            "meta": self.meta,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["arch"] != self.model.config.arch_dict():
+            raise ValueError("retrain_state.pt was written for another architecture; use a new run dir")
+        if state["plan"] != self.plan:
+            diff = {k: (state["plan"].get(k), v) for k, v in self.plan.items() if state["plan"].get(k) != v}
+            raise ValueError(f"retrain_state.pt was written with other settings {diff} (saved, now); "
+                             f"resume with the same retrain.* settings or use a new run dir")  # fmt: skip
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.train_time_s, self.layer_map = state["train_time_s"], state["layer_map"]
+        self.meta = state.get("meta", {})
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save(self) -> Path:
+        return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)

@@ -1,0 +1,202 @@
+"""The retrain stage end to end at tiny size: a real ``python -m elm.search`` run, then retraining
+from it (CLI and Python API), resume, export round trip through the Auto classes, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from elm import ArchConfig
+from elm.modeling import ElmForMaskedLM, config_from_arch
+from elm.retrain import init_from_search, retrain
+from elm.retrain.trainer import STATE_FILE, RetrainTrainer
+from elm.teacher import load_teacher
+from elm.utils.cli import CONFIG_DIR
+from elm.utils.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["data.max_docs=40", "data.seq_len=64", "logger=none", "progress=false"]
+TINY = ["retrain.epochs=2", "retrain.steps_per_epoch=3", "retrain.batch_size=4", "retrain.eval_batches=2",
+        "retrain.log_every=1", *DATA]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("retrain", overrides=[*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def search_dir(tmp_path_factory) -> Path:
+    """A finished tiny search (absolute layer-parameter budgets the tiny space can meet)."""
+    out = tmp_path_factory.mktemp("search")
+    proc = run_cli("elm.search", "space=tiny", "search.epochs=2", "search.steps_per_epoch=2", "search.batch_size=4",
+                   "search.eval_batches=1", "search.analysis_batch_size=8", "search.budgets.small=40000",
+                   "search.budgets.tiny=30000", "plots.enabled=false", *DATA, f"hydra.run.dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "DONE").is_file() and (out / "arch.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(None)
+
+
+def test_init_from_search_copies_the_supernet_slices(search_dir, teacher, tmp_path):
+    arch = ArchConfig.from_json(search_dir / "arch.json")
+    model, info = init_from_search(search_dir, arch, teacher, ElmForMaskedLM)
+    chosen = next(iter(json.loads((search_dir / "pareto.json").read_text())["chosen"].values()))
+    assert info["choice"] == chosen["choice"] and info["candidates"] == chosen["candidates"]
+    raw = torch.load(search_dir / "search_state.pt", map_location="cpu", weights_only=False)["supernet"]
+    for li, (ci, layer) in enumerate(zip(info["choice"], arch.layers)):
+        src, dst = f"layers.{li}.{ci}.", model.elm.layers[li]
+        width, a, f = layer.width(arch.hidden_size), layer.attention_size, layer.ffn_dim
+        qkv = raw[src + "attention.qkv.weight"]  # stored [projection, max heads, head dim, width]
+        qkv = qkv.view(2 if layer.share != "none" else 3, -1, layer.head_dim, width)[:, : layer.num_heads]
+        assert torch.equal(dst.attention.qkv.weight, qkv.reshape(-1, width))
+        assert torch.equal(dst.attention.out.weight, raw[src + "attention.out.weight"][:, :a])
+        assert torch.equal(dst.attention.norm.weight, raw[src + "attention.norm.weight"])
+        for k, ffn in enumerate(dst.ffns):
+            assert torch.equal(ffn.up.weight, raw[f"{src}ffns.{k}.up.weight"][:f])
+            assert torch.equal(ffn.up.bias, raw[f"{src}ffns.{k}.up.bias"][:f])
+            assert torch.equal(ffn.down.weight, raw[f"{src}ffns.{k}.down.weight"][:, :f])
+        if layer.block == "mobilebert":
+            assert torch.equal(dst.bottleneck_in.weight, raw[src + "bottleneck_in.weight"])
+            assert torch.equal(dst.norm_out.bias, raw[src + "norm_out.bias"])
+    # the search never trains the student embeddings: the HF init replaces the supernet's N(0, 1)
+    assert model.elm.embeddings.word.weight.std() < 0.05 < raw["embeddings.word.weight"].std()
+
+    # retrain() starts from exactly these layers (0 epochs = export the initialised model)
+    result = retrain(compose_cfg("retrain.epochs=0"), arch, tmp_path, search_dir)
+    exported = load_file(Path(result["model_dir"]) / "model.safetensors")
+    for name, value in model.state_dict().items():
+        if name.startswith("elm.layers."):
+            assert torch.equal(exported[name], value), name
+
+
+def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("elm.retrain", f"search_dir={search_dir}", *TINY, "retrain.steps_per_epoch=4", "retrain.lr=3e-3",
+                   "retrain.warmup_steps=1", "teacher_head.fit=true", "teacher_head.steps=3", f"hydra.run.dir={run}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model_dir = run / "model"
+    assert (
+        (run / "DONE").is_file()
+        and (model_dir / "DONE").is_file()
+        and (run / "teacher_mlm_head.pt").is_file()
+    )
+
+    steps = [r for r in read_metrics(run) if "train" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    first, last = steps[0]["train"], steps[-1]["train"]
+    assert {"lm", "hidden", "kd", "total"} <= set(first)
+    assert last["total"] < first["total"] and last["lm"] < first["lm"]
+
+    # the export holds the final trained weights and loads through the Auto classes
+    arch = ArchConfig.from_json(model_dir / "arch.json")
+    assert arch == ArchConfig.from_json(search_dir / "arch.json")
+    trained = ElmForMaskedLM(config_from_arch(arch))
+    trained.load_state_dict(torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["model"])
+    loaded = AutoModelForMaskedLM.from_pretrained(model_dir)
+    assert type(loaded) is ElmForMaskedLM
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tokenizer) == arch.vocab_size
+    batch = tokenizer(["the bank raised interest rates", "a film about [MASK] football"], padding=True,
+                      return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        expected = trained.eval()(**batch).logits
+        assert torch.equal(loaded.eval()(**batch).logits, expected)
+    classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    out = classifier(**batch, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+
+    card = (model_dir / "README.md").read_text()
+    params = sum(p.numel() for p in loaded.elm.parameters())
+    assert f"{params:,}" in card and f"{arch.num_parameters():,}" in card
+    assert "| 0 | bert |" in card or "| 0 | mobilebert |" in card
+    done = json.loads((run / "DONE").read_text())
+    assert done["params"] == params and done["model_dir"] == str(model_dir)
+    assert f"{done['val_loss']:.4f}" in card
+
+
+def test_resume_continues_from_the_checkpoint(search_dir, tmp_path, monkeypatch):
+    arch = ArchConfig.from_json(search_dir / "arch.json")
+    head = ["teacher_head.fit=true", "teacher_head.steps=2"]
+    full = retrain(compose_cfg(*head), arch, tmp_path / "full", search_dir)
+
+    calls = {"n": 0}
+    train_epoch = RetrainTrainer.train_epoch
+
+    def crash_in_second_epoch(self):
+        calls["n"] += 1
+        if self.epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return train_epoch(self)
+
+    run = tmp_path / "resumed"
+    monkeypatch.setattr(RetrainTrainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(compose_cfg(*head), arch, run, search_dir)
+    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 3) and not (run / "model").exists()
+    monkeypatch.setattr(RetrainTrainer, "train_epoch", train_epoch)
+
+    resumed = retrain(compose_cfg(*head, "resume=true"), arch, run, search_dir)
+    epochs = [r for r in read_metrics(run) if "epoch" in r]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 3), (2, 6)]
+    a = load_file(Path(full["model_dir"]) / "model.safetensors")
+    b = load_file(Path(resumed["model_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
+    assert set(resumed) == {"model_dir", "val_loss", "val_ppl", "params", "train_time_s"}
+
+
+@pytest.mark.parametrize("case", ["no_done", "vocab", "missing_arch"])
+def test_bad_inputs_are_refused_before_training(case, search_dir, tmp_path):
+    args = [f"search_dir={search_dir}"]
+    if case == "no_done":
+        unfinished = tmp_path / "unfinished"
+        shutil.copytree(search_dir, unfinished, ignore=shutil.ignore_patterns("DONE"))
+        args, expect = [f"search_dir={unfinished}"], "DONE"
+    elif case == "vocab":
+        data = json.loads((search_dir / "arch.json").read_text())
+        (tmp_path / "arch.json").write_text(json.dumps({**data, "vocab_size": 1000}))
+        args, expect = [f"arch={tmp_path / 'arch.json'}"], "vocab_size=1000"
+    else:
+        args, expect = [f"arch={tmp_path / 'nope.json'}"], "does not exist"
+    run = tmp_path / "run"
+    proc = run_cli("elm.retrain", *args, *TINY, f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("[elm.retrain] error:")]
+    assert len(errors) == 1 and expect in errors[0] and "Traceback" not in proc.stderr
+    assert not (run / STATE_FILE).exists() and not (run / "metrics.jsonl").exists()
