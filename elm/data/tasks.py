@@ -262,7 +262,7 @@ def _glue_task(name: str) -> tuple[dict[str, dict[str, list]], TaskSpec, list[st
     import datasets
 
     spec = GLUE_TASKS[name]
-    hint = "use a local folder with train.tsv and dev.tsv instead (e.g. task.name=/path/to/sst2)"
+    hint = "use a local folder with train.tsv and dev.tsv instead (e.g. task=/path/to/sst2)"
     if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
         raise TaskError(f"GLUE task {name!r} needs the Hugging Face Hub, which is set offline; {hint}")
     try:

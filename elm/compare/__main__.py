@@ -1,0 +1,29 @@
+"""``python -m elm.compare search_dir=<search run dir> [hydra overrides]`` (see ``configs/compare.yaml``)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..utils.cli import CONFIG_DIR, fail_cleanly
+from .run import run_compare
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="compare")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly("compare"):
+        run_dir = HydraConfig.get().runtime.output_dir
+        summary = run_compare(cfg, run_dir)
+        for row in summary["rows"]:
+            scores = ", ".join(f"{t}: {r['mean']['score'] * 100:.1f} ± {r['std']['score'] * 100:.1f}"
+                               for t, r in row["tasks"].items())  # fmt: skip
+            print(f"[elm.compare] {row['model']:<16} {row['params'] / 1e6:6.2f}M params, "
+                  f"val loss {row['val_loss']:.3f}, {scores}")  # fmt: skip
+        print(f"[elm.compare] table in {run_dir}/comparison.md ({summary['time_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""``run_compare(cfg, run_dir)``: the searched model against baselines at equal budget (method doc, §7).
+
+Reads like the procedure:
+
+1. the searched arch (``search_dir/arch.json``), its layer budget (``pareto.json``) and the search
+   space (``search_state.pt``'s ``"space"``);
+2. baselines under the same budget (:mod:`elm.compare.baselines`): a uniform BERT-tiny-shaped model
+   with the searched model's parameters (±5%), and ``random.n`` random archs of the space;
+3. retrain every model with the SAME config (``elm.retrain.retrain``): the searched arch from the
+   supernet's weights (``searched``) and from scratch (``searched_scratch``, so the init effect is
+   visible), baselines from scratch; the best random arch is the one with the lowest validation
+   MLM loss;
+4. latency of every row, measured side by side (:mod:`elm.compare.latency`);
+5. fine-tune every row on every task with the same seeds (``elm.finetune.run_finetune``);
+6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`) and ``DONE``.
+
+Run dir layout: ``retrain/<model>/`` (checkpoint, export ``model/``), ``finetune/<model>/<task>/``
+(``results.json``). With ``resume=true`` finished sub-runs found there are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..finetune.run import RESULTS_FILE, prepare_task, run_finetune
+from ..space import ArchConfig
+from ..supernet import SpaceConfig
+from ..utils.cli import CONFIG_DIR
+from ..utils.io import atomic_write_json
+from ..utils.runtime import resolve_device
+from .baselines import layer_params, random_arch, uniform_arch
+from .latency import measure_side_by_side
+from .report import task_label, write_comparison
+
+log = logging.getLogger("elm.compare")
+MODELS = ("searched", "searched_scratch", "uniform", "random")
+DONE_FILE = "DONE"
+
+
+def compose_config(name: str, overrides: list[str], merge: Any = None) -> DictConfig:
+    """``configs/<name>.yaml`` with Hydra ``overrides`` (group choices too), then ``merge`` on top."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside `python -m elm.compare`: same config dir
+            cfg = compose(config_name=name, overrides=list(overrides))
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name=name, overrides=list(overrides))
+        if merge:
+            cfg = OmegaConf.merge(cfg, merge)
+    except OmegaConfBaseException as err:  # unknown key, bad type: name the section
+        raise ValueError(f"{name} overrides: {err}".splitlines()[0]) from None
+    except Exception as err:  # hydra's override parse / missing group errors
+        if type(err).__module__.startswith("hydra"):
+            raise ValueError(f"{name}_overrides: {err}".splitlines()[0]) from None
+        raise
+    return cfg
+
+
+def describe(arch: ArchConfig) -> str:
+    """``6L: 4 bert + 2 mobilebert`` (block counts in layer order of first appearance)."""
+    counts = Counter(layer.block for layer in arch.layers)
+    return f"{arch.num_layers}L: " + " + ".join(f"{n} {block}" for block, n in counts.items())
+
+
+def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, str]:
+    """Search dir, searched arch, its space and layer budget (with where the budget came from)."""
+    from ..retrain.init import check_search_dir, load_search_state
+
+    if OmegaConf.is_missing(cfg, "search_dir") or cfg.search_dir is None:
+        raise ValueError("search_dir=<search run dir> is required (a finished python -m elm.search run)")
+    search_dir = check_search_dir(str(cfg.search_dir))
+    arch = ArchConfig.from_json(search_dir / str(cfg.arch))
+    space = SpaceConfig(**load_search_state(search_dir)["space"]).validate()
+    if cfg.budget is not None:
+        budget, source = int(cfg.budget), "config"
+    else:
+        pareto = search_dir / "pareto.json"
+        chosen = json.loads(pareto.read_text()).get("chosen", {}) if pareto.is_file() else {}
+        match = [(n, p) for n, p in chosen.items() if p.get("arch") == arch.to_dict()]
+        budget, source = (int(match[0][1]["budget"]), f"pareto.json:{match[0][0]}") if match else \
+            (layer_params(arch), "searched arch (no pareto.json entry)")  # fmt: skip
+    if layer_params(arch) > budget:
+        raise ValueError(
+            f"the searched arch has {layer_params(arch):,} layer params, above the budget {budget:,}"
+        )
+    return search_dir, arch, space, budget, source
+
+
+def candidate_archs(
+    cfg: DictConfig, arch: ArchConfig, space: SpaceConfig, budget: int
+) -> dict[str, ArchConfig]:
+    """Every arch to retrain: the searched one (twice), the uniform one, ``random_<i>``."""
+    models = list(cfg.models)
+    archs: dict[str, ArchConfig] = {}
+    for name in ("searched", "searched_scratch"):
+        if name in models:
+            archs[name] = arch
+    if "uniform" in models:
+        archs["uniform"] = uniform_arch(arch.num_parameters(), like=arch, head_dim=space.head_dim,
+                                        budget=budget, tolerance=cfg.uniform.tolerance,
+                                        ffn_step=cfg.uniform.ffn_step)  # fmt: skip
+    if "random" in models:
+        if cfg.random.n < 1:
+            raise ValueError(f"random.n must be >= 1, got {cfg.random.n}")
+        rng = np.random.default_rng(cfg.seed)
+        floor = int((1 - cfg.random.tolerance) * min(layer_params(arch), budget))
+        for i in range(cfg.random.n):
+            archs[f"random_{i}"] = random_arch(space, budget, rng, like=arch, min_params=floor,
+                                               max_tries=cfg.random.max_tries)  # fmt: skip
+    return archs
+
+
+def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path, search_dir: Path | None,
+                 resume: bool) -> dict[str, Any]:  # fmt: skip
+    from ..retrain import retrain
+
+    done = out / DONE_FILE
+    if resume and done.is_file():
+        result = json.loads(done.read_text())
+        if Path(result.get("model_dir", "")).is_dir():
+            log.info("%s: reusing the finished retrain in %s", name, out)
+            return result
+    log.info("%s: retraining %s (%s)", name, describe(arch), "supernet init" if search_dir else "scratch")
+    return retrain(retrain_cfg, arch, out, search_dir=search_dir)
+
+
+def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resume: bool) -> dict[str, Any]:
+    path = out / RESULTS_FILE
+    if resume and path.is_file():
+        results = json.loads(path.read_text())
+        if results.get("complete"):
+            return results
+    cfg = ft_cfg.copy()
+    cfg.model, cfg.task = model_dir, task
+    return run_finetune(cfg, out)
+
+
+def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) -> None:
+    """Models, tasks and latency settings, before any (long) retraining."""
+    bad = [m for m in cfg.models if m not in MODELS]
+    if bad or not cfg.models:
+        raise ValueError(
+            f"models={list(cfg.models)} has unknown/no entries {bad}; valid: {', '.join(MODELS)}"
+        )
+    if not cfg.tasks:
+        raise ValueError("tasks is empty; give at least one fine-tuning task (e.g. tasks=[bbc])")
+    if any(b < 1 for b in cfg.latency.batch_sizes) or cfg.latency.seq_len < 1 or cfg.latency.repeats < 1:
+        raise ValueError("latency.batch_sizes, latency.seq_len and latency.repeats must be >= 1")
+    from ..teacher import load_tokenizer
+
+    tokenizer = load_tokenizer(retrain_cfg.teacher.name)
+    for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
+        ft = ft_cfg.copy()
+        ft.task = str(task)
+        prepare_task(ft, tokenizer)
+
+
+def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    search_dir, arch, space, budget, budget_source = load_search(cfg)
+    retrain_cfg = compose_config("retrain", list(cfg.retrain_overrides), cfg.get("retrain"))
+    ft_cfg = compose_config("finetune", list(cfg.finetune_overrides), cfg.get("finetune"))
+    ft_cfg.seeds = list(cfg.seeds)
+    _check_inputs(cfg, retrain_cfg, ft_cfg)
+    archs = candidate_archs(cfg, arch, space, budget)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "search_dir": str(search_dir), "budget": budget, "budget_source": budget_source,
+        "retrain_config": OmegaConf.to_container(retrain_cfg, resolve=True),
+        "finetune_config": OmegaConf.to_container(ft_cfg, resolve=True),
+        "archs": {name: {"arch": a.to_dict(), "params": a.num_parameters(), "layer_params": layer_params(a),
+                         "describe": describe(a)} for name, a in archs.items()},
+    }  # fmt: skip
+    atomic_write_json(run_dir / "comparison.json", summary)
+
+    # 3. the same retraining for every arch
+    retrained = {}
+    for name, a in archs.items():
+        init = search_dir if name == "searched" else None
+        retrained[name] = _retrain_one(
+            retrain_cfg, name, a, run_dir / "retrain" / name, init, bool(cfg.resume)
+        )
+        summary["archs"][name]["retrain"] = retrained[name]
+        atomic_write_json(run_dir / "comparison.json", summary)
+    rows_archs = {m: m for m in cfg.models if m != "random"}
+    note = {}
+    if "random" in cfg.models:
+        randoms = [n for n in archs if n.startswith("random_")]
+        best = min(randoms, key=lambda n: retrained[n]["val_loss"])
+        rows_archs["random"] = best
+        note["random"] = f" [best of {len(randoms)}: {best}]"
+        summary["random_best"] = best
+    rows_archs = {m: rows_archs[m] for m in cfg.models}
+
+    # 4. latency, side by side
+    latency = measure_rows({m: archs[a] for m, a in rows_archs.items()}, cfg.latency)
+
+    # 5. the same fine-tuning for every row
+    rows = []
+    for model, name in rows_archs.items():
+        a, r = archs[name], retrained[name]
+        row = {"model": model, "arch": describe(a) + note.get(model, ""), "params": r["params"],
+               "layer_params": layer_params(a), "latency_ms": {str(b): latency[b][model] for b in latency},
+               "val_loss": r["val_loss"], "val_ppl": r["val_ppl"], "retrain_time_s": r["train_time_s"],
+               "model_dir": r["model_dir"], "tasks": {}}  # fmt: skip
+        for task in cfg.tasks:
+            out = run_dir / "finetune" / model / task_label(str(task))
+            res = _finetune_one(ft_cfg, r["model_dir"], str(task), out, bool(cfg.resume))
+            row["tasks"][str(task)] = {k: res[k] for k in ("metrics", "mean", "std", "per_seed", "train_size",
+                                                           "eval_size", "time_s", "params")}  # fmt: skip
+        rows.append(row)
+        summary["rows"] = rows
+        atomic_write_json(run_dir / "comparison.json", summary)
+
+    # 6. report
+    title = f"equal budget: {budget:,} layer params ({budget_source}), {len(list(cfg.seeds))} seed(s)"
+    summary["files"] = {k: str(v) for k, v in write_comparison(rows, run_dir, title).items()}
+    summary["time_s"] = time.perf_counter() - t_start
+    atomic_write_json(run_dir / "comparison.json", summary)
+    atomic_write_json(run_dir / DONE_FILE, {"stage": "compare", "time_s": summary["time_s"]})
+    return summary
+
+
+def measure_rows(archs: dict[str, ArchConfig], lat: DictConfig) -> dict[int, dict[str, float]]:
+    """``{batch: {model: median ms}}``: sequence-classification models built from the archs (weights
+    do not change the time), all timed in the same interleaved rounds on ``latency.device``."""
+    import torch
+
+    from ..modeling import ElmForSequenceClassification, config_from_arch
+
+    device = resolve_device(str(lat.device))
+    seq_len = int(lat.seq_len)
+    models = {}
+    for name, a in archs.items():
+        if seq_len > a.max_positions:
+            raise ValueError(f"latency.seq_len={seq_len} exceeds the model's {a.max_positions} positions")
+        torch.manual_seed(0)
+        models[name] = ElmForSequenceClassification(config_from_arch(a, num_labels=2)).to(device)
+    return {int(b): measure_side_by_side(models, int(b), seq_len, int(lat.repeats), int(lat.warmup))
+            for b in lat.batch_sizes}  # fmt: skip

@@ -1,0 +1,314 @@
+"""``run_finetune(cfg, run_dir)``: fine-tune a model on one task over several seeds and score it.
+
+The recipe, per seed (reads top to bottom in :func:`finetune_seed`):
+
+1. seed everything, then ``AutoModelForSequenceClassification.from_pretrained(model,
+   num_labels=task.num_labels)``: the backbone's weights plus a fresh, seeded classifier head
+   (works for elm exports after ``import elm`` and for any Hugging Face model directory);
+2. train with the Hugging Face ``Trainer`` (AdamW, linear warm-up/decay; ``bf16`` on CUDA,
+   ``use_cpu`` without it; ``report_to`` wandb only when ``logger.mode`` asks for it);
+3. evaluate on the validation split with the task's official metrics
+   (:func:`elm.data.tasks.compute_metrics`: scikit-learn / scipy).
+
+[project decision] The split and the ``max_train`` / ``max_eval`` subsets are drawn once with
+``data.split_seed``, so seeds differ only in head init, data order and dropout; ``std`` is the
+sample standard deviation (ddof=1) over seeds (0 for one seed). ``score`` is the mean of a task's
+metrics (GLUE's convention for tasks with two metrics).
+
+Output: ``<run_dir>/results.json`` (rewritten after every seed, ``complete`` marks the end),
+``metrics.jsonl`` (one line per seed) and, with ``train.save_model``, ``seed<k>/model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.collate import PadCollator
+from ..data.tasks import TaskData, compute_metrics, load_task
+from ..teacher import load_tokenizer, resolve_model_path
+from ..utils.io import atomic_write_json
+from ..utils.logging import RunLogger
+from ..utils.runtime import resolve_device, seed_everything
+
+log = logging.getLogger("elm.finetune")
+RESULTS_FILE = "results.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: model dir, tokenizer, task (all checked before any training)
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: Any) -> str:
+    """The model directory (aliases as for teachers: ``default`` = the packaged MiniLM)."""
+    if model is None or str(model).strip() in ("", "???"):
+        raise ValueError("model=<dir> is required: an exported elm dir or any Hugging Face model dir")
+    path = resolve_model_path(str(model))
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model dir {str(model)!r} has no config.json; is it a save_pretrained folder?")
+    return path
+
+
+def load_model_config(path: str) -> Any:
+    from transformers import AutoConfig  # ElmConfig is registered: `import elm` ran before this module
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, KeyError) as err:  # unknown model_type -> KeyError / ValueError
+        raise ValueError(f"cannot read the config of model {path!r}: {err}") from None
+
+
+def finetune_tokenizer(model_path: str, tokenizer: Any = None) -> Any:
+    """``tokenizer`` if given, else the model dir's own; a model dir without one is an error."""
+    if tokenizer is None:
+        if Path(model_path).is_dir() and not any((Path(model_path) / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(
+                f"model dir {model_path!r} has no tokenizer files; pass tokenizer=<dir> (e.g. tokenizer=default "
+                "for elm students of the default MiniLM teacher)"
+            )
+        tokenizer = model_path
+    return load_tokenizer(str(tokenizer))
+
+
+def _max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_compatible(
+    config: Any, tokenizer: Any, num_labels: int, max_length: int, reinit_head: bool
+) -> None:
+    """One clear line for a tokenizer/model/task mismatch instead of an index error mid-training."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab}; use the tokenizer the model was trained with (tokenizer=<dir>)"
+        )
+    positions = _max_positions(config)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"data.max_length={max_length} exceeds the model's {positions} positions")
+    heads = [
+        a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")
+    ]
+    if heads and config.num_labels != num_labels and not reinit_head:
+        raise ValueError(
+            f"model has a {config.num_labels}-label classifier ({heads[0]}) but the task has {num_labels} "
+            "label(s); pass reinit_head=true to train a fresh head"
+        )
+
+
+def prepare_task(cfg: DictConfig, tokenizer: Any) -> TaskData:
+    d = cfg.data
+    task = load_task(
+        str(cfg.task), tokenizer, max_length=d.max_length, max_train=d.max_train, seed=d.split_seed
+    )
+    if d.get("max_eval") is not None and d.max_eval < len(task.validation):
+        keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(task.validation))[: d.max_eval])
+        task.validation = task.validation.select(keep.tolist())
+    if len(task.train) == 0 or len(task.validation) == 0:
+        raise ValueError(f"task {cfg.task!r} has an empty training or validation split")
+    return task
+
+
+# ---------------------------------------------------------------------------------------------
+# One seed
+# ---------------------------------------------------------------------------------------------
+
+
+def trainer_metrics(metric_names: list[str]) -> Callable[[Any], dict[str, float]]:
+    """The ``Trainer``'s ``compute_metrics``: an ``EvalPrediction`` (logits [N, C] or [N, 1], or a
+    tuple whose first item they are) scored by :func:`elm.data.tasks.compute_metrics`."""
+
+    def metrics(pred: Any) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        return compute_metrics(list(metric_names), logits, pred.label_ids)
+
+    return metrics
+
+
+def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    wandb = cfg.logger.mode != "disabled"
+    if wandb:  # the Trainer's WandbCallback reads these
+        os.environ.setdefault("WANDB_MODE", str(cfg.logger.mode))
+        os.environ.setdefault("WANDB_PROJECT", str(cfg.logger.project))
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=float(t.epochs),
+        max_steps=int(t.max_steps),
+        per_device_train_batch_size=int(t.batch_size),
+        per_device_eval_batch_size=int(t.eval_batch_size),
+        gradient_accumulation_steps=int(t.grad_accum),
+        learning_rate=float(t.lr),
+        weight_decay=float(t.weight_decay),
+        warmup_steps=float(t.warmup),
+        lr_scheduler_type=str(t.scheduler),
+        logging_strategy="steps",
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=["wandb"] if wandb else "none",
+        run_name=f"{Path(str(cfg.task)).name}-seed{seed}",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=device_type == "cpu",
+        bf16=device_type == "cuda" and cfg.precision == "bf16",
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
+    )
+
+
+def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: Any, seed: int,
+                  out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune once from ``model_path`` with ``seed``; validation metrics, losses and timings."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, Trainer
+
+    device = resolve_device(cfg.device)
+    seed_everything(seed)  # the fresh head's init depends on the seed
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=task.num_labels, ignore_mismatched_sizes=bool(cfg.reinit_head)
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # causal models pool the last real token
+
+    trainer = Trainer(
+        model=model,
+        args=_training_args(cfg, out_dir, seed, device.type),
+        data_collator=PadCollator(tokenizer),
+        train_dataset=task.train,
+        eval_dataset=task.validation,
+        compute_metrics=trainer_metrics(task.metric),
+    )
+    t0 = time.perf_counter()
+    train_out = trainer.train()
+    train_time = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluation = trainer.evaluate()
+    eval_time = time.perf_counter() - t0
+    scores = {m: float(evaluation[f"eval_{m}"]) for m in task.metric}
+    if any(not math.isfinite(v) for v in scores.values()):
+        log.warning("seed %d: a metric is not finite (constant predictions?): %s", seed, scores)
+    curve = [[int(r["step"]), float(r["loss"])] for r in trainer.state.log_history if "loss" in r]
+    if cfg.train.save_model:
+        trainer.save_model(str(out_dir / "model"))
+        tokenizer.save_pretrained(str(out_dir / "model"))
+    return {
+        "seed": seed,
+        "metrics": scores,
+        "score": float(np.mean(list(scores.values()))),
+        "eval_loss": float(evaluation["eval_loss"]),
+        "train_loss": float(train_out.training_loss),
+        "steps": int(trainer.state.global_step),
+        "loss_curve": curve,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# All seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample std (ddof=1; 0 for one seed) of every metric, ``score`` and ``eval_loss``."""
+    keys = [*per_seed[0]["metrics"], "score", "eval_loss"]
+    values = {
+        k: np.array([r["metrics"][k] if k in r["metrics"] else r[k] for r in per_seed], float) for k in keys
+    }
+    mean = {k: float(v.mean()) for k, v in values.items()}
+    std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return mean, std
+
+
+def _seeds(cfg: DictConfig) -> list[int]:
+    seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, got {cfg.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds has duplicates: {seeds}")
+    return seeds
+
+
+def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Check inputs, then fine-tune ``cfg.model`` on ``cfg.task`` once per seed; returns results.json."""
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    seeds = _seeds(cfg)
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+        raise ValueError("train.epochs or train.max_steps must be positive")
+    device = resolve_device(cfg.device)
+    model_path = resolve_model(None if OmegaConf.is_missing(cfg, "model") else cfg.model)
+    config = load_model_config(model_path)
+    tokenizer = finetune_tokenizer(model_path, cfg.get("tokenizer"))
+    task = prepare_task(cfg, tokenizer)
+    check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(run_dir, mode="disabled")  # metrics.jsonl; wandb goes through the Trainer
+    results: dict[str, Any] = {
+        "model": model_path,
+        "model_type": getattr(config, "model_type", None),
+        "task": str(cfg.task),
+        "num_labels": task.num_labels,
+        "metrics": list(task.metric),
+        "label_names": task.label_names,
+        "train_size": len(task.train),
+        "eval_size": len(task.validation),
+        "seeds": seeds,
+        "device": str(device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "per_seed": [],
+        "complete": False,
+    }
+    for seed in seeds:
+        record = finetune_seed(cfg, model_path, task, tokenizer, seed, run_dir / f"seed{seed}")
+        log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
+        logger.log({k: v for k, v in record.items() if k != "loss_curve"}, step=seed)
+        results["per_seed"].append(record)
+        results["mean"], results["std"] = summarise(results["per_seed"])
+        results["time_s"] = time.perf_counter() - t_start
+        atomic_write_json(run_dir / RESULTS_FILE, results)
+    results["params"], results["backbone_params"] = count_parameters(model_path, task.num_labels)
+    results["complete"] = True
+    results["time_s"] = time.perf_counter() - t_start
+    atomic_write_json(run_dir / RESULTS_FILE, results)
+    return results
+
+
+def count_parameters(model_path: str, num_labels: int) -> tuple[int, int]:
+    """(all parameters of the classification model, those of its backbone) — built on the meta device."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_model_config(model_path)
+    config.num_labels = num_labels
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    backbone = getattr(model, model.base_model_prefix, model)
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in backbone.parameters())

@@ -1,0 +1,220 @@
+"""The comparison stage: baseline architectures (uniform, random) against their contracts, latency,
+the table/figure writer, refusals, and the real ``python -m elm.compare`` end to end at tiny size."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from elm import ArchConfig, ElmForSequenceClassification, LayerConfig, config_from_arch
+from elm.compare import layer_params, measure_latency, measure_side_by_side, random_arch, uniform_arch
+from elm.compare.report import table_csv, table_markdown, write_comparison
+from elm.compare.run import compose_config, run_compare
+from elm.supernet import SpaceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = SpaceConfig()  # the default space: hidden 256, head_dim 32, FFN 132..792 by 132
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def searched_arch() -> ArchConfig:
+    """A mixed 6-layer arch of the default space (~5.9M params, ~1.9M in the layers)."""
+    return ArchConfig(hidden_size=256, embedding_size=128, vocab_size=30522, max_positions=512, layers=[
+        LayerConfig("bert", 6, 32, 396, share="qv"), LayerConfig("mobilebert", 3, 32, 264, 2, 128, "none"),
+        LayerConfig("bert", 8, 32, 528), LayerConfig("mobilebert", 4, 32, 132, 2, 128, "kv"),
+        LayerConfig("bert", 5, 32, 660, share="kv"), LayerConfig("bert", 2, 32, 132),
+    ]).validate()  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6, 1.5])
+def test_uniform_arch_hits_the_target_under_the_budget(scale):
+    arch = searched_arch()
+    budget = int(layer_params(arch) * scale)  # tight: the target's own layer parameters
+    target = arch.embedding_parameters() + budget
+    uni = uniform_arch(target, like=arch, head_dim=32, budget=budget)
+    assert abs(uni.num_parameters() - target) <= 0.05 * target
+    assert layer_params(uni) <= budget
+    assert uni.num_layers == arch.num_layers and uni.hidden_size == arch.hidden_size
+    assert uni.embedding_parameters() == arch.embedding_parameters()
+    assert len({(la.num_heads, la.ffn_dim) for la in uni.layers}) == 1  # the same block everywhere
+    assert all(la.block == "bert" and la.share == "none" and la.head_dim == 32 for la in uni.layers)
+    layer = uni.layers[0]
+    assert 0.5 <= layer.ffn_dim / (4 * layer.attention_size) <= 2.0  # BERT-like FFN = 4 x attention
+
+
+def test_uniform_arch_refuses_an_unreachable_target():
+    arch = searched_arch()
+    with pytest.raises(ValueError, match="no uniform 6-layer BERT model"):
+        uniform_arch(arch.num_parameters(), like=arch, head_dim=32, budget=1000)
+    with pytest.raises(ValueError, match="within 0%"):
+        uniform_arch(arch.num_parameters() * 3, like=arch, head_dim=32, tolerance=0.0, ffn_max=264)
+
+
+def check_in_space(arch: ArchConfig, space: SpaceConfig) -> None:
+    widths = set(range(space.ffn_init, space.ffn_max + 1, space.ffn_unit))
+    assert arch.num_layers == space.num_layers and arch.hidden_size == space.hidden_size
+    for la in arch.layers:
+        assert la.block in space.blocks and la.share in space.shares and la.ffn_dim in widths
+        assert la.head_dim == space.head_dim
+        if la.block == "mobilebert":
+            assert 1 <= la.num_heads <= space.mobilebert_heads
+            assert (la.bottleneck_size, la.num_ffn) == (space.bottleneck_size, space.mobilebert_num_ffn)
+        else:
+            assert 1 <= la.num_heads <= space.bert_heads and la.bottleneck_size is None
+
+
+def test_random_arch_respects_the_budget_and_the_space():
+    like, budget = searched_arch(), 2_000_000
+    floor = int(0.95 * layer_params(like))
+    archs = [
+        random_arch(SPACE, budget, np.random.default_rng(s), like=like, min_params=floor) for s in range(30)
+    ]
+    for arch in archs:
+        assert floor <= layer_params(arch) <= budget
+        check_in_space(arch, SPACE)
+    assert len({json.dumps(a.to_dict()) for a in archs}) == len(archs)  # draws differ ...
+    again = random_arch(SPACE, budget, np.random.default_rng(3), like=like, min_params=floor)
+    assert again.to_dict() == archs[3].to_dict()  # ... and are reproducible
+    blocks = {la.block for a in archs for la in a.layers}
+    assert blocks == {"bert", "mobilebert"}
+    # a narrow window that rejection misses is reached by head / FFN steps
+    narrow = random_arch(
+        SPACE, budget, np.random.default_rng(0), like=like, min_params=budget - 60_000, max_tries=1
+    )
+    assert budget - 60_000 <= layer_params(narrow) <= budget
+    check_in_space(narrow, SPACE)
+    with pytest.raises(ValueError, match="no random architecture"):
+        random_arch(SPACE, 10_000, np.random.default_rng(0), like=like, max_tries=5)
+
+
+def test_latency_is_a_positive_median():
+    arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=100, max_positions=64,
+                      layers=[LayerConfig("bert", 2, 16, 32)]).validate()  # fmt: skip
+    model = ElmForSequenceClassification(config_from_arch(arch, num_labels=2))
+    ms = measure_latency(model, batch=2, seq_len=16, repeats=3, warmup=1)
+    assert math.isfinite(ms) and ms > 0
+    both = measure_side_by_side({"a": model, "b": model}, batch=1, seq_len=8, repeats=2, warmup=0)
+    assert set(both) == {"a", "b"} and all(v > 0 for v in both.values())
+    with pytest.raises(ValueError, match="repeats"):
+        measure_side_by_side({"a": model}, repeats=0)
+
+
+def result(mean: float, std: float) -> dict:
+    return {"metrics": ["accuracy", "f1_macro"], "mean": {"accuracy": mean, "f1_macro": mean - 0.1, "score": mean - 0.05},
+            "std": {"accuracy": std, "f1_macro": std, "score": std}}  # fmt: skip
+
+
+def test_table_writer_makes_md_csv_png(tmp_path):
+    rows = [
+        {"model": "searched", "arch": "6L: 4 bert + 2 mobilebert", "params": 5_930_348, "layer_params": 1_924_204,
+         "latency_ms": {"1": 3.2, "32": 51.0}, "val_loss": 4.1, "val_ppl": 60.3, "tasks": {"bbc": result(0.91, 0.01)}},
+        {"model": "uniform", "arch": "6L: 6 bert", "params": 5_911_984, "layer_params": 1_905_840,
+         "latency_ms": {"1": 2.9, "32": 48.5}, "val_loss": 4.3, "val_ppl": 73.7, "tasks": {"bbc": result(0.88, 0.02)}},
+        {"model": "random", "arch": "6L: 3 bert + 3 mobilebert", "params": 5_800_000, "layer_params": 1_800_000,
+         "latency_ms": {"1": 3.0}, "val_loss": None, "val_ppl": float("nan"), "tasks": {}},
+    ]  # fmt: skip
+    paths = write_comparison(rows, tmp_path, title="test")
+    assert set(paths) == {"md", "csv", "png"}
+    md = paths["md"].read_text()
+    assert md == table_markdown(rows, "test")
+    assert (
+        "| searched | 6L: 4 bert + 2 mobilebert | 5.93 | 3.2 | 51.0 | 4.100 | 60.3 | 91.0 ± 1.0 | 81.0 ± 1.0 | 86.0 ± 1.0 |"
+        in md
+    )
+    assert "| random | 6L: 3 bert + 3 mobilebert | 5.80 | 3.0 | - | - | - | - | - | - |" in md
+    table = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert paths["csv"].read_text() == table_csv(rows)
+    assert [r["model"] for r in table] == ["searched", "uniform", "random"]
+    assert float(table[1]["bbc_accuracy_mean"]) == 0.88 and float(table[1]["bbc_score_std"]) == 0.02
+    assert (
+        float(table[0]["latency_b32_ms"]) == 51.0 and table[2]["latency_b32_ms"] == "" == table[2]["val_ppl"]
+    )
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(paths["png"])
+    assert image.shape[0] > 100 and len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 20
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="retrain overrides"):
+        compose_config("retrain", [], {"retrain": {"no_such_key": 1}})
+    with pytest.raises(ValueError, match="retrain_overrides"):
+        compose_config("retrain", ["teacher=no_such_teacher"])
+    base = OmegaConf.load(ROOT / "configs" / "compare.yaml")
+    base.pop("hydra")
+    with pytest.raises(ValueError, match="search_dir=<search run dir> is required"):
+        run_compare(base, tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_compare(OmegaConf.merge(base, {"search_dir": str(tmp_path / "missing")}), tmp_path)
+
+
+# ---- end to end ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_compare_end_to_end(tmp_path):
+    data = ["data.max_docs=40", "data.seq_len=64", "logger=none", "progress=false"]
+    search = tmp_path / "search"
+    proc = subprocess.run([sys.executable, "-m", "elm.search", "space=tiny", "search.epochs=2",
+                           "search.steps_per_epoch=2", "search.batch_size=4", "search.eval_batches=1",
+                           "search.analysis_batch_size=8", "search.budgets.small=40000", "search.budgets.tiny=30000",
+                           "plots.enabled=false", *data, f"hydra.run.dir={search}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "compare"
+    proc = subprocess.run([sys.executable, "-m", "elm.compare", f"search_dir={search}", "seeds=[0,1]", "random.n=2",
+                           "retrain.data.max_docs=40", "retrain.data.seq_len=64", "retrain.retrain.epochs=1",
+                           "retrain.retrain.steps_per_epoch=2", "retrain.retrain.batch_size=4",
+                           "+retrain.retrain.eval_batches=1", "finetune.data.max_train=16", "finetune.data.max_eval=16",
+                           "finetune.data.max_length=32", "finetune.train.max_steps=2", "finetune.train.batch_size=8",
+                           "latency.batch_sizes=[1,4]", "latency.seq_len=32", "latency.repeats=2", "latency.warmup=0",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "comparison.json").read_text())
+    assert (
+        (out / "DONE").is_file()
+        and summary["budget"] == 40000
+        and summary["budget_source"] == "pareto.json:small"
+    )
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert list(rows) == ["searched", "searched_scratch", "uniform", "random"]
+    searched = ArchConfig.from_json(search / "arch.json")
+    assert rows["searched"]["params"] == rows["searched_scratch"]["params"] == searched.num_parameters()
+    assert abs(rows["uniform"]["params"] - searched.num_parameters()) <= 0.05 * searched.num_parameters()
+    randoms = {n: a for n, a in summary["archs"].items() if n.startswith("random_")}
+    assert len(randoms) == 2 and all(a["layer_params"] <= 40000 for a in randoms.values())
+    best = min(randoms, key=lambda n: randoms[n]["retrain"]["val_loss"])
+    assert (
+        summary["random_best"] == best and rows["random"]["val_loss"] == randoms[best]["retrain"]["val_loss"]
+    )
+    for row in rows.values():
+        assert set(row["latency_ms"]) == {"1", "4"} and all(v > 0 for v in row["latency_ms"].values())
+        bbc = row["tasks"]["bbc"]
+        assert [r["seed"] for r in bbc["per_seed"]] == [0, 1] and set(bbc["std"]) >= {"accuracy", "score"}
+        assert row["val_loss"] > 0 and Path(row["model_dir"], "config.json").is_file()
+    for name in ("comparison.md", "comparison.csv", "comparison.png"):
+        assert (out / name).is_file()
+    assert len((out / "comparison.csv").read_text().splitlines()) == 5
