@@ -1,0 +1,67 @@
+"""Bad input through the real CLIs: exit != 0, one clear line naming the value, no finished outputs.
+
+Table-driven: each row is (stage, overrides, text the last stderr line must contain).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["space=tiny", "search.epochs=1", "search.steps_per_epoch=1", "search.batch_size=4", "data.max_docs=40",
+        "data.seq_len=64", "logger=none", "progress=false", "search.budgets.small=45000",
+        "search.budgets.tiny=30000", "device=cpu"]  # fmt: skip
+
+CASES = [
+    ("search", ["space.blocks=[bert,transformerxl]"], "transformerxl"),
+    ("search", ["space.shares=[none,qk]"], "qk"),
+    ("search", ["search.budgets.small=10"], "below the smallest architecture"),
+    ("search", ["search.budgets.small=9e12"], "above the largest architecture"),
+    ("search", ["data.seq_len=4096"], "4096"),
+    ("search", ["teacher.name=/no/such/teacher"], "/no/such/teacher"),
+    ("search", ["teacher.name=someone/not-a-real-model"], "someone/not-a-real-model"),
+    ("search", ["data.source=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    ("search", ["distill.loss=cosine"], "cosine"),
+    ("search", ["space.nonsense=1"], "nonsense"),
+    ("retrain", ["arch=/no/such/arch.json"], "/no/such/arch.json"),
+    ("finetune", ["model=/no/such/model"], "/no/such/model"),
+    ("finetune", ["model=default", "task=/no/such/task.tsv"], "/no/such/task.tsv"),
+]
+
+
+def _cli(stage: str, overrides: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    base = TINY if stage == "search" else []
+    cmd = [sys.executable, "-m", f"elm.{stage}", *base, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("stage", "overrides", "expected"), CASES, ids=[" ".join(c[1]) for c in CASES])
+def test_bad_input_fails_early_and_clearly(
+    stage: str, overrides: list[str], expected: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = _cli(stage, overrides, run_dir)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    message = next((line for line in reversed(lines) if expected in line), None)
+    assert message is not None, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    for finished in ("DONE", "arch.json", "search_state.pt", "retrain_state.pt", "results.json"):
+        assert not (run_dir / finished).exists(), finished
+
+
+def test_arch_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    import elm
+
+    arch = elm.ArchConfig(hidden_size=32, embedding_size=16, vocab_size=1000, max_positions=64,
+                          layers=[elm.LayerConfig("bert", 2, 16, 32)])  # fmt: skip
+    arch.to_json(tmp_path / "arch.json")
+    proc = _cli("retrain", [f"arch={tmp_path / 'arch.json'}"], tmp_path / "run")
+    assert proc.returncode == 2
+    assert "1000" in proc.stderr.strip().splitlines()[-1]
