@@ -200,3 +200,28 @@ def test_bad_inputs_are_refused_before_training(case, search_dir, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("[elm.retrain] error:")]
     assert len(errors) == 1 and expect in errors[0] and "Traceback" not in proc.stderr
     assert not (run / STATE_FILE).exists() and not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_signal_mid_epoch_then_resume_matches(search_dir, tmp_path, signal_name):
+    """A real SIGKILL (or SIGTERM: checkpoint + exit 143) at step 4 of 6, then resume=true,
+    exports the same weights as an uninterrupted run."""
+    common = [*TINY, "retrain.checkpoint_every=1", f"search_dir={search_dir}"]
+    full = run_cli("elm.retrain", *common, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "stopped"
+    proc = subprocess.run([sys.executable, "-m", "elm.retrain", *common, f"hydra.run.dir={run}"], cwd=ROOT,
+                          env={**env(), "ELM_FAULT_KILL_AT_STEP": "4", "ELM_FAULT_SIGNAL": signal_name},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == (-9 if signal_name == "KILL" else 143), proc.stderr[-2000:]
+    assert not (run / "DONE").exists() and not (run / "model").exists()
+    step = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+    assert step == (4 if signal_name == "KILL" else 5)  # TERM is honoured at the next step boundary
+    resumed = run_cli("elm.retrain", *common, "resume=true", f"hydra.run.dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(run / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    steps = [r["step"] for r in read_metrics(run) if "train" in r]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume

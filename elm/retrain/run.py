@@ -144,12 +144,14 @@ def retrain(
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, schedule=r.schedule,
             grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,
             log_every=r.log_every, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
-            logger=logger, progress=cfg.progress,
+            logger=logger, progress=cfg.progress, checkpoint_every=r.get("checkpoint_every"),
         )  # fmt: skip
         trainer.meta = {"init": init}
         if state is not None:
             trainer.load_state_dict(state)
             log.info("resumed from %s at epoch %d (step %d)", state_path, trainer.epoch, trainer.step)
+            if logger is not None:  # drop records written after the checkpoint (they are redone)
+                logger.keep_until(trainer.step)
         history = trainer.fit()
         scores = (
             {k: history[-1][k] for k in ("val_loss", "val_ppl", "val_tokens")}

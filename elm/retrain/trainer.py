@@ -35,6 +35,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from ..data.collate import CLMCollator, MLMCollator, make_loader
 from ..distill.losses import forward_kl, rkd_loss
 from ..utils.io import atomic_torch_save
+from ..utils.preempt import Preempted, Preemption, maybe_inject_kill
 from ..utils.runtime import autocast
 
 STATE_FILE = "retrain_state.pt"
@@ -70,7 +71,8 @@ class RetrainTrainer:
                  weight_decay: float = 0.01, warmup_steps: int = 30, schedule: str = "linear",
                  grad_clip: float = 1.0, eval_batches: int | None = 20, mlm_probability: float = 0.15,
                  log_every: int = 25, seed: int = 0, device: torch.device | str = "cpu",
-                 precision: str = "bf16", run_dir: str | Path = ".", logger=None, progress: bool = True) -> None:  # fmt: skip
+                 precision: str = "bf16", run_dir: str | Path = ".", logger=None, progress: bool = True,
+                 checkpoint_every: int | None = None) -> None:  # fmt: skip
         if schedule not in SCHEDULES:
             raise ValueError(f"retrain.schedule={schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
         if temperature <= 0:
@@ -105,6 +107,9 @@ class RetrainTrainer:
         self.plan = {"epochs": epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": batch_size,
                      "lr": lr, "schedule": schedule, "warmup_steps": warmup_steps}  # fmt: skip
         self.epoch, self.step, self.train_time_s = 0, 0, 0.0
+        # mid-epoch checkpoints every ``checkpoint_every`` steps and on SIGTERM (preemption)
+        self.checkpoint_every, self.preemption = checkpoint_every, Preemption()
+        self.epoch_sums: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}  # facts of the run saved with the state (e.g. how it was initialised)
 
@@ -172,11 +177,14 @@ class RetrainTrainer:
     # ---- loop ------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
-        sums: dict[str, float] = {}
+        first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+        sums: dict[str, float] = dict(self.epoch_sums)
         tokens, start = 0, time.perf_counter()
-        bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, disable=not self.progress,
+        bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, initial=first, disable=not self.progress,
                    desc=f"retrain epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i < first:  # seen before the checkpoint: order and masks are seeded per epoch
+                continue
             terms = self.losses(batch)
             if not torch.isfinite(terms["total"]):
                 bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
@@ -201,8 +209,22 @@ class RetrainTrainer:
             bar.set_postfix(
                 loss=f"{values['total']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
             )
+            self.epoch_sums = dict(sums)
+            self.maybe_checkpoint()
         self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        self.epoch_sums = {}
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    def maybe_checkpoint(self) -> None:
+        """Checkpoint every ``checkpoint_every`` steps; on SIGTERM checkpoint and exit 143."""
+        periodic = bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0
+        if periodic or self.preemption.requested:
+            self.save()
+        if self.preemption.requested:
+            raise Preempted(f"preempted at step {self.step}: checkpoint in {self.run_dir / STATE_FILE}; "
+                            f"continue with resume=true hydra.run.dir={self.run_dir}")  # fmt: skip
+        if periodic:
+            maybe_inject_kill(self.step)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -220,6 +242,10 @@ class RetrainTrainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
     def fit(self) -> list[dict[str, Any]]:
+        with self.preemption:
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, Any]]:
         while self.epoch < self.epochs:
             t0 = time.perf_counter()
             train = self.train_epoch()
@@ -249,6 +275,7 @@ class RetrainTrainer:
             "meta": self.meta,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "epoch_sums": self.epoch_sums,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,6 +291,7 @@ class RetrainTrainer:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.train_time_s, self.layer_map = state["train_time_s"], state["layer_map"]
         self.meta = state.get("meta", {})
+        self.epoch_sums = state.get("epoch_sums", {})
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

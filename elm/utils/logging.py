@@ -38,6 +38,10 @@ class RunLogger:
 
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
+    def keep_until(self, step: int) -> None:
+        """Keep only the records of steps <= ``step`` (on resume from a checkpoint at ``step``)."""
+        self.rewrite([r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step])
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
