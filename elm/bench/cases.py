@@ -166,8 +166,14 @@ def supernet_vs_standalone(device, precision_ctx, batch=16, seq=128, repeats=5, 
 
 
 def analysis_share(
-    device, precision_ctx, steps_per_epoch: int = 40, batch: int = 16, seq: int = 128, repeats: int = 3,
+    device,
+    precision_ctx,
+    steps_per_epoch: int = 30,
+    batch: int = 8,
+    seq: int = 128,
+    repeats: int = 3,
     teacher_name: str | None = None,
+    analysis_batch: int = 16,
 ):
     """PCA + CKA + diversity analysis time as a share of a default search epoch (target <= 5%)."""
     from ..search.analysis import PCAConfig, analyse
@@ -178,13 +184,14 @@ def analysis_share(
     params = [p for n, p in net.named_parameters() if not n.startswith("embeddings.")]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids, mask, _ = mlm_batch(len(teacher.tokenizer), batch, seq, device)
+    held_out = mlm_batch(len(teacher.tokenizer), analysis_batch, seq, device, seed=1)[:2]
     from ..distill.losses import rkd_loss
 
-    def hidden_states():  # the teacher may be stored in half precision
+    def hidden_states(ids, mask):  # the teacher may be stored in half precision
         return tuple(h.float() for h in teacher(ids, mask).hidden_states)
 
     def step():
-        hidden = hidden_states()
+        hidden = hidden_states(ids, mask)
         with precision_ctx():
             outs = net.blockwise(hidden, mask)
         loss = sum(
@@ -197,7 +204,7 @@ def analysis_share(
         opt.zero_grad(set_to_none=True)
 
     def analysis():
-        analyse(net, hidden_states(), mask, PCAConfig())
+        analyse(net, hidden_states(*held_out), held_out[1], PCAConfig())
 
     a, s = time_pair(analysis, step, repeats, 1, device)
     epoch = s * steps_per_epoch

@@ -1,0 +1,32 @@
+"""Benchmark machinery at toy sizes: every case runs and reports positive timings; FLOP formula."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from elm.bench import cases
+
+CPU = torch.device("cpu")
+CTX = contextlib.nullcontext
+
+
+def test_cases_run_at_toy_size() -> None:
+    mlm = cases.mlm_step_vs_hf(CPU, CTX, layers=1, hidden=64, heads=2, batch=2, seq=16, repeats=1, warmup=0)
+    inf = cases.inference_vs_hf(CPU, CTX, 2, layers=1, hidden=64, heads=2, seq=16, repeats=1, warmup=0)
+    for result in (mlm, inf):
+        assert result.a_ms > 0 and result.b_ms > 0 and result.ratio > 0
+        assert "ratio" in result.line()
+
+
+def test_mlm_step_flops_by_hand() -> None:
+    arch = cases.bert_arch(layers=1, hidden=8, heads=2, vocab=10, seq=4)
+    layer = arch.layers[0].num_parameters(8)
+    tokens = 2 * 4
+    by_hand = 3 * (2 * tokens * layer + 4 * 2 * 4 * 4 * 8 + 0.5 * tokens * 2 * (8 * 8 + 8 * 10))
+    assert cases.mlm_step_flops(arch, batch=2, seq=4, mask_p=0.5) == by_hand
+
+
+def test_matmul_peak_is_positive() -> None:
+    assert cases.matmul_peak(CPU, n=64, repeats=1) > 0
