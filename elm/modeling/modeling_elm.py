@@ -140,7 +140,7 @@ class ElmLayer(nn.Module):
             ElmFFN(config, width, layer["ffn_dim"], self.block) for _ in range(layer.get("num_ffn", 1))
         )
 
-    def forward(self, x, mask, causal: bool, output_attentions: bool = False):
+    def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False):
         h = self.norm_in(self.bottleneck_in(x)) if self.block == "mobilebert" else x
         h, probs = self.attention(h, mask, causal, output_attentions)
         for ffn in self.ffns:

@@ -35,7 +35,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from ..data.collate import CLMCollator, MLMCollator, make_loader
 from ..distill.losses import forward_kl, rkd_loss
 from ..utils.io import atomic_torch_save
-from ..utils.preempt import Preempted, Preemption, maybe_inject_kill
+from ..utils.preempt import Preemption, step_checkpoint
 from ..utils.runtime import autocast
 
 STATE_FILE = "retrain_state.pt"
@@ -216,15 +216,8 @@ class RetrainTrainer:
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
 
     def maybe_checkpoint(self) -> None:
-        """Checkpoint every ``checkpoint_every`` steps; on SIGTERM checkpoint and exit 143."""
-        periodic = bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0
-        if periodic or self.preemption.requested:
-            self.save()
-        if self.preemption.requested:
-            raise Preempted(f"preempted at step {self.step}: checkpoint in {self.run_dir / STATE_FILE}; "
-                            f"continue with resume=true hydra.run.dir={self.run_dir}")  # fmt: skip
-        if periodic:
-            maybe_inject_kill(self.step)
+        """Mid-epoch checkpoint every ``checkpoint_every`` steps; on SIGTERM, checkpoint and exit 143."""
+        step_checkpoint(self.step, self.checkpoint_every, self.preemption, self.save, self.run_dir / STATE_FILE)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -29,7 +29,7 @@ from ..distill.losses import block_loss
 from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
-from ..utils.preempt import Preempted, Preemption, maybe_inject_kill
+from ..utils.preempt import Preemption, step_checkpoint
 from ..utils.runtime import autocast, dist_info
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, prune_heads
 
@@ -213,15 +213,8 @@ class SearchTrainer:
 
     def maybe_checkpoint(self) -> None:
         """Mid-epoch checkpoint every ``checkpoint_every`` steps; on SIGTERM, checkpoint and exit 143."""
-        stop = bool(broadcast_object(self.preemption.requested))
-        periodic = self.checkpoint_every and self.step % self.checkpoint_every == 0
-        if (periodic or stop) and self.rank == 0:
-            self.save()
-        if stop:
-            raise Preempted(f"preempted at step {self.step}: checkpoint in {self.run_dir / STATE_FILE}; "
-                            f"continue with resume=true hydra.run.dir={self.run_dir}")  # fmt: skip
-        if periodic:
-            maybe_inject_kill(self.step)
+        step_checkpoint(self.step, self.checkpoint_every, self.preemption, self.save, self.run_dir / STATE_FILE,
+                        writer=self.rank == 0, stop=bool(broadcast_object(self.preemption.requested)))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

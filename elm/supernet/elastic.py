@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.modeling_elm import ACTIVATIONS, attend, split_qkv
+from ..modeling.modeling_elm import ACTIVATIONS, ElmLayer, attend, split_qkv
 from ..space import LayerConfig
 
 
@@ -183,14 +183,9 @@ class CandidateBlock(nn.Module):
     def name(self) -> str:
         return self.block if self.share == "none" else f"{self.block}.{self.share}"
 
-    def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False):
-        h = self.norm_in(self.bottleneck_in(x)) if self.block == "mobilebert" else x
-        h, probs = self.attention(h, mask, causal, output_attentions)
-        for ffn in self.ffns:
-            h = ffn(h)
-        if self.block == "mobilebert":
-            h = self.norm_out(x + self.dropout(self.bottleneck_out(h)))
-        return h, probs
+    # the very same block function as the exported layer (sub-module names match), so the
+    # extracted model computes what the supernet computed
+    forward = ElmLayer.forward
 
     @property
     def ffn_dim(self) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 
 class Preempted(SystemExit):
@@ -48,3 +50,18 @@ def maybe_inject_kill(step: int) -> None:
     at = os.environ.get("ELM_FAULT_KILL_AT_STEP")
     if at is not None and int(at) == step:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("ELM_FAULT_SIGNAL", "KILL")))
+
+
+def step_checkpoint(step: int, every: int | None, preemption: Preemption, save: Callable[[], object],
+                    state_path: Path, *, writer: bool = True, stop: bool | None = None) -> None:  # fmt: skip
+    """At a step boundary: checkpoint every ``every`` steps; on SIGTERM checkpoint and raise
+    :class:`Preempted`. ``writer``: whether this rank writes files; ``stop``: the (all-rank) stop flag."""
+    stop = preemption.requested if stop is None else stop
+    periodic = bool(every) and step % every == 0
+    if (periodic or stop) and writer:
+        save()
+    if stop:
+        raise Preempted(f"preempted at step {step}: checkpoint in {state_path}; "
+                        f"continue with resume=true hydra.run.dir={state_path.parent}")  # fmt: skip
+    if periodic:
+        maybe_inject_kill(step)
