@@ -564,3 +564,30 @@ def test_search_trainer_learns_and_state_round_trips(teacher, corpus, tmp_path) 
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="another space or loss"):
         make_trainer(teacher, corpus, tmp_path / "mse", loss="mse").load_state_dict(state)
+
+
+def test_nan_loss_is_caught_named_and_the_last_good_checkpoint_kept(
+    teacher, corpus, tmp_path, monkeypatch
+) -> None:
+    """A NaN injected into one candidate's loss at step 4 stops the search with the step and the
+    candidate named; the checkpoint of step 3 (the last good one) stays on disk."""
+    import elm.search.trainer as search_trainer
+    from elm.search.trainer import STATE_FILE
+
+    trainer = make_trainer(teacher, corpus, tmp_path, checkpoint_every=1)
+    real, calls = search_trainer.block_loss, {"n": 0}
+    poisoned = len(trainer.distiller.keys) * 3 + 1  # the second candidate of the 4th step
+
+    def block_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == poisoned + 1 else loss
+
+    monkeypatch.setattr(search_trainer, "block_loss", block_loss)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "step 3" in message and trainer.distiller.keys[1] in message and STATE_FILE in message
+    state = torch.load(tmp_path / STATE_FILE, map_location="cpu", weights_only=False)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["supernet"].values() if v.is_floating_point())
