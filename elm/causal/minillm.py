@@ -1,0 +1,528 @@
+"""Distil a causal teacher into an exported causal student: MiniLLM, or token-level KL.
+
+``python -m elm.causal.minillm student=<dir> teacher.name=<dir> [minillm.objective=...]``
+(``configs/causal_minillm.yaml``); the result is saved with ``save_pretrained`` into a temporary
+directory renamed to ``out_dir`` (default ``<run dir>/model``), with ``minillm_info.json``.
+
+Objectives (``minillm.objective``):
+
+* ``forward_kl`` / ``reverse_kl``: token-level KL(p_teacher || q_student) or KL(q || p) over the
+  vocabulary at every scored position of *teacher-forced* data (``minillm.data``: ``prompts`` =
+  prompt + reference response, the response tokens scored; ``corpus`` = packed corpus blocks,
+  every token scored), at ``minillm.temperature`` (``elm.distill.losses``).
+* ``minillm``: sequence-level reverse KL, KL(q_theta(y|x) || p(y|x)), minimised on responses *the
+  student generates* (Gu et al., "MiniLLM", ICLR 2024), by the policy gradient
+
+      grad L = -E_{y ~ q} sum_t (R_t) grad log q(y_t | y_<t, x),   r_t = log p(y_t|.) - log q(y_t|.),
+      R_t = sum_{t' >= t} r_t'
+
+  with the paper's three stabilisers, each switchable:
+
+  - **single-step decomposition** (``single_step``): R_t = r_t + R_{t+1}; the r_t part is
+    replaced by its exact expectation over the vocabulary, i.e. the token-level reverse KL
+    KL(q(.|y_<t, x) || p(.|y_<t, x)) at every sampled prefix, differentiated directly; only
+    R_{t+1} goes through the (high-variance) policy-gradient term;
+  - **teacher-mixed sampling** (``mix_alpha`` = alpha, paper 0.2): rollouts sample from
+    p~ = alpha p + (1 - alpha) q, and every per-step term is weighted by the per-token importance
+    weight w_t = q(y_t|.) / p~(y_t|.) (the paper's per-token approximation of the sequence
+    ratio; bounded by 1 / (1 - alpha), so it needs no clipping);
+  - **length normalisation** (``length_norm``): the future reward is the mean, not the sum, of
+    the rewards after t: R^norm_{t+1} = sum_{t' > t} r_t' / (number of generated tokens after t).
+
+  Plus MiniLLM's pre-training term (``pt_coef``): ``pt_coef`` x next-token loss on corpus blocks.
+
+  [project decision] Not implemented from the paper: the PPO machinery (clipped ratio, several
+  updates per rollout; here every rollout is used for exactly one on-policy update, where the
+  ratio is 1 and clipping would not act), reward baselines/advantage estimates, and the
+  teacher-SFT initialisation (the student arrives already distilled by ``elm.retrain``).
+  Rollouts sample at temperature 1 with dropout off (the estimator is for samples from q / p~
+  exactly) and stop at eos (and, with ``prompts.response_end=newline``, at a token holding a
+  newline once some text was generated: a BBC response is one paragraph) or after
+  ``max_new_tokens``; the teacher keeps a KV
+  cache, the ELM student (none) re-encodes the short prefix. The loss pass runs without dropout too.
+
+Reported per step: the losses, ``rkl_token`` (importance-weighted mean of the exact per-step
+reverse KL on sampled prefixes), ``rkl_seq`` (importance-weighted mean of log q/p on the sampled
+tokens, a per-token estimate of the sequence-level reverse KL), response length. Before and
+after training, on the validation prompts (teacher-forced on the references): forward KL,
+reverse KL and the student's NLL of the reference responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..distill.losses import forward_kl, reverse_kl
+from ..utils.io import atomic_write_json, replace_dir
+from ..utils.runtime import autocast
+from .common import StepBudget, set_threads
+from .prompts import encode_pair, encode_prompt, end_ids
+
+OBJECTIVES = ("minillm", "reverse_kl", "forward_kl")
+INFO_FILE = "minillm_info.json"
+log = logging.getLogger("elm.causal")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls
+# ---------------------------------------------------------------------------------------------
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only real tokens (left padding gets position 0), as HF generation does."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logits(model, ids: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """[B, T, V] logits (or [B, V] of the last position) with explicit positions.
+
+    ELM students compute the vocabulary projection of the last position only when asked;
+    Hugging Face models get ``logits_to_keep=1``.
+    """
+    pos = positions(mask)
+    if last_only and hasattr(model, "elm") and hasattr(model, "lm_head"):  # ElmForCausalLM
+        h = model.elm(ids, mask, None, pos).last_hidden_state[:, -1]
+        return model.lm_head(h, model.elm.embeddings.word.weight)
+    kwargs = {"logits_to_keep": 1} if last_only else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs).logits
+    return out[:, -1] if last_only else out
+
+
+@dataclass
+class Rollout:
+    """Prompts (left-padded) followed by sampled responses (right-padded after eos)."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    gen_mask: torch.Tensor  # [B, T] 1 at generated tokens (eos included)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.gen_mask.sum(-1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device
+    )
+    return ids, mask
+
+
+class LastLogits:
+    """Next-token logits of a growing batch of sequences, with the model's KV cache when it has one.
+
+    Hugging Face causal LMs (the teacher) keep ``past_key_values`` and encode only the new tokens;
+    ELM students (no KV cache) re-encode the whole, short, prefix each step.
+    """
+
+    def __init__(self, model) -> None:
+        import inspect
+
+        self.model, self.past, self.seen = model, None, 0
+        self.cached = not (hasattr(model, "elm") and hasattr(model, "lm_head"))
+        # transformers >= 5.x names the cache argument `cache` (older: `past_key_values`)
+        self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.cached:
+            return logits(self.model, ids, mask, last_only=True)
+        pos = positions(mask)
+        out = self.model(input_ids=ids[:, self.seen :], attention_mask=mask, position_ids=pos[:, self.seen :],
+                         use_cache=True, logits_to_keep=1, **{self.key: self.past})  # fmt: skip
+        self.past, self.seen = getattr(out, self.key), ids.shape[1]
+        return out.logits[:, -1]
+
+
+def newline_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text holds a newline (where a BBC response paragraph ends)."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
+@torch.no_grad()
+def sample_rollouts(student, teacher, prompts: list[list[int]], *, max_new_tokens: int, mix_alpha: float,
+                    stop_ids: list[int] | tuple[int, ...] = (), end_ids: list[int] | tuple[int, ...] = (),
+                    pad_id: int, generator: torch.Generator | None = None, device="cpu") -> Rollout:  # fmt: skip
+    """Sample a response per prompt from p~ = alpha p_teacher + (1 - alpha) q_student (temperature 1).
+
+    A response ends after a token of ``stop_ids`` (eos), after a token of ``end_ids`` (newlines)
+    that follows some other generated token (leading newlines do not end it), or after
+    ``max_new_tokens``; the closing token is kept and scored.
+    """
+    if not 0.0 <= mix_alpha < 1.0:
+        raise ValueError(f"minillm.mix_alpha={mix_alpha} must be in [0, 1)")
+    ids, mask = left_pad(prompts, pad_id, device)
+    gen = torch.zeros_like(mask)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
+    started = torch.zeros_like(done)  # some token other than an end token was generated
+    q_next, p_next = LastLogits(student), LastLogits(teacher)
+    for _ in range(max_new_tokens):
+        q = F.softmax(q_next(ids, mask).float(), -1)
+        if mix_alpha > 0:
+            p = F.softmax(p_next(ids, mask)[:, : q.shape[-1]].float(), -1)
+            q = (1 - mix_alpha) * q + mix_alpha * p
+        tok = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        live = (~done).long()
+        ids = torch.cat([ids, tok[:, None]], 1)
+        mask = torch.cat([mask, live[:, None]], 1)
+        gen = torch.cat([gen, live[:, None]], 1)
+        is_end = torch.isin(tok, ends)
+        done = done | torch.isin(tok, stops) | (is_end & started)
+        started = started | ~is_end
+        if bool(done.all()):
+            break
+    return Rollout(ids, mask, gen)
+
+
+def future_rewards(r: torch.Tensor, m: torch.Tensor, include_current: bool, normalise: bool) -> torch.Tensor:
+    """Per position: sum (or mean, ``normalise``) of ``r`` over the later (``include_current``: and
+    this) scored positions of the sequence; 0 where there is none. ``r``, ``m``: [B, T]."""
+    r = r * m
+    after = r.flip(-1).cumsum(-1).flip(-1)  # sum over t' >= t
+    count = m.flip(-1).cumsum(-1).flip(-1)
+    if not include_current:
+        after, count = after - r, count - m
+    if normalise:
+        after = torch.where(count > 0, after / count.clamp_min(1), torch.zeros_like(after))
+    return after
+
+
+def minillm_loss(student, teacher, ro: Rollout, *, mix_alpha: float, single_step: bool = True,
+                 length_norm: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The MiniLLM loss of one rollout batch (see the module docstring); ``total`` is what to minimise.
+
+    The gradient of ``total`` is the paper's estimator: ``single`` = weighted token-level reverse
+    KL on the sampled prefixes (single-step part), ``long`` = -w_t * R_{t+1} * log q(y_t) with R
+    detached (policy-gradient part; without ``single_step`` it carries R_t, the whole return).
+    """
+    ids, mask = ro.input_ids, ro.attention_mask
+    log_q = F.log_softmax(logits(student, ids, mask)[:, :-1].float(), -1)  # position t predicts t+1
+    with torch.no_grad():
+        log_p = F.log_softmax(logits(teacher, ids, mask)[:, :-1, : log_q.shape[-1]].float(), -1)
+    target = ids[:, 1:, None]
+    m = ro.gen_mask[:, 1:].float()
+    n = m.sum().clamp_min(1.0)
+    lq = log_q.gather(-1, target).squeeze(-1)
+    lp = log_p.gather(-1, target).squeeze(-1)
+    with torch.no_grad():
+        r = lp - lq
+        if mix_alpha > 0:
+            w = lq.exp() / (mix_alpha * lp.exp() + (1 - mix_alpha) * lq.exp())
+        else:
+            w = torch.ones_like(lq)
+        ret = future_rewards(r, m, include_current=not single_step, normalise=length_norm)
+    terms = {"long": -(w * ret * lq * m).sum() / n}
+    kl_t = (log_q.exp() * (log_q - log_p)).sum(-1)  # exact KL(q || p) at each sampled prefix
+    if single_step:
+        terms["single"] = (w * kl_t * m).sum() / n
+    terms["total"] = sum(terms.values())
+    terms["rkl_token"] = ((w * kl_t * m).sum() / n).detach()
+    terms["rkl_seq"] = (-(w * r * m).sum() / n).detach()
+    return terms
+
+
+def teacher_forced_kl(student, teacher, batch: dict[str, torch.Tensor], objective: str,
+                      temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Token-level forward or reverse KL on teacher-forced sequences, at the ``score_mask`` targets."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    s = logits(student, ids, mask)[:, :-1]
+    with torch.no_grad():
+        t = logits(teacher, ids, mask)[:, :-1, : s.shape[-1]]
+    scored = batch["score_mask"][:, 1:] * mask[:, 1:]
+    fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}[objective]
+    return fn(s, t, scored, temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def right_pad(rows: list[dict[str, list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor(
+            [r[key] + [value] * (width - len(r[key])) for r in rows], dtype=torch.long, device=device
+        )
+
+    batch = {"input_ids": pad("input_ids", pad_id), "score_mask": pad("score_mask", 0)}
+    batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                            for r in rows], dtype=torch.long, device=device)  # fmt: skip
+    return batch
+
+
+class Batches:
+    """An endless, seeded, reshuffled-per-epoch stream of index batches over ``n`` examples."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("no examples to train on")
+        self.n, self.batch_size, self.seed, self.epoch, self.order = n, min(batch_size, n), seed, 0, []
+
+    def next(self) -> list[int]:
+        if len(self.order) < self.batch_size:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            self.order = torch.randperm(self.n, generator=g).tolist()
+            self.epoch += 1
+        out, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return out
+
+
+def encode_examples(rows, tokenizer, m: Any, response_end: str) -> list[dict[str, list[int]]]:
+    end = end_ids(tokenizer, response_end)
+    out = []
+    for r in rows:
+        enc = encode_pair(
+            tokenizer, r["prompt"], r["response"], m.max_prompt_tokens, m.max_response_tokens, end
+        )
+        out.append({"input_ids": enc["input_ids"], "score_mask": enc["response_mask"]})
+    return out
+
+
+@torch.no_grad()
+def validation_metrics(student, teacher, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int,
+                       device) -> dict[str, float]:  # fmt: skip
+    """Teacher-forced on reference responses: forward KL, reverse KL, student NLL (token means)."""
+    sums = {"forward_kl": 0.0, "reverse_kl": 0.0, "nll": 0.0}
+    count = 0
+    for start in range(0, len(examples), batch_size):
+        batch = right_pad(examples[start : start + batch_size], pad_id, device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        s = logits(student, ids, mask)[:, :-1].float()
+        t = logits(teacher, ids, mask)[:, :-1, : s.shape[-1]].float()
+        scored = batch["score_mask"][:, 1:] * mask[:, 1:]
+        k = int(scored.sum())
+        sums["forward_kl"] += float(forward_kl(s, t, scored)) * k
+        sums["reverse_kl"] += float(reverse_kl(s, t, scored)) * k
+        nll = F.cross_entropy(s.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        sums["nll"] += float(nll[scored.flatten().bool()].sum())
+        count += k
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["ppl"] = math.exp(min(out["nll"], 50.0))
+    out["tokens"] = count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, response_end: str = "eos", seed: int = 0,
+           device="cpu", precision: str = "bf16", progress: bool = True, logger=None) -> dict[str, Any]:  # fmt: skip
+    """Train ``student`` towards ``teacher`` with ``m.objective`` (``m``: the ``minillm`` config node).
+
+    ``prompts``: a ``DatasetDict`` of prompt/response rows (``elm.causal.prompts.load_prompts``);
+    ``corpus``: packed blocks (``load_corpus``), needed for ``m.data=corpus`` or ``m.pt_coef > 0``.
+    Returns the step budget record, per-step ``history`` and validation metrics before/after.
+    """
+    if m.objective not in OBJECTIVES:
+        raise ValueError(f"minillm.objective={m.objective!r} is unknown; valid: {', '.join(OBJECTIVES)}")
+    if m.data not in ("prompts", "corpus"):
+        raise ValueError(f"minillm.data={m.data!r} is unknown; valid: prompts, corpus")
+    needs_corpus = m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")
+    if needs_corpus and corpus is None:
+        raise ValueError("minillm.pt_coef > 0 or minillm.data=corpus needs the corpus")
+    device = torch.device(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for model in (student, teacher):
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
+        longest = max(m.max_prompt_tokens + m.max_new_tokens, m.max_prompt_tokens + m.max_response_tokens)
+        if limit is not None and longest > limit:
+            raise ValueError(f"minillm.max_prompt_tokens + max_new_tokens/max_response_tokens = {longest} exceeds "
+                             f"the {limit} positions of {type(model).__name__}")  # fmt: skip
+    student.to(device).eval()  # dropout off throughout (see the module docstring)
+    teacher.to(device).eval()
+    train_rows = prompts["train"]
+    val_rows = [prompts["validation"][i] for i in range(min(len(prompts["validation"]), m.val_examples))]
+    val_examples = encode_examples(val_rows, tokenizer, m, response_end)
+    before = validation_metrics(student, teacher, val_examples, pad_id, m.batch_size, device)
+
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=m.lr,
+                                  weight_decay=m.weight_decay)  # fmt: skip
+    budget = StepBudget(m.steps, m.get("max_time_s"), warmup_steps=m.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    source_n = len(corpus["train"]) if (m.objective != "minillm" and m.data == "corpus") else len(train_rows)
+    stream = Batches(source_n, m.batch_size, seed)
+    pt_stream = Batches(len(corpus["train"]), m.pt_batch_size, seed + 1) if m.pt_coef > 0 else None
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end_tokens = newline_ids(tokenizer) if response_end == "newline" else []
+    history: list[dict[str, float]] = []
+    sums: dict[str, float] = {}
+    step, tokens = 0, 0
+    bar = tqdm(total=budget.requested, desc=f"{m.objective}", disable=not progress, leave=False)
+    while not budget.finished(step):
+        idx = stream.next()
+        with autocast(device, precision):
+            if m.objective == "minillm":
+                rows = [train_rows[i] for i in idx]
+                prompt_ids = [encode_prompt(tokenizer, r["prompt"])[-m.max_prompt_tokens :] for r in rows]
+                ro = sample_rollouts(student, teacher, prompt_ids, max_new_tokens=m.max_new_tokens,
+                                     mix_alpha=m.mix_alpha, stop_ids=stop_ids, end_ids=end_tokens, pad_id=pad_id,
+                                     generator=generator, device=device)  # fmt: skip
+                terms = minillm_loss(student, teacher, ro, mix_alpha=m.mix_alpha, single_step=m.single_step,
+                                     length_norm=m.length_norm)  # fmt: skip
+                terms["response_len"] = ro.lengths.float().mean()
+                tokens += int(ro.gen_mask.sum())
+            else:
+                if m.data == "corpus":
+                    rows = [{"input_ids": list(corpus["train"][i]["input_ids"])} for i in idx]
+                    rows = [{**r, "score_mask": [1] * len(r["input_ids"])} for r in rows]
+                else:
+                    rows = encode_examples([train_rows[i] for i in idx], tokenizer, m, response_end)
+                batch = right_pad(rows, pad_id, device)
+                loss = teacher_forced_kl(student, teacher, batch, m.objective, m.temperature)
+                terms = {"kl": loss, "total": loss}
+                tokens += int(batch["score_mask"].sum())
+            if pt_stream is not None:
+                blocks = torch.tensor(
+                    [corpus["train"][i]["input_ids"] for i in pt_stream.next()], device=device
+                )
+                terms["pt"] = student(input_ids=blocks, labels=blocks).loss
+                terms["total"] = terms["total"] + m.pt_coef * terms["pt"]
+        if not torch.isfinite(terms["total"]):
+            raise FloatingPointError(f"non-finite {m.objective} loss at step {step}; lower minillm.lr")
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        nn.utils.clip_grad_norm_(student.parameters(), m.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['total']:.3f}")
+        if step % m.log_every == 0 or budget.finished(step):
+            since = step - (history[-1]["step"] if history else 0)
+            record = {"step": step, **{k: v / since for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+                      "time_s": budget.elapsed()}  # fmt: skip
+            history.append(record)
+            sums = {}
+            if logger is not None:
+                logger.log(record, step=step)
+    bar.close()
+    train_time = budget.elapsed()
+    after = validation_metrics(student, teacher, val_examples, pad_id, m.batch_size, device)
+    return {**budget.record(step), "train_time_s": train_time, "trained_tokens": tokens, "history": history,
+            "val_before": before, "val_after": after}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def export_student(model, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Path:
+    """``save_pretrained`` (model + tokenizer + ``minillm_info.json``, ``arch.json`` for ELM models)
+    into a temporary sibling directory, renamed to ``out_dir``; ``DONE`` last."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "model_type", None) == "elm":
+            from ..modeling import arch_from_config
+
+            arch_from_config(model.config).to_json(tmp / "arch.json")
+        atomic_write_json(tmp / INFO_FILE, info)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(out_dir / "DONE", {"stage": "minillm", "objective": info.get("objective")})
+    return out_dir
+
+
+def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=None) -> dict[str, Any]:
+    """Load student and teacher, distil with ``cfg.minillm``, export; returns the info dict (+ ``model_dir``)."""
+    from ..data.corpus import load_corpus
+    from ..teacher import check_vocab, load_teacher
+    from ..utils.logging import RunLogger
+    from ..utils.runtime import resolve_device, seed_everything
+    from .common import load_causal_lm
+    from .prompts import load_prompts
+
+    if not cfg.get("student") or not cfg.teacher.get("name"):
+        raise ValueError(
+            "pass student=<exported causal student dir> and teacher.name=<causal teacher dir or name>"
+        )
+    run_dir = Path(run_dir)
+    seed_everything(cfg.seed)
+    set_threads(cfg.get("threads"))
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher.name, device=device)
+    if not teacher.causal or not teacher.has_lm_head:
+        raise ValueError(f"teacher {cfg.teacher.name!r} is not a causal LM with an LM head")
+    student, _ = load_causal_lm(cfg.student, device)
+    check_vocab(student.config.vocab_size, teacher.tokenizer, where="student")
+    tokenizer = teacher.tokenizer
+    m = cfg.minillm
+    if prompts is None:
+        prompts = load_prompts(cfg.prompts)
+    if corpus is None and (m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")):
+        corpus = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
+                             seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
+                       config=OmegaConf.to_container(m, resolve=True))  # fmt: skip
+    try:
+        result = distil(student, teacher.model, tokenizer, prompts, m, corpus=corpus,
+                        response_end=cfg.prompts.get("response_end", "eos"), seed=cfg.seed, device=device,
+                        precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
+    finally:
+        logger.finish()
+    info = {"stage": "minillm", "objective": m.objective, "student": str(cfg.student), "teacher": str(cfg.teacher.name),
+            "settings": OmegaConf.to_container(m, resolve=True), **result}  # fmt: skip
+    out = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir / "model"
+    export_student(student.cpu(), tokenizer, out, info)
+    atomic_write_json(run_dir / INFO_FILE, {**info, "model_dir": str(out)})
+    return {**info, "model_dir": str(out)}
+
+
+def _main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ..utils.cli import CONFIG_DIR, fail_cleanly
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_minillm")
+    def main(cfg: DictConfig) -> None:
+        with fail_cleanly("causal.minillm"):
+            t0 = time.perf_counter()
+            r = run_minillm(cfg, HydraConfig.get().runtime.output_dir)
+            b, a = r["val_before"], r["val_after"]
+            print(f"[elm.causal.minillm] {r['objective']}: {r['steps']} steps in {r['train_time_s']:.0f} s; validation "
+                  f"reverse KL {b['reverse_kl']:.4f} -> {a['reverse_kl']:.4f}, forward KL {b['forward_kl']:.4f} -> "
+                  f"{a['forward_kl']:.4f}, reference NLL {b['nll']:.4f} -> {a['nll']:.4f}")  # fmt: skip
+            print(f"[elm.causal.minillm] model in {r['model_dir']} ({time.perf_counter() - t0:.0f} s)")
+            log.debug(json.dumps(r["history"][-1:]))
+
+    main()
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
