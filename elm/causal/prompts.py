@@ -28,7 +28,6 @@ group (``configs/prompts/*.yaml``); sources:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from ..data.corpus import CorpusError, bbc_documents, bbc_group_key, split_documents
+from ..data.corpus import CorpusError, bbc_documents, bbc_group_key, read_jsonl_objects, split_documents
 from ..teacher import hub_offline
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\d£$])")
@@ -77,19 +76,7 @@ def bbc_rows(response_sentences: int = 1) -> list[dict[str, str]]:
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise PromptError(f"{path}:{lineno} is not a JSON object")
-            rows.append(row)
-    return rows
+    return read_jsonl_objects(path, PromptError)
 
 
 def _hub_rows(source: str) -> list[dict[str, Any]]:

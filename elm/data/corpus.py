@@ -112,8 +112,9 @@ def split_text_documents(text: str) -> list[str]:
     return [p.strip() for p in pieces if p.strip()]
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file (blank lines skipped); ``error`` names the bad line."""
+    rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -121,11 +122,20 @@ def _read_jsonl(path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CorpusError(f"{path}:{lineno} has no string field 'text'")
-            if row["text"].strip():
-                docs.append(row["text"].strip())
+                raise error(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise error(f"{path}:{lineno} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for i, row in enumerate(read_jsonl_objects(path, CorpusError)):
+        if not isinstance(row.get("text"), str):
+            raise CorpusError(f"{path}: record {i + 1} has no string field 'text'")
+        if row["text"].strip():
+            docs.append(row["text"].strip())
     return docs
 
 
