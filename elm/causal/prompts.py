@@ -76,7 +76,7 @@ def bbc_rows(response_sentences: int = 1) -> list[dict[str, str]]:
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl_objects(path, PromptError)
+    return [row for _, row in read_jsonl_objects(path, PromptError)]
 
 
 def _hub_rows(source: str) -> list[dict[str, Any]]:

@@ -112,8 +112,9 @@ def split_text_documents(text: str) -> list[str]:
     return [p.strip() for p in pieces if p.strip()]
 
 
-def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
-    """The JSON objects of a ``.jsonl`` file (blank lines skipped); ``error`` names the bad line."""
+def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each JSON object of a ``.jsonl`` file (blank lines skipped);
+    ``error`` is raised naming the first bad line."""
     rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -125,15 +126,15 @@ def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[
                 raise error(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
             if not isinstance(row, dict):
                 raise error(f"{path}:{lineno} is not a JSON object")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    for i, row in enumerate(read_jsonl_objects(path, CorpusError)):
+    for lineno, row in read_jsonl_objects(path, CorpusError):
         if not isinstance(row.get("text"), str):
-            raise CorpusError(f"{path}: record {i + 1} has no string field 'text'")
+            raise CorpusError(f"{path}:{lineno} has no string field 'text'")
         if row["text"].strip():
             docs.append(row["text"].strip())
     return docs
