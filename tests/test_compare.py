@@ -15,7 +15,6 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from elm import ArchConfig, ElmForSequenceClassification, LayerConfig, config_from_arch
@@ -30,14 +29,6 @@ SPACE = SpaceConfig()  # the default space: hidden 256, head_dim 32, FFN 132..79
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def searched_arch() -> ArchConfig:

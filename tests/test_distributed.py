@@ -34,7 +34,19 @@ def _run(cmd: list[str], cwd: Path) -> None:
 def test_two_ranks_match_one(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "elm.search", *COMMON, f"hydra.run.dir={one}"], tmp_path)
-    _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "elm.search", *COMMON, f"hydra.run.dir={two}"], tmp_path)
+    _run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "elm.search",
+            *COMMON,
+            f"hydra.run.dir={two}",
+        ],
+        tmp_path,
+    )
     a, b = _epochs(one), _epochs(two)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b, strict=True):

@@ -33,14 +33,6 @@ VOCAB = 40
 NUM_LABELS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mixed_arch(causal: bool) -> ArchConfig:
     return ArchConfig(
         hidden_size=24,

@@ -40,14 +40,6 @@ def compose_cfg(*overrides: str):
         return compose("finetune", overrides=[*TINY, *overrides])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()

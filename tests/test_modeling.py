@@ -21,15 +21,6 @@ VOCAB = 40
 BLOCK_SHARE = [(b, s) for b in ("bert", "mobilebert") for s in ("none", "qv", "kv")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: OpenMP hand-offs cost more than the maths (and thrash on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def layer(block: str, share: str = "none", heads: int = 2) -> LayerConfig:
     if block == "bert":
         return LayerConfig("bert", num_heads=heads, head_dim=6, ffn_dim=20, share=share)

@@ -45,14 +45,6 @@ def compose_cfg(*overrides: str):
         return compose("retrain", overrides=[*TINY, *overrides])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def search_dir(tmp_path_factory) -> Path:
     """A finished tiny search (absolute layer-parameter budgets the tiny space can meet)."""

@@ -32,15 +32,6 @@ SHARES = ("none", "qv", "kv")
 HIDDEN, FFN_INIT, FFN_MAX = 24, 8, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: OpenMP hand-offs cost more than the maths (and thrash on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_block(block: str, share: str = "none", seed: int = 0) -> CandidateBlock:
     torch.manual_seed(seed)
     mobile = block == "mobilebert"
