@@ -179,6 +179,19 @@ def attention_relation_loss(
     return _masked_token_mean(per_query, _token_mask(s, attention_mask))
 
 
+def _token_kl(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Tensor | None, temperature: float,
+              reverse: bool) -> Tensor:  # fmt: skip
+    """Per-token KL over the vocabulary, mean over valid tokens: KL(p_t || p_s), or KL(p_s || p_t)
+    when ``reverse``; computed in the student's (float) precision."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    log_ps = F.log_softmax(_float(student_logits) / temperature, dim=-1)
+    log_pt = F.log_softmax(_float(teacher_logits).to(log_ps.dtype) / temperature, dim=-1)
+    log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
+
+
 def forward_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -190,12 +203,7 @@ def forward_kl(
     Logits ``[B, T, V]``. Mean over valid tokens. Not multiplied by ``temperature**2``
     (Hinton's gradient scaling is left to the caller).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    log_ps = F.log_softmax(_float(student_logits) / temperature, dim=-1)
-    log_pt = F.log_softmax(_float(teacher_logits).to(log_ps.dtype) / temperature, dim=-1)
-    per_token = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
-    return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
+    return _token_kl(student_logits, teacher_logits, attention_mask, temperature, reverse=False)
 
 
 def reverse_kl(
@@ -209,12 +217,7 @@ def reverse_kl(
     [project decision] The exact per-token reverse KL over the vocabulary, the token-level
     objective behind MiniLLM; MiniLLM's sequence-level policy-gradient estimator is not used.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    log_ps = F.log_softmax(_float(student_logits) / temperature, dim=-1)
-    log_pt = F.log_softmax(_float(teacher_logits).to(log_ps.dtype) / temperature, dim=-1)
-    per_token = (log_ps.exp() * (log_ps - log_pt)).sum(dim=-1)
-    return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
+    return _token_kl(student_logits, teacher_logits, attention_mask, temperature, reverse=True)
 
 
 @torch.no_grad()
