@@ -1,4 +1,5 @@
-"""torchrun (gloo, CPU): 2 processes give the same search as 1 process with the same global batch."""
+"""torchrun (gloo, CPU): 2 processes give the same search and the same retrain as 1 process with the
+same global batch (and gradient accumulation gives the same retrain as one big batch)."""
 
 from __future__ import annotations
 
@@ -10,44 +11,50 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-COMMON = [
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH"),
+]
+DATA = ["data.max_docs=60", "data.seq_len=64", "logger=none", "progress=false", "device=cpu"]
+SEARCH = [
     "space=tiny", "space.dropout=0", "search.epochs=3", "search.steps_per_epoch=3", "search.batch_size=4",
-    "search.eval_batches=1", "search.analysis_batch_size=8", "data.max_docs=60", "data.seq_len=64",
-    "logger=none", "progress=false", "search.budgets.small=60000", "search.budgets.tiny=50000", "device=cpu",
+    "search.eval_batches=1", "search.analysis_batch_size=8", "search.budgets.small=60000",
+    "search.budgets.tiny=50000", *DATA,
 ]  # fmt: skip
+RETRAIN = [
+    "retrain.epochs=2", "retrain.steps_per_epoch=3", "retrain.batch_size=4", "retrain.eval_batches=3",
+    "retrain.log_every=1", "retrain.dropout=0", "teacher_head.fit=true", "teacher_head.steps=2", *DATA,
+]  # fmt: skip
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
 
 
-def _epochs(run_dir: Path) -> list[dict]:
+def _records(run_dir: Path, key: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "epoch" in r]
+    return [r for r in map(json.loads, lines) if key in r]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.distributed
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_ranks_match_one(tmp_path: Path) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "elm.search", *COMMON, f"hydra.run.dir={one}"], tmp_path)
-    _run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "elm.search",
-            *COMMON,
-            f"hydra.run.dir={two}",
-        ],
-        tmp_path,
-    )
-    a, b = _epochs(one), _epochs(two)
+@pytest.fixture(scope="module")
+def searches(tmp_path_factory) -> tuple[Path, Path]:
+    """The same tiny search run by 1 process and by 2 torchrun processes."""
+    root = tmp_path_factory.mktemp("search")
+    one, two = root / "one", root / "two"
+    _run([sys.executable, "-m", "elm.search", *SEARCH, f"hydra.run.dir={one}"], root)
+    _run([*TORCHRUN, "elm.search", *SEARCH, f"hydra.run.dir={two}"], root)
+    return one, two
+
+
+def test_search_two_ranks_match_one(searches) -> None:
+    one, two = searches
+    a, b = _records(one, "epoch"), _records(two, "epoch")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b, strict=True):
         assert x["ffn"] == y["ffn"] and x["heads"] == y["heads"]
@@ -57,3 +64,29 @@ def test_two_ranks_match_one(tmp_path: Path) -> None:
             assert y["val_loss"][key] == pytest.approx(value, abs=1e-5)
     assert json.loads((one / "arch.json").read_text()) == json.loads((two / "arch.json").read_text())
     assert (two / "DONE").exists()
+
+
+def test_retrain_two_ranks_and_accumulation_match_one(searches, tmp_path: Path) -> None:
+    search_dir = searches[0]
+    runs = {name: tmp_path / name for name in ("one", "two", "accum")}
+    common = [*RETRAIN, f"search_dir={search_dir}"]
+    _run([sys.executable, "-m", "elm.retrain", *common, f"hydra.run.dir={runs['one']}"], tmp_path)
+    _run([*TORCHRUN, "elm.retrain", *common, f"hydra.run.dir={runs['two']}"], tmp_path)
+    _run([sys.executable, "-m", "elm.retrain", *common, "retrain.grad_accum=2", f"hydra.run.dir={runs['accum']}"],
+         tmp_path)  # fmt: skip
+
+    reference = _records(runs["one"], "train")
+    assert len(reference) == 6 and set(reference[0]["train"]) == {"lm", "hidden", "kd", "total"}
+    weights = load_file(runs["one"] / "model" / "model.safetensors")
+    for name in ("two", "accum"):
+        steps = _records(runs[name], "train")
+        assert [r["step"] for r in steps] == [r["step"] for r in reference]
+        for x, y in zip(reference, steps, strict=True):
+            for key, value in x["train"].items():
+                assert y["train"][key] == pytest.approx(value, abs=1e-5), (name, x["step"], key)
+        for x, y in zip(_records(runs["one"], "val_loss"), _records(runs[name], "val_loss"), strict=True):
+            assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-5) and y["val_tokens"] == x["val_tokens"]
+        other = load_file(runs[name] / "model" / "model.safetensors")
+        for key in weights:
+            torch.testing.assert_close(other[key], weights[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
+        assert json.loads((runs[name] / "DONE").read_text())["stage"] == "retrain"

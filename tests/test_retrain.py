@@ -217,3 +217,15 @@ def test_signal_mid_epoch_then_resume_matches(search_dir, tmp_path, signal_name)
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
     steps = [r["step"] for r in read_metrics(run) if "train" in r]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_compile_trains_like_eager(search_dir, tmp_path):
+    """``compile=true`` (torch.compile, inductor on CPU) gives the eager run's losses."""
+    common = [*TINY, "retrain.epochs=1", "retrain.dropout=0", f"search_dir={search_dir}"]
+    losses = {}
+    for flag in ("false", "true"):
+        proc = run_cli("elm.retrain", *common, f"compile={flag}", f"hydra.run.dir={tmp_path / flag}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[flag] = [r["train"]["total"] for r in read_metrics(tmp_path / flag) if "train" in r]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -133,7 +133,9 @@ def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path
             log.info("%s: reusing the finished retrain in %s", name, out)
             return result
     log.info("%s: retraining %s (%s)", name, describe(arch), "supernet init" if search_dir else "scratch")
-    return retrain(retrain_cfg, arch, out, search_dir=search_dir)
+    cfg = retrain_cfg.copy()
+    cfg.resume = resume  # a half-done retrain (its checkpoint) is continued, not refused
+    return retrain(cfg, arch, out, search_dir=search_dir)
 
 
 def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resume: bool) -> dict[str, Any]:
@@ -144,6 +146,7 @@ def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resu
             return results
     cfg = ft_cfg.copy()
     cfg.model, cfg.task = model_dir, task
+    cfg.resume = resume  # an unfinished fine-tune continues from its checkpoint
     return run_finetune(cfg, out)
 
 

@@ -68,6 +68,15 @@ def _pair_mask(mask: Tensor) -> Tensor:
     return lower[None] & mask[:, :, None] & mask[:, None, :]
 
 
+def rkd_sequences(attention_mask: Tensor) -> Tensor:
+    """``[B]`` bool: the sequences :func:`rkd_loss` averages over (>= 3 valid tokens = >= 2 pairs).
+
+    Distributed / accumulated training weights each micro-batch's RKD by this count, so that the
+    loss over a global batch does not depend on how it was split.
+    """
+    return (attention_mask != 0).sum(dim=-1) >= 3
+
+
 def rkd_loss(
     student: Tensor,
     teacher: Tensor,
@@ -107,7 +116,7 @@ def rkd_loss(
     var_s = ds.square().sum(dim=(1, 2)) / n_safe
     var_t = dt.square().sum(dim=(1, 2)) / n_safe
     corr = cov / (torch.sqrt(var_s + eps) * torch.sqrt(var_t + eps))
-    valid = (n >= 2).to(rs.dtype)
+    valid = rkd_sequences(mask).to(rs.dtype)  # n >= 2 pairs
     return ((1.0 - corr) * valid).sum() / valid.sum().clamp_min(1.0)
 
 

@@ -40,9 +40,10 @@ AUTO_MAP = {
 def attention_bias(attention_mask: torch.Tensor | None, causal: bool, seq_len: int) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, T] (True = may attend), or None when SDPA needs none.
 
-    Every token may attend to itself, so rows of padding never become all-masked (NaN).
+    Every token may attend to itself, so rows of padding never become all-masked (NaN). The
+    all-ones shortcut is skipped under ``torch.compile`` (a data-dependent branch breaks the graph).
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
         return None
     keep = attention_mask[:, None, None, :].bool()
     eye = torch.eye(seq_len, dtype=torch.bool, device=keep.device)

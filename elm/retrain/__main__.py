@@ -9,13 +9,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..utils.cli import CONFIG_DIR, fail_cleanly
+from ..utils.runtime import dist_info, init_distributed, shutdown_distributed
 from .run import run_retrain
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="retrain")
 def main(cfg: DictConfig) -> None:
     with fail_cleanly("retrain"):
+        init_distributed()
         result = run_retrain(cfg, HydraConfig.get().runtime.output_dir)
+        shutdown_distributed()
+        if dist_info()[0] != 0:
+            return
         print(f"[elm.retrain] {result['params'] / 1e6:.2f}M params, val loss {result['val_loss']:.4f} "
               f"(perplexity {result['val_ppl']:.2f}), {result['train_time_s']:.0f} s of training")  # fmt: skip
         print(f"[elm.retrain] model in {result['model_dir']}")

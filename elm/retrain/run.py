@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.corpus import load_corpus
@@ -19,12 +18,12 @@ from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
 from ..space import ArchConfig, ArchError
 from ..supernet import uniform_layer_map
 from ..teacher import DEFAULT_ALIASES, check_seq_len, check_vocab, load_teacher
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from .export import export_model, parameter_counts
 from .init import DONE_FILE, check_search_dir, init_from_search
-from .teacher_head import teacher_head
+from .teacher_head import share_head, teacher_head
 from .trainer import STATE_FILE, RetrainTrainer
 
 log = logging.getLogger("elm.retrain")
@@ -93,10 +92,7 @@ def retrain(
         layers, what the search's budgets count) and the seconds spent in training + validation
         (summed over resumed runs; excludes loading, the teacher-head fit and the export).
     """
-    if dist_info()[1] > 1:
-        raise ValueError(
-            "retrain runs in one process (one GPU or the CPU); launch it with python, not torchrun"
-        )
+    rank = dist_info()[0]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     r = cfg.retrain
@@ -111,8 +107,11 @@ def retrain(
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
 
     state_path = run_dir / STATE_FILE
+    if state_path.exists() and not cfg.resume:
+        raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
+                         "or choose another hydra.run.dir")  # fmt: skip
     state = (
-        torch.load(state_path, map_location=device, weights_only=False)
+        load_checkpoint(state_path, device, "retrain state", "model")
         if cfg.resume and state_path.exists()
         else None
     )
@@ -129,13 +128,18 @@ def retrain(
     layer_map = list(r.layer_map) if r.get("layer_map") else (
         init["layer_map"] if init else uniform_layer_map(arch.num_layers, teacher.num_layers))  # fmt: skip
 
-    logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
-                       config=_plain(cfg))  # fmt: skip
+    logger = None  # rank 0 writes metrics.jsonl / wandb
+    if rank == 0:
+        logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
+                           config=_plain(cfg))  # fmt: skip
     try:
         h = cfg.teacher_head
-        head = teacher_head(teacher, data["train"], run_dir, fit=h.fit, steps=h.steps, lr=h.lr,
-                            batch_size=h.batch_size, mlm_probability=r.mlm_probability, seed=cfg.seed,
-                            path=h.get("path"), precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
+        head = None
+        if rank == 0:  # fitted (or read from its cache) once, then sent to the other ranks
+            head = teacher_head(teacher, data["train"], run_dir, fit=h.fit, steps=h.steps, lr=h.lr,
+                                batch_size=h.batch_size, mlm_probability=r.mlm_probability, seed=cfg.seed,
+                                path=h.get("path"), precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
+        head = share_head(head, teacher)
         d = cfg.distill
         trainer = RetrainTrainer(
             model, teacher, data["train"], data["validation"], layer_map=layer_map, teacher_head=head,
@@ -145,6 +149,7 @@ def retrain(
             grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,
             log_every=r.log_every, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
             logger=logger, progress=cfg.progress, checkpoint_every=r.get("checkpoint_every"),
+            grad_accum=r.get("grad_accum", 1), compile=bool(cfg.get("compile", False)),
         )  # fmt: skip
         trainer.meta = {"init": init}
         if state is not None:
@@ -171,7 +176,9 @@ def retrain(
             "eval": scores,
             "history": history,
         }  # fmt: skip
-        model_dir = export_model(model.cpu().eval(), teacher.tokenizer, run_dir / cfg.export.dir, info)
+        model_dir = run_dir / cfg.export.dir
+        if rank == 0:
+            export_model(model.cpu().eval(), teacher.tokenizer, model_dir, info)
         result = {
             "model_dir": str(model_dir),
             "val_loss": float(scores["val_loss"]),
@@ -179,8 +186,11 @@ def retrain(
             "params": parameter_counts(model)["backbone"],
             "train_time_s": float(trainer.train_time_s),
         }
-        logger.log({"final": result})
+        if logger is not None:
+            logger.log({"final": result})
     finally:
-        logger.finish()
-    atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
+        if logger is not None:
+            logger.finish()
+    if rank == 0:
+        atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
     return result

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.collate import MLMCollator, make_loader
 from ..utils.io import atomic_torch_save
-from ..utils.runtime import autocast
+from ..utils.runtime import autocast, broadcast_object, dist_info
 
 HEAD_FILE = "teacher_mlm_head.pt"
 log = logging.getLogger("elm.retrain")
@@ -136,3 +136,19 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
     if logger is not None:
         logger.log({"teacher_head": {"steps": steps, "first_loss": losses[0], "final_loss": final}})
     return FittedTeacherHead(head, teacher, {**meta, "final_loss": final})
+
+
+def share_head(head: FittedTeacherHead | None, teacher) -> FittedTeacherHead | None:
+    """Rank 0's head (or None) on every rank, sent through the process group (no shared files needed)."""
+    if dist_info()[1] == 1:
+        return head
+    sent = broadcast_object(
+        None if head is None else ({k: v.cpu() for k, v in head.head.state_dict().items()}, head.meta)
+    )
+    if sent is None:
+        return None
+    state, meta = sent
+    embed = teacher.model.get_input_embeddings().weight
+    fresh = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0])
+    fresh.load_state_dict(state)
+    return FittedTeacherHead(fresh.to(teacher.device), teacher, meta)

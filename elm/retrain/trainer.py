@@ -18,10 +18,22 @@ T^2 scaling. Both models see the same masked batch.
 Reproducibility: each epoch's order and masks come from generators seeded by (seed, epoch); the
 global RNG (dropout) is saved in the checkpoint, so a run resumed from the end of epoch k ends
 with the same weights as an uninterrupted one.
+
+Data parallel (``torchrun``): ``batch_size`` is the *global* batch. Every rank draws and masks
+the same global batch (cheap), keeps its ``batch_size / (world x grad_accum)`` rows per
+micro-step and the model is wrapped in ``DistributedDataParallel`` (gradients all-reduced on the
+last micro-step only). Each term is a mean over its own units (masked tokens for MLM/KD,
+predicted tokens for CLM, sequences for RKD), so a micro-batch's term is weighted by
+``its units / the global batch's units`` (x world, undoing DDP's gradient averaging): the
+gradient, and the logged loss, are those of the whole global batch, whatever the split — 2 ranks
+match 1 rank, and ``grad_accum`` only trades memory for time. Validation batches are shared out
+round-robin and their sums all-reduced. Rank 0 writes checkpoints (with every rank's RNG state),
+metrics and the export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -33,10 +45,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data.collate import CLMCollator, MLMCollator, make_loader
-from ..distill.losses import forward_kl, rkd_loss
+from ..distill.losses import forward_kl, rkd_loss, rkd_sequences
 from ..utils.io import atomic_torch_save
 from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import autocast
+from ..utils.runtime import autocast, dist_info, gather_objects, reduce_sum
 
 STATE_FILE = "retrain_state.pt"
 SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
@@ -62,6 +74,9 @@ class RetrainTrainer:
         teacher_head: a fitted MLM head for a head-less teacher (``teacher_head.py``) or None.
         weights: ``{"lm": ..., "hidden": ..., "kd": ...}``; a 0 weight skips that term.
         steps_per_epoch: None = one pass over the training split (full batches).
+        batch_size: the global batch, split over ranks and ``grad_accum`` micro-steps.
+        compile: run the forward pass through ``torch.compile`` (the model is compiled once; the
+            architecture is fixed here, unlike in the search).
         eval_batches: validation batches per evaluation (None = the whole split).
     """
 
@@ -72,7 +87,7 @@ class RetrainTrainer:
                  grad_clip: float = 1.0, eval_batches: int | None = 20, mlm_probability: float = 0.15,
                  log_every: int = 25, seed: int = 0, device: torch.device | str = "cpu",
                  precision: str = "bf16", run_dir: str | Path = ".", logger=None, progress: bool = True,
-                 checkpoint_every: int | None = None) -> None:  # fmt: skip
+                 checkpoint_every: int | None = None, grad_accum: int = 1, compile: bool = False) -> None:  # fmt: skip
         if schedule not in SCHEDULES:
             raise ValueError(f"retrain.schedule={schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
         if temperature <= 0:
@@ -83,6 +98,11 @@ class RetrainTrainer:
                              f"indices in [0, {teacher.num_layers}]")  # fmt: skip
         if epochs < 0 or batch_size < 1:
             raise ValueError(f"retrain.epochs={epochs} must be >= 0 and retrain.batch_size={batch_size} >= 1")
+        self.rank, self.world = dist_info()
+        if grad_accum < 1 or batch_size % (self.world * grad_accum):
+            raise ValueError(f"retrain.batch_size={batch_size} must be divisible by world size x grad_accum "
+                             f"({self.world} x {grad_accum})")  # fmt: skip
+        self.grad_accum, self.micro_batch = grad_accum, batch_size // (self.world * grad_accum)
         self.model, self.teacher, self.teacher_head = model, teacher, teacher_head
         self.train_data, self.val_data = train, validation
         self.layer_map, self.temperature = list(layer_map), temperature
@@ -98,8 +118,17 @@ class RetrainTrainer:
         self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
         self.eval_batches = eval_batches
         self.device, self.precision = torch.device(device), precision
-        self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress
+        self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
         self.has_logits = teacher_head is not None or teacher.has_lm_head
+        self.ddp: nn.Module = model  # DistributedDataParallel(model) under torchrun
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids)
+            torch.manual_seed(seed * 1000 + self.rank)  # ranks draw different dropout masks
+        # what the loop calls; torch.compile goes outside DDP (its DDPOptimizer splits graphs at buckets)
+        self.forward_model = torch.compile(self.ddp) if compile else self.ddp
         self.optimizer = configure_optimizer(model, lr, weight_decay)
         total = epochs * self.steps_per_epoch
         warmup_steps = min(warmup_steps, total)
@@ -119,30 +148,59 @@ class RetrainTrainer:
         return CLMCollator(tok) if self.causal else MLMCollator(tok, self.mlm_probability, seed=seed)
 
     def train_batches(self, epoch: int):
-        """The first ``steps_per_epoch`` full batches of a (seed, epoch)-seeded shuffle and masking."""
+        """Per step of a (seed, epoch)-seeded shuffle and masking: the global batch's unit counts
+        (:meth:`units`) and this rank's micro-batches of it (micro-step i, rank r: the rows
+        ``(i * world + r) * micro_batch`` onwards)."""
         seed = self.seed * 1000 + epoch
         loader = make_loader(self.train_data, self.collator(seed), self.batch_size, shuffle=True,
                              seed=seed, drop_last=True)  # fmt: skip
         for step, batch in enumerate(loader):
             if step == self.steps_per_epoch:
                 break
-            yield {k: v.to(self.device) for k, v in batch.items()}
+            starts = [(i * self.world + self.rank) * self.micro_batch for i in range(self.grad_accum)]
+            micro = [
+                {k: v[a : a + self.micro_batch].to(self.device) for k, v in batch.items()} for a in starts
+            ]
+            yield self.units(batch), micro, int(batch["attention_mask"].sum())
 
     def val_batches(self):
+        """This rank's share (round-robin) of the first ``eval_batches`` validation batches."""
         loader = make_loader(self.val_data, self.collator(VAL_MASK_SEED), self.batch_size)
         for i, batch in enumerate(loader):
             if self.eval_batches is not None and i == self.eval_batches:
                 break
-            yield {k: v.to(self.device) for k, v in batch.items()}
+            if i % self.world == self.rank:
+                yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """What each loss term of :meth:`losses` is a mean over, counted in ``batch``."""
+        labels, mask = batch["labels"], batch["attention_mask"]
+        lm = int((labels[:, 1:] if self.causal else labels).ne(-100).sum())
+        return {
+            "lm": lm,
+            "hidden": int(rkd_sequences(mask).sum()),
+            "kd": int(mask.sum()) if self.causal else lm,
+        }
+
+    @property
+    def term_names(self) -> list[str]:
+        """The terms :meth:`losses` computes (besides ``total``)."""
+        w = self.weights
+        return ["lm"] + ["hidden"] * (w["hidden"] > 0) + ["kd"] * (w["kd"] > 0 and self.has_logits)
+
+    def zero_loss(self) -> torch.Tensor:
+        """0 that touches every parameter: a micro-batch without any unit still joins DDP's all-reduce."""
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     # ---- losses ----------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The weighted terms of the retraining loss for one batch (``total`` included)."""
+        """The weighted terms of the retraining loss for one batch (``total`` included), each a
+        mean over the batch's :meth:`units`."""
         w, mask = self.weights, batch["attention_mask"]
         need_teacher = w["hidden"] > 0 or (w["kd"] > 0 and self.has_logits)
         with autocast(self.device, self.precision):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
-                             output_hidden_states=need_teacher)  # fmt: skip
+            out = self.forward_model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
+                                     output_hidden_states=need_teacher)  # fmt: skip
             t = self.teacher(batch["input_ids"], mask) if need_teacher else None
         terms = {"lm": out.loss.float()}
         if w["hidden"] > 0:
@@ -175,6 +233,39 @@ class RetrainTrainer:
         return forward_kl(student_logits[None], teacher_logits[None, :, :vocab], None, self.temperature)
 
     # ---- loop ------------------------------------------------------------------------------
+    def train_step(
+        self, units: dict[str, int], micro: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, float], bool]:
+        """One optimiser step on a global batch: this rank's micro-batches, each term weighted by its
+        share of the global batch's units; returns the global batch's terms and the all-rank stop flag."""
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = [k for k in self.term_names if units[k] > 0]
+        parts = torch.zeros(len(keys) + 1, device=self.device)  # + the SIGTERM flag, reduced together
+        for j, batch in enumerate(micro):
+            terms, counts = self.losses(batch), self.units(batch)
+            shares = [terms[k] * (counts[k] / units[k]) if counts[k] else None for k in keys]
+            present = [self.weights[k] * v for k, v in zip(keys, shares) if v is not None]
+            loss = sum(present) if present else self.zero_loss()
+            sync = self.world == 1 or j == len(micro) - 1  # DDP all-reduces on the last micro-step only
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                (self.world * loss).backward()
+            for i, v in enumerate(shares):
+                parts[i] += v.detach() if v is not None else 0.0
+        parts[-1] = float(self.preemption.requested)
+        parts = reduce_sum(parts)
+        values = dict(zip(keys, parts[:-1].tolist()))
+        values["total"] = sum(self.weights[k] * v for k, v in values.items())
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+            raise FloatingPointError(f"non-finite retrain loss at step {self.step} (epoch {self.epoch + 1}) in "
+                                     f"{bad}; lower retrain.lr (the last good checkpoint is kept in "
+                                     f"{self.run_dir / STATE_FILE})")  # fmt: skip
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return values, bool(parts[-1] > 0)
+
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
@@ -182,25 +273,13 @@ class RetrainTrainer:
         tokens, start = 0, time.perf_counter()
         bar = tqdm(self.train_batches(self.epoch), total=self.steps_per_epoch, initial=first, disable=not self.progress,
                    desc=f"retrain epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
-        for i, batch in enumerate(bar):
+        for i, (units, micro, batch_tokens) in enumerate(bar):
             if i < first:  # seen before the checkpoint: order and masks are seeded per epoch
                 continue
-            terms = self.losses(batch)
-            if not torch.isfinite(terms["total"]):
-                bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
-                raise FloatingPointError(
-                    f"non-finite retrain loss at step {self.step} ({bad}); lower retrain.lr"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            values = {k: v.item() for k, v in terms.items()}
+            values, stop = self.train_step(units, micro)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
             if self.logger is not None and self.log_every and self.step % self.log_every == 0:
                 self.logger.log(
                     {"step": self.step, "train": values, "lr": self.scheduler.get_last_lr()[0]},
@@ -210,29 +289,27 @@ class RetrainTrainer:
                 loss=f"{values['total']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
             )
             self.epoch_sums = dict(sums)
-            self.maybe_checkpoint()
+            step_checkpoint(self.step, self.checkpoint_every, self.preemption, self.save, self.run_dir / STATE_FILE,
+                            stop=stop)  # fmt: skip
         self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
         self.epoch_sums = {}
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
-
-    def maybe_checkpoint(self) -> None:
-        """Mid-epoch checkpoint every ``checkpoint_every`` steps; on SIGTERM, checkpoint and exit 143."""
-        step_checkpoint(self.step, self.checkpoint_every, self.preemption, self.save, self.run_dir / STATE_FILE)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Student LM loss on the validation split (fixed masks) and its perplexity exp(loss)."""
         self.model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64)  # sum of token losses, tokens
         for batch in self.val_batches():
             with autocast(self.device, self.precision):
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  labels=batch["labels"])  # fmt: skip
-            n = int((batch["labels"][:, 1:] if self.causal else batch["labels"]).ne(-100).sum())
-            total, count = total + float(out.loss) * n, count + n
+            n = self.units(batch)["lm"]
+            sums += torch.tensor([float(out.loss) * n if n else 0.0, n], dtype=torch.float64)
         self.model.train()
+        total, count = reduce_sum(sums.to(self.device)).tolist()
         loss = total / max(count, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count)}
 
     def fit(self) -> list[dict[str, Any]]:
         with self.preemption:
@@ -266,8 +343,8 @@ class RetrainTrainer:
             "arch": self.model.config.arch_dict(),
             "layer_map": self.layer_map,
             "meta": self.meta,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": gather_objects(torch.get_rng_state()),  # one per rank (dropout streams differ)
+            "cuda_rng": gather_objects(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None,
             "epoch_sums": self.epoch_sums,
         }
 
@@ -285,9 +362,17 @@ class RetrainTrainer:
         self.train_time_s, self.layer_map = state["train_time_s"], state["layer_map"]
         self.meta = state.get("meta", {})
         self.epoch_sums = state.get("epoch_sums", {})
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if self.rank < len(rngs):
+            torch.set_rng_state(rngs[self.rank])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"][self.rank])
+        else:  # resumed on more ranks than were saved: a fresh, still per-rank, dropout stream
+            torch.manual_seed(self.seed * 1000 + self.rank + self.step)
 
     def save(self) -> Path:
-        return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
+        """Called on every rank (the RNG states are gathered); rank 0 writes the file."""
+        state, path = self.state_dict(), self.run_dir / STATE_FILE
+        if self.rank == 0:
+            atomic_torch_save(state, path)
+        return path

@@ -19,7 +19,7 @@ from ..data.corpus import load_corpus
 from ..space import ArchConfig
 from ..supernet import SpaceConfig
 from ..teacher import load_teacher
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from . import plots
@@ -106,16 +106,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def load_state(path: Path, device) -> dict[str, Any]:
     """A search state, or a one-line error when it is unreadable (truncated, not a checkpoint)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"search state {path} is corrupt or unreadable ({type(err).__name__}); "
-                         "delete it to start over") from None  # fmt: skip
-    if not isinstance(state, dict) or "supernet" not in state:
-        raise ValueError(f"{path} is not an elm search state")
-    return state
+    return load_checkpoint(path, device, "search state", "supernet")
 
 
 def write_plots(run_dir: Path, trainer: SearchTrainer, summary: dict, compare_with: list[str], cka_layer=None) -> None:

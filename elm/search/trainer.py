@@ -30,7 +30,7 @@ from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
 from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import autocast, dist_info
+from ..utils.runtime import autocast, broadcast_object, dist_info, reduce_mean
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, prune_heads
 
 STATE_FILE = "search_state.pt"
@@ -324,28 +324,6 @@ class SearchTrainer:
 
     def save(self) -> Path:
         return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
-
-
-def reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity when not distributed)."""
-    if dist_info()[1] > 1:
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist_info()[1]
-    return x
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's object on every rank (identity when not distributed)."""
-    if dist_info()[1] > 1:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def _mean_offdiag(matrix: list[list[float]]) -> float | None:

@@ -43,3 +43,16 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> Path:
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
     return final_dir
+
+
+def load_checkpoint(path: str | Path, device: Any, what: str, key: str) -> dict[str, Any]:
+    """A training state written by :func:`atomic_torch_save`, or a one-line ValueError when it is
+    unreadable (truncated, not a checkpoint) or is not a ``what`` (has no ``key``)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise ValueError(f"{what} {path} is corrupt or unreadable ({type(err).__name__}); "
+                         "delete it to start over") from None  # fmt: skip
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"{path} is not an elm {what}")
+    return state

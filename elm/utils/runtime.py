@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,43 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
     return True
+
+
+def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; identity when not distributed)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity when not distributed)."""
+    return reduce_sum(x) / dist_info()[1] if dist_info()[1] > 1 else x
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's (picklable) object on every rank (identity when not distributed)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist_info()[1]
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def shutdown_distributed() -> None:
