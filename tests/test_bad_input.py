@@ -65,3 +65,21 @@ def test_arch_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
     proc = _cli("retrain", [f"arch={tmp_path / 'arch.json'}"], tmp_path / "run")
     assert proc.returncode == 2
     assert "1000" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_retrain_state_is_never_overwritten_and_corruption_is_named(tmp_path: Path) -> None:
+    import elm
+
+    arch = elm.ArchConfig(hidden_size=32, embedding_size=16, vocab_size=30522, max_positions=128,
+                          layers=[elm.LayerConfig("bert", 2, 16, 32)])  # fmt: skip
+    arch.to_json(tmp_path / "arch.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "retrain_state.pt").write_bytes(b"not a checkpoint")
+    tiny = [f"arch={tmp_path / 'arch.json'}", "data.max_docs=40", "data.seq_len=64", "logger=none"]
+    fresh = _cli("retrain", tiny, run)
+    assert fresh.returncode == 2 and "resume=true" in fresh.stderr.strip().splitlines()[-1]
+    resumed = _cli("retrain", [*tiny, "resume=true"], run)
+    assert resumed.returncode == 2 and "corrupt" in resumed.stderr.strip().splitlines()[-1]
+    assert (run / "retrain_state.pt").read_bytes() == b"not a checkpoint"  # left for the user to inspect
+    assert not (run / "DONE").exists()

@@ -20,8 +20,9 @@ Reads like the procedure (``configs/causal_pipeline.yaml``; every stage writes i
    perplexity, ROUGE-L of greedy responses, sampled responses;
 7. ``causal_comparison.md`` / ``comparison.json`` (every number computed here), ``DONE``.
 
-A stage whose output is complete in the run dir (its ``DONE`` file) is reused, so a run can be
-continued with ``hydra.run.dir=<run>``.
+A stage whose output is complete in the run dir (its ``DONE`` file) is reused, and the search
+and retrain stages run with ``resume=true`` (an interrupted one continues from its checkpoint),
+so a run can be continued with ``hydra.run.dir=<run>``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def stage_search(cfg: DictConfig, run_dir: Path, teacher: str) -> tuple[Path, fl
         return out, 0.0
     overrides = ["space.causal=true", f"teacher.name={teacher}", "teacher.causal=true", *data_overrides(cfg),
                  f"device={cfg.device}", f"precision={cfg.precision}", "logger=none", "progress=false",
-                 *cfg.search.overrides, f"hydra.run.dir={out}"]  # fmt: skip
+                 *cfg.search.overrides, "resume=true", f"hydra.run.dir={out}"]  # fmt: skip
     return out, run_stage("search", "elm.search", overrides, run_dir, cfg.get("threads"))
 
 
@@ -142,7 +143,7 @@ def stage_retrain(cfg: DictConfig, run_dir: Path, name: str, arch_path: Path, te
         return out, 0.0
     overrides = [f"arch={arch_path}", f"teacher.name={teacher}", "teacher.causal=true", *data_overrides(cfg),
                  f"device={cfg.device}", f"precision={cfg.precision}", "logger=none", "progress=false",
-                 *cfg.retrain.overrides, f"hydra.run.dir={out}"]  # fmt: skip
+                 *cfg.retrain.overrides, "resume=true", f"hydra.run.dir={out}"]  # fmt: skip
     if search_dir is not None:
         overrides.insert(1, f"search_dir={search_dir}")
     return out, run_stage(f"retrain_{name}", "elm.retrain", overrides, run_dir, cfg.get("threads"))
