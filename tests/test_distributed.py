@@ -66,27 +66,55 @@ def test_search_two_ranks_match_one(searches) -> None:
     assert (two / "DONE").exists()
 
 
-def test_retrain_two_ranks_and_accumulation_match_one(searches, tmp_path: Path) -> None:
-    search_dir = searches[0]
-    runs = {name: tmp_path / name for name in ("one", "two", "accum")}
-    common = [*RETRAIN, f"search_dir={search_dir}"]
-    _run([sys.executable, "-m", "elm.retrain", *common, f"hydra.run.dir={runs['one']}"], tmp_path)
+@pytest.fixture(scope="module")
+def retrain_one(searches, tmp_path_factory) -> Path:
+    """A tiny retrain of the 1-process search by 1 process: the reference run."""
+    run = tmp_path_factory.mktemp("retrain") / "one"
+    _run([sys.executable, "-m", "elm.retrain", *RETRAIN, f"search_dir={searches[0]}", f"hydra.run.dir={run}"],
+         run.parent)  # fmt: skip
+    return run
+
+
+def _same_weights(run: Path, reference: Path, atol: float = 1e-4) -> None:
+    a, b = load_file(reference / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=f"{run.name}: {key}")
+
+
+def test_retrain_two_ranks_and_accumulation_match_one(searches, retrain_one, tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("two", "accum")}
+    common = [*RETRAIN, f"search_dir={searches[0]}"]
     _run([*TORCHRUN, "elm.retrain", *common, f"hydra.run.dir={runs['two']}"], tmp_path)
     _run([sys.executable, "-m", "elm.retrain", *common, "retrain.grad_accum=2", f"hydra.run.dir={runs['accum']}"],
          tmp_path)  # fmt: skip
 
-    reference = _records(runs["one"], "train")
+    reference = _records(retrain_one, "train")
     assert len(reference) == 6 and set(reference[0]["train"]) == {"lm", "hidden", "kd", "total"}
-    weights = load_file(runs["one"] / "model" / "model.safetensors")
-    for name in ("two", "accum"):
-        steps = _records(runs[name], "train")
+    for name, run in runs.items():
+        steps = _records(run, "train")
         assert [r["step"] for r in steps] == [r["step"] for r in reference]
         for x, y in zip(reference, steps, strict=True):
             for key, value in x["train"].items():
                 assert y["train"][key] == pytest.approx(value, abs=1e-5), (name, x["step"], key)
-        for x, y in zip(_records(runs["one"], "val_loss"), _records(runs[name], "val_loss"), strict=True):
+        for x, y in zip(_records(retrain_one, "val_loss"), _records(run, "val_loss"), strict=True):
             assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-5) and y["val_tokens"] == x["val_tokens"]
-        other = load_file(runs[name] / "model" / "model.safetensors")
-        for key in weights:
-            torch.testing.assert_close(other[key], weights[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
-        assert json.loads((runs[name] / "DONE").read_text())["stage"] == "retrain"
+        _same_weights(run, retrain_one)
+        assert json.loads((run / "DONE").read_text())["stage"] == "retrain"
+
+
+def test_retrain_preempted_on_two_ranks_resumes_on_one(searches, retrain_one, tmp_path: Path) -> None:
+    """SIGTERM on every rank after step 2: checkpoint at the next step boundary (rank 0 writes it, with
+    both ranks' RNG states), exit 143; ``resume=true`` in one process then ends like the reference."""
+    run = tmp_path / "preempted"
+    common = [*RETRAIN, f"search_dir={searches[0]}", "retrain.checkpoint_every=2", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "ELM_FAULT_KILL_AT_STEP": "2", "ELM_FAULT_SIGNAL": "TERM"}  # fmt: skip
+    proc = subprocess.run([*TORCHRUN, "elm.retrain", *common], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "preempted at step 3" in proc.stderr, proc.stderr[-3000:]
+    state = torch.load(run / "retrain_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 3 and len(state["rng"]) == 2 and not (run / "DONE").exists()
+    _run([sys.executable, "-m", "elm.retrain", *common, "resume=true"], tmp_path)
+    _same_weights(run, retrain_one)
+    assert [r["step"] for r in _records(run, "train")] == [1, 2, 3, 4, 5, 6]
