@@ -248,4 +248,4 @@ def flops_utilisation(device, precision_ctx, result: Result, layers=4, hidden=25
     achieved = ours / (result.b_ms / 1e3)
     bound = mlm_step_flops(arch, batch, seq, mask_p=1.0) / ours
     return (f"{'MLM train step FLOP/s':<34} achieved {achieved / 1e9:8.1f} GFLOP/s  matmul peak {peak / 1e9:8.1f} "
-            f"GFLOP/s  fraction {achieved / peak:5.2f}  (FLOP ratio HF/ELM {bound:4.2f}: the speed-up bound)")  # fmt: skip
+            f"GFLOP/s  fraction {achieved / peak:5.2f}  (FLOP ratio HF/ELM {bound:4.2f}: the speed-up from FLOPs alone)")  # fmt: skip

@@ -15,8 +15,21 @@ The recipe, per seed (reads top to bottom in :func:`finetune_seed`):
 sample standard deviation (ddof=1) over seeds (0 for one seed). ``score`` is the mean of a task's
 metrics (GLUE's convention for tasks with two metrics).
 
-Output: ``<run_dir>/results.json`` (rewritten after every seed, ``complete`` marks the end),
-``metrics.jsonl`` (one line per seed) and, with ``train.save_model``, ``seed<k>/model``.
+Output: ``<run_dir>/results.json`` (written before the first seed and rewritten after every seed,
+``complete`` marks the end), ``metrics.jsonl`` (one line per seed) and, with ``train.save_model``,
+``seed<k>/model``.
+
+Resume (``resume=true``; :mod:`elm.finetune.checkpoint` has the checkpoint details): the seeds
+already in ``results.json`` are kept, the seed in progress continues from its last complete
+checkpoint ``seed<k>/checkpoint-<step>`` (weights, optimiser, scheduler, RNG states, data
+position: the Trainer's own resume), later seeds run as usual. [decision] A seed's checkpoints
+are deleted once its record is in ``results.json`` (they are 3x the model size and a finished
+seed is never resumed). Without ``resume=true`` a run dir holding an unfinished run is refused.
+
+torchrun: [decision] ``train.batch_size`` is the GLOBAL batch, as in the search and retrain
+stages: each of ``world`` ranks gets ``batch_size / (world x grad_accum)`` rows per micro-step
+(the HF Trainer's ``per_device_train_batch_size``), so 1 and N ranks take the same optimiser
+steps; ``eval_batch_size`` is split over the ranks (rounded up). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -37,10 +50,20 @@ from ..data.tasks import TaskData, compute_metrics, load_task
 from ..teacher import load_tokenizer, resolve_model_path
 from ..utils.io import atomic_write_json
 from ..utils.logging import RunLogger
-from ..utils.runtime import resolve_device, seed_everything
+from ..utils.preempt import Preempted, Preemption
+from ..utils.runtime import any_rank, dist_info, resolve_device, seed_everything
+from .checkpoint import (
+    RESULTS_FILE,
+    CheckpointCallback,
+    init_process_group,
+    on_rank0,
+    plan_run,
+    read_marker,
+    remove_checkpoints,
+    train_loss,
+)
 
 log = logging.getLogger("elm.finetune")
-RESULTS_FILE = "results.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
@@ -140,10 +163,32 @@ def trainer_metrics(metric_names: list[str]) -> Callable[[Any], dict[str, float]
     return metrics
 
 
+def batch_sizes(t: DictConfig, world: int) -> tuple[int, int]:
+    """(per-device train batch, per-device eval batch): ``train.batch_size`` is the global batch,
+    split over ``world`` ranks and ``grad_accum`` micro-steps; ``eval_batch_size`` over the ranks."""
+    batch, accum = int(t.batch_size), int(t.grad_accum)
+    if batch < 1 or accum < 1 or batch % (world * accum):
+        raise ValueError(f"train.batch_size={batch} is the global batch: it must be divisible by world size x "
+                         f"train.grad_accum ({world} x {accum})")  # fmt: skip
+    if int(t.eval_batch_size) < 1:
+        raise ValueError(f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
+    return batch // (world * accum), -(-int(t.eval_batch_size) // world)
+
+
+def save_steps(t: DictConfig) -> int:
+    """``train.save_steps`` (null / 0 = checkpoints only on SIGTERM)."""
+    steps = t.get("save_steps") or 0
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"train.save_steps={steps!r} must be a positive integer, 0 or null")
+    return steps
+
+
 def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
     from transformers import TrainingArguments
 
     t = cfg.train
+    per_device, per_device_eval = batch_sizes(t, dist_info()[1])
+    every = save_steps(t)
     wandb = cfg.logger.mode != "disabled"
     if wandb:  # the Trainer's WandbCallback reads these
         os.environ.setdefault("WANDB_MODE", str(cfg.logger.mode))
@@ -153,8 +198,8 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
         output_dir=str(out_dir),
         num_train_epochs=float(t.epochs),
         max_steps=int(t.max_steps),
-        per_device_train_batch_size=int(t.batch_size),
-        per_device_eval_batch_size=int(t.eval_batch_size),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device_eval,
         gradient_accumulation_steps=int(t.grad_accum),
         learning_rate=float(t.lr),
         weight_decay=float(t.weight_decay),
@@ -164,7 +209,11 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
         logging_steps=int(t.logging_steps),
         logging_first_step=True,
         eval_strategy="no",
-        save_strategy="no",
+        # checkpoint-<step> every `every` steps and at the end; CheckpointCallback marks them complete
+        # and deletes the older ones (after the mark, which save_total_limit would not wait for)
+        save_strategy="steps" if every else "no",
+        save_steps=every or 500,
+        save_total_limit=None,
         report_to=["wandb"] if wandb else "none",
         run_name=f"{Path(str(cfg.task)).name}-seed{seed}",
         seed=seed,
@@ -176,13 +225,20 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
     )
 
 
-def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: Any, seed: int,
-                  out_dir: Path) -> dict[str, Any]:  # fmt: skip
-    """Fine-tune once from ``model_path`` with ``seed``; validation metrics, losses and timings."""
+def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: Any, seed: int, out_dir: Path,
+                  *, resume_from: str | Path | None = None, preemption: Preemption | None = None,
+                  run_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune once from ``model_path`` with ``seed``; validation metrics, losses and timings.
+
+    ``resume_from``: a complete ``checkpoint-<step>`` folder of this seed to continue from.
+    ``preemption``: an entered :class:`Preemption`; when SIGTERM sets it, the Trainer checkpoints at
+    the next step end and stops, and this raises :class:`Preempted` naming the checkpoint.
+    """
     import transformers
     from transformers import AutoModelForSequenceClassification, Trainer
 
     device = resolve_device(cfg.device)
+    rank = dist_info()[0]
     seed_everything(seed)  # the fresh head's init depends on the seed
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialised classifier" is the point here
@@ -195,6 +251,9 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # causal models pool the last real token
 
+    marker = read_marker(Path(resume_from)) if resume_from is not None else None
+    callback = CheckpointCallback(preemption or Preemption(), save=save_steps(cfg.train) > 0, rank=rank,
+                                  train_time_s=float((marker or {}).get("train_time_s", 0.0)))  # fmt: skip
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, out_dir, seed, device.type),
@@ -202,26 +261,34 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         train_dataset=task.train,
         eval_dataset=task.validation,
         compute_metrics=trainer_metrics(task.metric),
+        callbacks=[callback],
     )
-    t0 = time.perf_counter()
-    train_out = trainer.train()
-    train_time = time.perf_counter() - t0
+    if resume_from is not None:
+        log.info("seed %d: resuming from %s", seed, resume_from)
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
+    train_time = callback.train_time()
+    if callback.stopped_at is not None:
+        ckpt = out_dir / f"checkpoint-{callback.stopped_at}"
+        raise Preempted(f"preempted at step {callback.stopped_at} of seed {seed}: checkpoint in {ckpt}; "
+                        f"continue with resume=true hydra.run.dir={run_dir or out_dir.parent}")  # fmt: skip
     t0 = time.perf_counter()
     evaluation = trainer.evaluate()
     eval_time = time.perf_counter() - t0
     scores = {m: float(evaluation[f"eval_{m}"]) for m in task.metric}
     if any(not math.isfinite(v) for v in scores.values()):
         log.warning("seed %d: a metric is not finite (constant predictions?): %s", seed, scores)
-    curve = [[int(r["step"]), float(r["loss"])] for r in trainer.state.log_history if "loss" in r]
+    history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run
+    curve = [[int(r["step"]), float(r["loss"])] for r in history if "loss" in r]
     if cfg.train.save_model:
-        trainer.save_model(str(out_dir / "model"))
-        tokenizer.save_pretrained(str(out_dir / "model"))
+        trainer.save_model(str(out_dir / "model"))  # every rank calls it; rank 0 writes
+        if rank == 0:
+            tokenizer.save_pretrained(str(out_dir / "model"))
     return {
         "seed": seed,
         "metrics": scores,
         "score": float(np.mean(list(scores.values()))),
         "eval_loss": float(evaluation["eval_loss"]),
-        "train_loss": float(train_out.training_loss),
+        "train_loss": train_loss(history),
         "steps": int(trainer.state.global_step),
         "loss_curve": curve,
         "train_time_s": train_time,
@@ -256,21 +323,33 @@ def _seeds(cfg: DictConfig) -> list[int]:
 
 
 def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Check inputs, then fine-tune ``cfg.model`` on ``cfg.task`` once per seed; returns results.json."""
+    """Check inputs, then fine-tune ``cfg.model`` on ``cfg.task`` once per seed; returns results.json.
+
+    With ``resume=true`` continues the run in ``run_dir`` (see the module docstring). Under torchrun
+    every rank calls this; rank 0 decides what to resume and writes the files.
+    """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     seeds = _seeds(cfg)
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ValueError("train.epochs or train.max_steps must be positive")
+    rank, world = dist_info()
+    batch_sizes(cfg.train, world)
+    save_steps(cfg.train)
     device = resolve_device(cfg.device)
     model_path = resolve_model(None if OmegaConf.is_missing(cfg, "model") else cfg.model)
     config = load_model_config(model_path)
+    if world > 1:
+        init_process_group(cpu=device.type == "cpu")
+    plan = on_rank0(lambda: plan_run(cfg, run_dir, seeds, model_path))  # refusals before any loading
+    if plan["finished"] is not None:
+        log.info("%s is complete: nothing to do", run_dir / RESULTS_FILE)
+        return plan["finished"]
     tokenizer = finetune_tokenizer(model_path, cfg.get("tokenizer"))
     task = prepare_task(cfg, tokenizer)
     check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(run_dir, mode="disabled")  # metrics.jsonl; wandb goes through the Trainer
+    writer = rank == 0
     results: dict[str, Any] = {
         "model": model_path,
         "model_type": getattr(config, "model_type", None),
@@ -283,21 +362,48 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "seeds": seeds,
         "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "per_seed": [],
+        "per_seed": list(plan["done"]),
         "complete": False,
     }
-    for seed in seeds:
-        record = finetune_seed(cfg, model_path, task, tokenizer, seed, run_dir / f"seed{seed}")
-        log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
-        logger.log({k: v for k, v in record.items() if k != "loss_curve"}, step=seed)
-        results["per_seed"].append(record)
-        results["mean"], results["std"] = summarise(results["per_seed"])
-        results["time_s"] = time.perf_counter() - t_start
-        atomic_write_json(run_dir / RESULTS_FILE, results)
+
+    def save() -> None:
+        if results["per_seed"]:
+            results["mean"], results["std"] = summarise(results["per_seed"])
+        results["time_s"] = plan["time_s"] + time.perf_counter() - t_start
+        if writer:
+            atomic_write_json(run_dir / RESULTS_FILE, results)
+
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger = RunLogger(run_dir, mode="disabled")  # metrics.jsonl; wandb goes through the Trainer
+        if plan["done"] or logger.path.exists():  # the kept seeds' lines only (none on a fresh run)
+            logger.rewrite([{k: v for k, v in r.items() if k != "loss_curve"} for r in plan["done"]])
+    save()  # before the first seed: a crash now leaves an unfinished run that resume=true knows
+    done = {r["seed"] for r in plan["done"]}
+    with Preemption() as preemption:
+        for i, seed in enumerate(seeds):
+            if seed in done:
+                log.info("seed %d: kept from %s", seed, run_dir / RESULTS_FILE)
+                continue
+            seed_dir = run_dir / f"seed{seed}"
+            record = finetune_seed(cfg, model_path, task, tokenizer, seed, seed_dir,
+                                   resume_from=plan["checkpoints"].get(seed), preemption=preemption,
+                                   run_dir=run_dir)  # fmt: skip
+            log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
+            results["per_seed"] = [*results["per_seed"], record]
+            results["per_seed"].sort(key=lambda r: seeds.index(r["seed"]))
+            if writer:
+                logger.log({k: v for k, v in record.items() if k != "loss_curve"}, step=seed)
+            save()
+            if writer:
+                remove_checkpoints(seed_dir)  # [decision] a finished seed's checkpoints are not needed
+            left = [s for s in seeds[i + 1 :] if s not in done]
+            if left and any_rank(preemption.requested, device if device.type == "cuda" else "cpu"):
+                raise Preempted(f"preempted after seed {seed}: {RESULTS_FILE} holds {len(results['per_seed'])} of "
+                                f"{len(seeds)} seeds; continue with resume=true hydra.run.dir={run_dir}")  # fmt: skip
     results["params"], results["backbone_params"] = count_parameters(model_path, task.num_labels)
     results["complete"] = True
-    results["time_s"] = time.perf_counter() - t_start
-    atomic_write_json(run_dir / RESULTS_FILE, results)
+    save()
     return results
 
 

@@ -92,6 +92,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return [obj]
 
 
+def any_rank(flag: bool, device: Any = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on one of them (``flag`` when not distributed)."""
+    if dist_info()[1] == 1:
+        return flag
+    return bool(reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     import torch.distributed as dist
 
