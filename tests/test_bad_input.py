@@ -83,3 +83,12 @@ def test_retrain_state_is_never_overwritten_and_corruption_is_named(tmp_path: Pa
     assert resumed.returncode == 2 and "corrupt" in resumed.stderr.strip().splitlines()[-1]
     assert (run / "retrain_state.pt").read_bytes() == b"not a checkpoint"  # left for the user to inspect
     assert not (run / "DONE").exists()
+
+
+@pytest.mark.parametrize("stage", ["compare", "causal.minillm", "causal.evaluate"])
+def test_single_process_stages_refuse_torchrun(stage: str, tmp_path: Path) -> None:
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"elm.{stage}", f"hydra.run.dir={tmp_path / 'run'}"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert "not torchrun" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
