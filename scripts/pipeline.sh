@@ -16,7 +16,7 @@ run python -m elm.search "hydra.run.dir=$OUT/search" logger=none progress=false 
 run python -m elm.compare "search_dir=$OUT/search" "hydra.run.dir=$OUT/compare" \
     "models=[searched,uniform,random]" random.n=2 "tasks=[bbc]" "seeds=[0,1]" \
     retrain.retrain.epochs=1 retrain.retrain.steps_per_epoch=60 \
-    finetune.data.max_train=400 finetune.train.epochs=2
+    finetune.data.max_train=400 finetune.train.epochs=6
 EXPORT="$OUT/compare/retrain/searched/model"
 if [[ -d "$SST2" ]]; then
   run python -m elm.finetune "model=$EXPORT" "task=$SST2" "seeds=[0,1]" data.max_train=800 data.max_eval=400 \

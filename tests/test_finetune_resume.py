@@ -179,8 +179,8 @@ def test_batch_size_is_global_and_train_loss_covers_all_steps():
 @pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_match_one(tmp_path):
-    """Dropout 0: each rank draws its own dropout masks, so with dropout the 2-rank run is a different
-    (equally valid) sample. Without it, 2 ranks x 4 rows = the same 8-row global batches (accelerate's
+    """Dropout 0: with dropout the masks of 2 ranks (each seeded alike by the Trainer, drawing for its
+    own 4 rows) differ from those of 1 process drawing for 8 rows: an equally valid, different sample. Without it, 2 ranks x 4 rows = the same 8-row global batches (accelerate's
     BatchSamplerShard deals consecutive per-rank batches of the same seeded order), the same steps."""
     model = _export(tmp_path / "model", dropout=0.0)
     one = finetune(model, tmp_path / "one")

@@ -94,6 +94,9 @@ def retrain(
     """
     rank = dist_info()[0]
     run_dir = Path(run_dir)
+    if (run_dir / STATE_FILE).exists() and not cfg.resume:  # before any loading
+        raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
+                         "or choose another hydra.run.dir")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     r = cfg.retrain
     arch = arch.validate()
@@ -107,9 +110,6 @@ def retrain(
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
 
     state_path = run_dir / STATE_FILE
-    if state_path.exists() and not cfg.resume:
-        raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
-                         "or choose another hydra.run.dir")  # fmt: skip
     state = (
         load_checkpoint(state_path, device, "retrain state", "model")
         if cfg.resume and state_path.exists()

@@ -48,7 +48,7 @@ from ..data.collate import CLMCollator, MLMCollator, make_loader
 from ..distill.losses import forward_kl, rkd_loss, rkd_sequences
 from ..utils.io import atomic_torch_save
 from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import autocast, dist_info, gather_objects, reduce_sum
+from ..utils.runtime import autocast, barrier, dist_info, gather_objects, reduce_sum
 
 STATE_FILE = "retrain_state.pt"
 SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
@@ -189,7 +189,8 @@ class RetrainTrainer:
         return ["lm"] + ["hidden"] * (w["hidden"] > 0) + ["kd"] * (w["kd"] > 0 and self.has_logits)
 
     def zero_loss(self) -> torch.Tensor:
-        """0 that touches every parameter: a micro-batch without any unit still joins DDP's all-reduce."""
+        """0 that touches every parameter: on a micro-batch where a term has no unit (e.g. no masked
+        token: the LM head is unused) every parameter still gets a gradient, as DDP expects."""
         return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     # ---- losses ----------------------------------------------------------------------------
@@ -242,12 +243,12 @@ class RetrainTrainer:
         keys = [k for k in self.term_names if units[k] > 0]
         parts = torch.zeros(len(keys) + 1, device=self.device)  # + the SIGTERM flag, reduced together
         for j, batch in enumerate(micro):
-            terms, counts = self.losses(batch), self.units(batch)
-            shares = [terms[k] * (counts[k] / units[k]) if counts[k] else None for k in keys]
-            present = [self.weights[k] * v for k, v in zip(keys, shares) if v is not None]
-            loss = sum(present) if present else self.zero_loss()
             sync = self.world == 1 or j == len(micro) - 1  # DDP all-reduces on the last micro-step only
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # forward and backward inside
+                terms, counts = self.losses(batch), self.units(batch)
+                shares = [terms[k] * (counts[k] / units[k]) if counts[k] else None for k in keys]
+                present = [self.weights[k] * v for k, v in zip(keys, shares) if v is not None]
+                loss = sum(present) if len(present) == len(keys) else sum(present, self.zero_loss())
                 (self.world * loss).backward()
             for i, v in enumerate(shares):
                 parts[i] += v.detach() if v is not None else 0.0
@@ -300,12 +301,16 @@ class RetrainTrainer:
         """Student LM loss on the validation split (fixed masks) and its perplexity exp(loss)."""
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # sum of token losses, tokens
-        for batch in self.val_batches():
-            with autocast(self.device, self.precision):
-                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch["labels"])  # fmt: skip
-            n = self.units(batch)["lm"]
-            sums += torch.tensor([float(out.loss) * n if n else 0.0, n], dtype=torch.float64)
+        for full in self.val_batches():
+            for a in range(0, len(full["input_ids"]), self.micro_batch):  # training's memory footprint
+                batch = {k: v[a : a + self.micro_batch] for k, v in full.items()}
+                n = self.units(batch)["lm"]
+                if n == 0:
+                    continue
+                with autocast(self.device, self.precision):
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     labels=batch["labels"])  # fmt: skip
+                sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
         self.model.train()
         total, count = reduce_sum(sums.to(self.device)).tolist()
         loss = total / max(count, 1)
@@ -331,6 +336,7 @@ class RetrainTrainer:
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -344,7 +350,7 @@ class RetrainTrainer:
             "layer_map": self.layer_map,
             "meta": self.meta,
             "rng": gather_objects(torch.get_rng_state()),  # one per rank (dropout streams differ)
-            "cuda_rng": gather_objects(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None,
+            "cuda_rng": gather_objects(torch.cuda.get_rng_state(self.device)) if cuda else None,
             "epoch_sums": self.epoch_sums,
         }
 
@@ -364,9 +370,10 @@ class RetrainTrainer:
         self.epoch_sums = state.get("epoch_sums", {})
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if self.rank < len(rngs):
-            torch.set_rng_state(rngs[self.rank])
+            # RNG states must be CPU tensors (map_location moved them to the device)
+            torch.set_rng_state(rngs[self.rank].cpu())
             if state.get("cuda_rng") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"][self.rank])
+                torch.cuda.set_rng_state(state["cuda_rng"][self.rank].cpu(), self.device)
         else:  # resumed on more ranks than were saved: a fresh, still per-rank, dropout stream
             torch.manual_seed(self.seed * 1000 + self.rank + self.step)
 
@@ -375,4 +382,5 @@ class RetrainTrainer:
         state, path = self.state_dict(), self.run_dir / STATE_FILE
         if self.rank == 0:
             atomic_torch_save(state, path)
+        barrier()  # no rank exits (SIGTERM) before the file is complete
         return path
