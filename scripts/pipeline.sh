@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline default pipeline on one machine (2 idle CPU cores: ~35 min):
+# Offline default pipeline on one machine (2 idle CPU cores: ~45 min):
 #   search -> retrain + export (searched, uniform and random baselines, same budget) -> fine-tune on BBC
 #   -> comparison table + PNG -> fine-tune the searched export on SST-2 (when ../shared/data/sst2 exists).
 #
