@@ -46,6 +46,12 @@ class TeacherMLMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
 
 
+def new_head(teacher) -> TeacherMLMHead:
+    """An unfitted head sized for ``teacher`` (hidden -> its embedding width -> its vocabulary), on CPU."""
+    embed = teacher.model.get_input_embeddings().weight
+    return TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0])
+
+
 class FittedTeacherHead:
     """A fitted head bound to its teacher: ``head_logits(last_hidden_state)`` -> vocabulary logits."""
 
@@ -67,7 +73,7 @@ def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_prob
              precision: str = "bf16", progress: bool = False) -> tuple[TeacherMLMHead, list[float]]:  # fmt: skip
     """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen)."""
     embed = teacher.model.get_input_embeddings().weight
-    head = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0]).to(teacher.device)
+    head = new_head(teacher).to(teacher.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -111,8 +117,7 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
         raise ValueError(f"teacher_head.steps={steps} must be >= 1 when teacher_head.fit=true")
     cache = Path(path).expanduser() if path else Path(run_dir) / HEAD_FILE
     meta = _meta(teacher, train, steps, lr, batch_size, mlm_probability, seed)
-    embed = teacher.model.get_input_embeddings().weight
-    head = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0])
+    head = new_head(teacher)
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=False)
         if saved.get("meta") == meta:
@@ -148,7 +153,6 @@ def share_head(head: FittedTeacherHead | None, teacher) -> FittedTeacherHead | N
     if sent is None:
         return None
     state, meta = sent
-    embed = teacher.model.get_input_embeddings().weight
-    fresh = TeacherMLMHead(teacher.hidden_size, embed.shape[1], embed.shape[0])
+    fresh = new_head(teacher)
     fresh.load_state_dict(state)
     return FittedTeacherHead(fresh.to(teacher.device), teacher, meta)
