@@ -24,7 +24,7 @@ from elm.compare.run import compose_config, run_compare
 from elm.supernet import SpaceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = SpaceConfig()  # the default space: hidden 256, head_dim 32, FFN 132..792 by 132
+SPACE = SpaceConfig(hidden_size=256)  # hidden 256, head_dim 32, FFN 132..792 by 132
 
 
 def env() -> dict[str, str]:
@@ -148,6 +148,45 @@ def test_table_writer_makes_md_csv_png(tmp_path):
     assert image.shape[0] > 100 and len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 20
 
 
+def test_slice_shape_fills_the_budget_at_the_teachers_ffn_ratio():
+    from elm.compare.slice import slice_shape
+    from elm.space.arch import layer_parameters
+
+    h, w = slice_shape(2_400_000, hidden=384, head_dim=32, heads=12, ffn=1536, depth=6)
+    size = 6 * layer_parameters(LayerConfig("bert", num_heads=h, head_dim=32, ffn_dim=w), 384)
+    one_more = 6 * layer_parameters(LayerConfig("bert", num_heads=h, head_dim=32, ffn_dim=w + 1), 384)
+    assert size <= 2_400_000 < one_more  # the widest FFN that fits
+    assert (h, w) == (3, 325)  # 3 heads x 32 = 96 wide, FFN 325: ratio 3.4, the closest to MiniLM's 4
+    with pytest.raises(ValueError, match="no slice"):
+        slice_shape(1000, hidden=384, head_dim=32, heads=12, ffn=1536, depth=6)
+
+
+def test_teacher_slice_is_the_teacher_when_nothing_is_cut():
+    import torch
+
+    from elm.compare.slice import teacher_slice
+    from elm.data.collate import sample_batches
+    from elm.modeling import ElmModel
+    from elm.teacher import load_teacher
+
+    teacher = load_teacher()
+    like = ArchConfig(hidden_size=384, embedding_size=384, vocab_size=len(teacher.tokenizer), max_positions=512,
+                      layers=[LayerConfig("bert", 12, 32, 1536)] * 6).validate()  # fmt: skip
+    ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    rows = sample_batches(_rows(ids), 0, 1, 2)
+    model, _ = teacher_slice(teacher, like, rows, ElmModel)
+    mask = torch.ones_like(ids)
+    want = teacher(ids, mask).hidden_states[-1]
+    torch.testing.assert_close(model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state, want,
+                               atol=5e-5, rtol=1e-5)  # fmt: skip
+
+
+def _rows(ids):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+
+
 def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="retrain overrides"):
         compose_config("retrain", [], {"retrain": {"no_such_key": 1}})
@@ -176,6 +215,8 @@ def test_cli_compare_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "compare"
     proc = subprocess.run([sys.executable, "-m", "elm.compare", f"search_dir={search}", "seeds=[0,1]", "random.n=2",
+                           "models=[searched,scratch,uniform,random,teacher]", "+retrain.teacher_head.steps=3",
+                           "finetune.train.lr_sweep=[1e-3,3e-3]",
                            "retrain.data.max_docs=40", "retrain.data.seq_len=64", "retrain.retrain.epochs=1",
                            "retrain.retrain.steps_per_epoch=2", "retrain.retrain.batch_size=4",
                            "+retrain.retrain.eval_batches=1", "finetune.data.max_train=16", "finetune.data.max_eval=16",
@@ -191,9 +232,11 @@ def test_cli_compare_end_to_end(tmp_path):
         and summary["budget_source"] == "pareto.json:small"
     )
     rows = {r["model"]: r for r in summary["rows"]}
-    assert list(rows) == ["searched", "searched_scratch", "uniform", "random"]
+    assert list(rows) == ["searched", "scratch", "uniform", "random", "teacher"]
     searched = ArchConfig.from_json(search / "arch.json")
-    assert rows["searched"]["params"] == rows["searched_scratch"]["params"] == searched.num_parameters()
+    assert rows["searched"]["params"] == rows["scratch"]["params"] == searched.num_parameters()
+    teacher = rows.pop("teacher")  # fine-tuned as it is, timed beside the others
+    assert teacher["layer_params"] > 10 * rows["searched"]["layer_params"] and "val_loss" not in teacher
     assert abs(rows["uniform"]["params"] - searched.num_parameters()) <= 0.05 * searched.num_parameters()
     randoms = {n: a for n, a in summary["archs"].items() if n.startswith("random_")}
     assert len(randoms) == 2 and all(a["layer_params"] <= 40000 for a in randoms.values())
@@ -201,11 +244,17 @@ def test_cli_compare_end_to_end(tmp_path):
     assert (
         summary["random_best"] == best and rows["random"]["val_loss"] == randoms[best]["retrain"]["val_loss"]
     )
-    for row in rows.values():
+    for row in [*rows.values(), teacher]:
         assert set(row["latency_ms"]) == {"1", "4"} and all(v > 0 for v in row["latency_ms"].values())
         bbc = row["tasks"]["bbc"]
         assert [r["seed"] for r in bbc["per_seed"]] == [0, 1] and set(bbc["std"]) >= {"accuracy", "score"}
+        # the rate was picked on the dev split, and seed 0 is the sweep's run at that rate
+        assert set(bbc["lr_sweep"]) == {"0.001", "0.003"} and bbc["lr"] in (1e-3, 3e-3)
+        assert bbc["lr_sweep"][f"{bbc['lr']:g}"] == max(bbc["lr_sweep"].values()) == bbc["per_seed"][0]["score"]
+    for row in rows.values():
         assert row["val_loss"] > 0 and Path(row["model_dir"], "config.json").is_file()
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
-    assert len((out / "comparison.csv").read_text().splitlines()) == 5
+    table = (out / "comparison.md").read_text()
+    assert "speed-up b1" in table and "bbc of teacher" in table and "| teacher |" in table
+    assert len((out / "comparison.csv").read_text().splitlines()) == 6

@@ -46,7 +46,7 @@ def test_experiment_composes_into_a_valid_feasible_search(name: str) -> None:
     assert cfg.data.seq_len >= 8 and cfg.search.batch_size >= 1 and cfg.search.epochs >= 1
     # experiments pin absolute layer-parameter budgets (a fraction would depend on the teacher)
     assert all(v is None or v > 1 for v in cfg.search.budgets.values()), dict(cfg.search.budgets)
-    budgets = resolve_budgets(dict(cfg.search.budgets), teacher_layer_params=1)
+    budgets = resolve_budgets(dict(cfg.search.budgets), reference_params=1)
     check_budgets(space, budgets, cka.min_heads)  # inside the space's reachable range
     lo, hi = layer_param_range(space, cka.min_heads)
     assert all(lo <= b <= hi for b in budgets.values())
@@ -65,7 +65,7 @@ def test_paper_experiments_match_the_papers_sizes(name: str) -> None:
     # heads tile the widths: BERT heads x head_dim = hidden, MobileBERT heads x head_dim = bottleneck
     assert space.heads_of("bert") * space.head_dim_of("bert") == hidden
     assert space.heads_of("mobilebert") * space.head_dim_of("mobilebert") == space.bottleneck_size
-    budgets = resolve_budgets(dict(cfg.search.budgets), teacher_layer_params=1)
+    budgets = resolve_budgets(dict(cfg.search.budgets), reference_params=1)
     assert len(budgets) == 1  # the defaults' other budgets are switched off
     embed = ArchConfig(hidden_size=hidden, embedding_size=128, vocab_size=BERT_VOCAB,
                        max_positions=BERT_POSITIONS).embedding_parameters()  # fmt: skip
@@ -84,5 +84,15 @@ def test_smoke_experiment_is_the_e2e_tests_settings() -> None:
 
 def test_default_search_config_is_valid() -> None:
     cfg = compose_search()
-    space_of(cfg)
+    assert cfg.space.hidden_size is None  # the teacher's width
+    cfg.space.hidden_size = 384  # what run_search resolves it to under the default MiniLM
+    space = space_of(cfg)
     assert "experiment" not in cfg
+    # fractional budgets bind: they are fractions of the space's largest architecture, within reach
+    from elm.search.choose import budget_reference
+
+    ref = budget_reference(space, cfg.search.budget_reference, None, cfg.cka.min_heads)
+    budgets = resolve_budgets(dict(cfg.search.budgets), reference_params=ref)
+    check_budgets(space, budgets, cfg.cka.min_heads)
+    assert budgets["tiny"] < budgets["small"] < ref
+    assert budgets["small"] <= 10_650_000 / 4  # a quarter of the MiniLM teacher's layer parameters

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["data.max_docs=40", "data.seq_len=64", "logger=none", "progress=false"]
 TINY = ["retrain.epochs=2", "retrain.steps_per_epoch=3", "retrain.batch_size=4", "retrain.eval_batches=2",
-        "retrain.log_every=1", *DATA]  # fmt: skip
+        "retrain.log_every=1", "teacher_head.steps=3", *DATA]  # fmt: skip
 
 
 def env() -> dict[str, str]:
@@ -83,8 +83,13 @@ def test_init_from_search_copies_the_supernet_slices(search_dir, teacher, tmp_pa
         if layer.block == "mobilebert":
             assert torch.equal(dst.bottleneck_in.weight, raw[src + "bottleneck_in.weight"])
             assert torch.equal(dst.norm_out.bias, raw[src + "norm_out.bias"])
-    # the search never trains the student embeddings: the HF init replaces the supernet's N(0, 1)
-    assert model.elm.embeddings.word.weight.std() < 0.05 < raw["embeddings.word.weight"].std()
+    # the embeddings are the supernet's: inherited from the teacher and distilled by the search
+    assert info["embeddings"] == "supernet" and info["inherited_from_teacher"]
+    for name, value in model.elm.embeddings.state_dict().items():
+        assert torch.equal(value, raw[f"embeddings.{name}"]), name
+    # ... unless asked otherwise: the HF init (std 0.02) instead
+    fresh, info = init_from_search(search_dir, arch, teacher, ElmForMaskedLM, keep_embeddings=False)
+    assert info["embeddings"] == "fresh init" and fresh.elm.embeddings.word.weight.std() < 0.05
 
     # retrain() starts from exactly these layers (0 epochs = export the initialised model)
     result = retrain(compose_cfg("retrain.epochs=0"), arch, tmp_path, search_dir)
@@ -97,7 +102,7 @@ def test_init_from_search_copies_the_supernet_slices(search_dir, teacher, tmp_pa
 def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
     run = tmp_path / "run"
     proc = run_cli("elm.retrain", f"search_dir={search_dir}", *TINY, "retrain.steps_per_epoch=4", "retrain.lr=3e-3",
-                   "retrain.warmup_steps=1", "teacher_head.fit=true", "teacher_head.steps=3", f"hydra.run.dir={run}")  # fmt: skip
+                   "retrain.warmup_steps=1", f"hydra.run.dir={run}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     model_dir = run / "model"
     assert (
@@ -109,7 +114,7 @@ def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
     steps = [r for r in read_metrics(run) if "train" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     first, last = steps[0]["train"], steps[-1]["train"]
-    assert {"lm", "hidden", "kd", "total"} <= set(first)
+    assert {"lm", "hidden", "point", "kd", "total"} <= set(first)
     assert last["total"] < first["total"] and last["lm"] < first["lm"]
 
     # the export holds the final trained weights and loads through the Auto classes
@@ -141,7 +146,7 @@ def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
 
 def test_resume_continues_from_the_checkpoint(search_dir, tmp_path, monkeypatch):
     arch = ArchConfig.from_json(search_dir / "arch.json")
-    head = ["teacher_head.fit=true", "teacher_head.steps=2"]
+    head = ["teacher_head.fit=true"]
     full = retrain(compose_cfg(*head), arch, tmp_path / "full", search_dir)
 
     calls = {"n": 0}

@@ -66,8 +66,12 @@ def test_search_writes_a_valid_architecture_metrics_and_plots(rkd_run: Path) -> 
         assert set(r["pca"]) == set(r["ffn"]) == set(r["heads"]) == set(r["val_loss"]) == candidates
         assert len(r["diversity"]) == 2 and all(-1 <= d <= 1 for d in r["diversity"])
         assert all(0 < v <= 1 for v in r["pca"].values())
-    # top-2 growth after every epoch but the last
+    for r in epochs:  # paired intervals against each layer's best, and the untrained twins' levels
+        assert set(r["val_ci"]) == candidates and set(r["pca_untrained"]) == set(r["cka_untrained"]) == candidates
+        assert all(ci["low"] is None and ci["high"] is None for ci in r["val_ci"].values())  # 1 batch: no interval
+    # per-layer growth (one candidate of each layer) after every epoch but the last
     assert sum(len(r["growth"]) for r in epochs) == 4 and not epochs[-1]["growth"]
+    assert all(sorted(e["candidate"][:2] for e in r["growth"]) == ["L0", "L1"] for r in epochs[:-1])
     assert all(epochs[-1]["ffn"][e["candidate"]] >= e["to"] for r in epochs for e in r["growth"])
 
     pareto = json.loads((rkd_run / "pareto.json").read_text())
@@ -81,6 +85,12 @@ def test_search_writes_a_valid_architecture_metrics_and_plots(rkd_run: Path) -> 
         # the chosen blocks carry the widths and heads the search ended with
         for layer, key in zip(chosen.layers, point["candidates"]):
             assert (layer.ffn_dim, layer.num_heads) == (epochs[-1]["ffn"][key], epochs[-1]["heads"][key])
+        # the chosen blocks compose: chained from the student's own embeddings they stay closer to
+        # the teacher (relations at the last layer) than a random init of the same architecture
+        chained, random = point["chained"], point["chained_random_init"]
+        assert len(chained["rkd"]) == len(chained["nmse"]) == 3
+        assert chained["rkd"][-1] < random["rkd"][-1], (chained, random)
+    assert pareto["inherit"]["inherited"] and pareto["inherit"]["basis"] == "pca"  # 64 wide under 384
     assert ArchConfig.from_dict(pareto["chosen"]["small"]["arch"]) == arch
     assert pareto["pareto"] and pareto["embedding_params"] == arch.embedding_parameters()
 

@@ -48,7 +48,7 @@ def make_space(**kw) -> SpaceConfig:
     return SpaceConfig(**{**base, **kw})
 
 
-def make_supernet(seed: int = 0, teacher_hidden: int = 20, teacher_layers: int = 4, **kw) -> Supernet:
+def make_supernet(seed: int = 0, teacher_hidden: int = 32, teacher_layers: int = 4, **kw) -> Supernet:
     torch.manual_seed(seed)
     return Supernet(make_space(**kw), vocab_size=50, max_positions=16, teacher_hidden_size=teacher_hidden,
                     teacher_layers=teacher_layers)  # fmt: skip
@@ -325,16 +325,33 @@ def test_uniform_layer_map() -> None:
 
 
 def test_blockwise_shapes_and_layer_map_wiring() -> None:
-    net = make_supernet(num_layers=3, teacher_hidden=20, teacher_layers=6).eval()
+    net = make_supernet(num_layers=3, teacher_hidden=20 + HIDDEN, teacher_layers=6).eval()
     assert net.layer_map == [0, 2, 4, 6]
-    assert sorted(net.input_maps) == ["0", "2", "4"]  # one learned map per teacher state read
+    assert not net.identity_basis and not any(isinstance(m, torch.nn.Linear) and m.in_features == 20 + HIDDEN
+                                              for m in net.modules())  # one fixed basis, no learned map  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    hidden = [torch.randn(2, 5, 20, generator=g) for _ in range(7)]
+    from elm.supernet.basis import Basis
+
+    q, _ = torch.linalg.qr(torch.randn(20 + HIDDEN, HIDDEN, generator=g))
+    basis = Basis(torch.randn(20 + HIDDEN, generator=g), q)
+    net.set_basis(basis)
+    hidden = [torch.randn(2, 5, 20 + HIDDEN, generator=g) for _ in range(7)]
     mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
     outs = net.blockwise(hidden, mask)
     assert len(outs) == 3 and all(len(layer) == 6 for layer in outs)  # 2 blocks x 3 shares (default)
     assert all(o.shape == (2, 5, HIDDEN) for layer in outs for o in layer)
     assert net.block_targets(hidden, 1) is hidden[4]
+    # every layer reads the same basis: (h - mean) @ proj
+    x = (hidden[2] - basis.mean) @ basis.proj
+    torch.testing.assert_close(net.block_inputs(hidden, 1), x)
+    torch.testing.assert_close(outs[1][3], net.layers[1][3](x, attention_bias(mask, False, 5), False)[0])
+
+    # chained: layer 1 reads candidate 4 of layer 0 and layer 2 its candidate 0, not the teacher
+    chained = net.blockwise(hidden, mask, chain=[None, 4, 0])
+    torch.testing.assert_close(chained[0][4], outs[0][4])
+    bias = attention_bias(mask, False, 5)
+    torch.testing.assert_close(chained[1][2], net.layers[1][2](outs[0][4], bias, False)[0])
+    torch.testing.assert_close(chained[2][5], net.layers[2][5](chained[1][0], bias, False)[0])
 
     # layer 1 reads teacher state 2 and nothing else
     changed = list(hidden)
@@ -345,7 +362,11 @@ def test_blockwise_shapes_and_layer_map_wiring() -> None:
     assert (net.blockwise(changed, mask, layers=[1])[0][0] - outs[1][0]).abs().max() > 1e-3
 
     same = make_supernet(num_layers=2, teacher_hidden=HIDDEN, teacher_layers=6, layer_map=[0, 3, 5])
-    assert same.layer_map == [0, 3, 5] and len(same.input_maps) == 0  # equal widths: no map
+    assert same.layer_map == [0, 3, 5] and same.identity_basis  # equal widths: the identity
+    narrow = [h[..., :HIDDEN] for h in hidden]
+    assert same.block_inputs(narrow, 1) is narrow[3]  # the teacher's state itself
+    with pytest.raises(ArchError, match="wider than the teacher"):
+        make_supernet(teacher_hidden=HIDDEN - 1)
 
 
 @pytest.mark.parametrize(
@@ -404,7 +425,7 @@ def test_budget_range_matches_the_built_supernet_and_budgets_resolve() -> None:
     with pytest.raises(ValueError, match=f"y={hi + 1:,} .*above"):
         check_budgets(net.space, {"y": hi + 1}, min_heads=1)
 
-    assert resolve_budgets({"f": 0.25, "n": 1234, "off": None}, teacher_layer_params=1000) == {
+    assert resolve_budgets({"f": 0.25, "n": 1234, "off": None}, reference_params=1000) == {
         "f": 250,
         "n": 1234,
     }
@@ -419,10 +440,10 @@ def test_budget_range_matches_the_built_supernet_and_budgets_resolve() -> None:
 
 
 def analysed_supernet():
-    net = make_supernet(num_layers=2, teacher_hidden=20, teacher_layers=4)
+    net = make_supernet(num_layers=2, teacher_hidden=32, teacher_layers=4)
     perturb_(net, std=0.3)  # peaky attention: heads that are not trivially alike
     g = torch.Generator().manual_seed(3)
-    hidden = [torch.randn(6, 10, 20, generator=g) for _ in range(5)]
+    hidden = [torch.randn(6, 10, 32, generator=g) for _ in range(5)]
     mask = torch.ones(6, 10, dtype=torch.long)
     mask[0, 7:] = 0
     mask[3, 4:] = 0
@@ -436,6 +457,9 @@ def test_analyse_scores_matrices_and_diversity() -> None:
     assert net.training and not any(c.attention.capture or c.ffns[0].capture for *_, c in net.candidates())
     keys = [key for *_, key, _ in net.candidates()]
     assert sorted(result.pca) == sorted(result.cka) == sorted(result.importance) == sorted(keys)
+    assert sorted(result.pca_untrained) == sorted(result.cka_untrained) == sorted(keys)
+    for key in keys:  # the untrained twins' levels: a proper PCA score and a CKA in [0, 1]
+        assert 0 < result.pca_untrained[key] <= 1 and 0 <= result.cka_untrained[key] <= 1
     for *_, key, cand in net.candidates():
         assert math.isfinite(result.pca[key]) and 0 < result.pca[key] <= 1
         cka = torch.tensor(result.cka[key])
@@ -453,6 +477,8 @@ def test_analyse_scores_matrices_and_diversity() -> None:
 
 
 def test_grow_widths_grows_exactly_top_k_by_unit() -> None:
+    from elm.search.analysis import EpochAnalysis
+
     net, *_ = analysed_supernet()
     keys = [key for *_, key, _ in net.candidates()]
     cands = {key: c for *_, key, c in net.candidates()}
@@ -461,12 +487,28 @@ def test_grow_widths_grows_exactly_top_k_by_unit() -> None:
     cands[keys[1]].grow_ffn(FFN_MAX)
     scores[keys[4]] = 0.95
     widths = {key: c.ffn_dim for key, c in cands.items()}
-    events = grow_widths(net, scores, PCAConfig(top_k=2, unit=8))
+    analysis = EpochAnalysis(pca=scores)
+    events = grow_widths(net, analysis, PCAConfig(top_k=2, unit=8, scope="global", normalise=False))
     grown = [e["candidate"] for e in events]
     assert grown == [keys[4], keys[-1]]  # the two best that still have room, best first
     for key, cand in cands.items():
         assert cand.ffn_dim == widths[key] + (8 if key in grown else 0)
     assert all(e["to"] - e["from"] == 8 for e in events)
+
+    # per layer: each layer's best (normalised by its untrained twin) grows
+    untrained = {key: 0.5 if key == keys[7] else 1.0 for key in keys}
+    events = grow_widths(net, EpochAnalysis(pca=scores, pca_untrained=untrained), PCAConfig(unit=8))
+    assert [e["candidate"] for e in events] == [keys[4], keys[7]]  # L1: 0.17 / 0.5 beats 0.21 / 1
+    assert events[1]["pca_normalised"] == pytest.approx(scores[keys[7]] / 0.5)
+
+
+def test_grow_widths_breaks_ties_by_layer_and_index_not_by_name() -> None:
+    from elm.search.analysis import EpochAnalysis
+
+    net = make_supernet(num_layers=11, teacher_layers=11)
+    keys = [key for *_, key, _ in net.candidates()]  # "L10.*" sorts before "L2.*" by name
+    events = grow_widths(net, EpochAnalysis(pca={k: 0.5 for k in keys}), PCAConfig(top_k=3, unit=8, scope="global"))
+    assert [e["candidate"] for e in events] == keys[:3]  # L0's first three candidates
 
 
 def test_prune_heads_removes_one_of_two_identical_heads() -> None:
@@ -483,10 +525,13 @@ def test_prune_heads_removes_one_of_two_identical_heads() -> None:
     assert cka[0, 1] == pytest.approx(1.0, abs=1e-9)
     offdiag = cka[~torch.eye(4, dtype=torch.bool)]
     assert sorted(offdiag.tolist())[-3] < 0.99  # only the copied pair is alike
-    events = prune_heads(net, result, CKAConfig(threshold=0.99))
+    bias = attn.out.bias.detach().clone()
+    events = prune_heads(net, result, CKAConfig(threshold=0.99, calibrate=False))
     mine = [e for e in events if e["candidate"] == key]
     assert len(mine) == 1 and {mine[0]["head"], mine[0]["partner"]} == {0, 1}
     assert attn.active_heads == 3
+    # mean compensation: the dropped head's mean output moves into the output bias
+    torch.testing.assert_close(attn.out.bias, bias + torch.tensor(result.head_mean[key][mine[0]["head"]]))
     imp = result.importance[key]
     assert mine[0]["head"] == (0 if imp[0] < imp[1] else 1)  # the less important copy goes
 
@@ -516,7 +561,7 @@ def make_trainer(teacher, corpus, run_dir, **kw):
 
     torch.manual_seed(0)
     space = make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none", "qv"])
-    args = dict(loss="rkd", pca=PCAConfig(unit=8), cka=CKAConfig(threshold=0.8), epochs=3, steps_per_epoch=5,
+    args = dict(loss="rkd", pca=PCAConfig(unit=8), cka=CKAConfig(threshold=0.8, calibrate=False), epochs=3, steps_per_epoch=5,
                 batch_size=4, lr=3e-3, warmup_steps=1, eval_batches=1, analysis_batch_size=8, precision="fp32",
                 run_dir=run_dir, progress=False)  # fmt: skip
     return SearchTrainer(teacher, space, corpus["train"], corpus["validation"], **{**args, **kw})
@@ -526,15 +571,15 @@ def test_search_trainer_learns_and_state_round_trips(teacher, corpus, tmp_path) 
     from elm.search.trainer import STATE_FILE
 
     trainer = make_trainer(teacher, corpus, tmp_path)
-    start = trainer.validate()
+    start = trainer.validate()["loss"]
     history = trainer.fit()
     assert [r["epoch"] for r in history] == [1, 2, 3] and trainer.step == 15
-    end = trainer.validate()
+    end = trainer.validate()["loss"]
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     assert mean(end) < mean(start) - 0.02, (start, end)
     assert mean(history[-1]["train_loss"]) < mean(history[0]["train_loss"])
     grown = sum(len(r["growth"]) for r in history)
-    assert grown == 4 and not history[-1]["growth"]  # top-2 after each epoch but the last
+    assert grown == 4 and not history[-1]["growth"]  # one per layer after each epoch but the last
     assert any(r["pruning"] for r in history)  # threshold 0.8: some heads go, so the state has both kinds
 
     state = trainer.state_dict()
@@ -546,7 +591,7 @@ def test_search_trainer_learns_and_state_round_trips(teacher, corpus, tmp_path) 
     assert (fresh.epoch, fresh.step, fresh.history) == (trainer.epoch, trainer.step, trainer.history)
     for (name, p), q in zip(trainer.supernet.state_dict().items(), fresh.supernet.state_dict().values()):
         assert torch.equal(p, q), name
-    batch = next(trainer.val_batches(1, 4))
+    batch = next(trainer.val_batches())
     hidden = trainer.teacher_states(batch)
     trainer.supernet.eval(), fresh.supernet.eval()
     for x, y in zip(trainer.supernet.blockwise(hidden, batch["attention_mask"]),
@@ -566,15 +611,15 @@ def test_nan_loss_is_caught_named_and_the_last_good_checkpoint_kept(
     from elm.search.trainer import STATE_FILE
 
     trainer = make_trainer(teacher, corpus, tmp_path, checkpoint_every=1)
-    real, calls = search_trainer.block_loss, {"n": 0}
+    real, calls = search_trainer.rkd_loss, {"n": 0}
     poisoned = len(trainer.distiller.keys) * 3 + 1  # the second candidate of the 4th step
 
-    def block_loss(*args, **kwargs):
+    def rkd_loss(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == poisoned + 1 else loss
 
-    monkeypatch.setattr(search_trainer, "block_loss", block_loss)
+    monkeypatch.setattr(search_trainer, "rkd_loss", rkd_loss)
     with pytest.raises(FloatingPointError) as err:
         trainer.fit()
     message = str(err.value)

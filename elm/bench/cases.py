@@ -130,7 +130,7 @@ def inference_vs_hf(
 
 
 def default_supernet(device, space: SpaceConfig | None = None) -> Supernet:
-    space = space or SpaceConfig()
+    space = space or SpaceConfig().resolve(384)  # the default space under the MiniLM teacher
     return Supernet(space, vocab_size=30522, max_positions=512, teacher_hidden_size=384, teacher_layers=6).to(
         device
     )

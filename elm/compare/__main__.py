@@ -20,8 +20,8 @@ def main(cfg: DictConfig) -> None:
         for row in summary["rows"]:
             scores = ", ".join(f"{t}: {r['mean']['score'] * 100:.1f} ± {r['std']['score'] * 100:.1f}"
                                for t, r in row["tasks"].items())  # fmt: skip
-            print(f"[elm.compare] {row['model']:<16} {row['params'] / 1e6:6.2f}M params, "
-                  f"val loss {row['val_loss']:.3f}, {scores}")  # fmt: skip
+            val = f"val loss {row['val_loss']:.3f}, " if row.get("val_loss") is not None else ""
+            print(f"[elm.compare] {row['model']:<16} {row['params'] / 1e6:6.2f}M params, {val}{scores}")
         print(f"[elm.compare] table in {run_dir}/comparison.md ({summary['time_s']:.0f} s)")
 
 

@@ -7,7 +7,9 @@ A row is one model::
      "val_ppl": 66.7, "tasks": {"bbc": <elm.finetune results: "metrics", "mean", "std">}}
 
 Missing values print as ``-`` (markdown) / empty (CSV). Scores are shown x100 in markdown and the
-figure, as GLUE reports them; the CSV keeps raw values. Figures follow ``elm.search.plots``: a fresh
+figure, as GLUE reports them; the CSV keeps raw values. When a ``teacher`` row is present, every
+row also gets its task scores as a fraction of the teacher's and its latency as a speed-up over
+the teacher's (teacher ms / row ms). Figures follow ``elm.search.plots``: a fresh
 ``Figure`` per call, no pyplot.
 """
 
@@ -63,8 +65,28 @@ def _score(row: Mapping[str, Any], task: str, metric: str) -> tuple[float | None
     return _num((res.get("mean") or {}).get(metric)), _num((res.get("std") or {}).get(metric))
 
 
+def _teacher(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((row for row in rows if row.get("model") == "teacher"), None)
+
+
+def of_teacher(row: Mapping[str, Any], teacher: Mapping[str, Any] | None, task: str, metric: str) -> float | None:
+    """The row's mean score as a fraction of the teacher's (None without a teacher score)."""
+    if teacher is None:
+        return None
+    mine, theirs = _score(row, task, metric)[0], _score(teacher, task, metric)[0]
+    return mine / theirs if mine is not None and theirs else None
+
+
+def speedup(row: Mapping[str, Any], teacher: Mapping[str, Any] | None, batch: str) -> float | None:
+    """Teacher latency / row latency at ``batch`` (None without both)."""
+    if teacher is None:
+        return None
+    mine, theirs = _num((row.get("latency_ms") or {}).get(batch)), _num((teacher.get("latency_ms") or {}).get(batch))
+    return theirs / mine if mine and theirs is not None else None
+
+
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    tasks, lat = _tasks(rows), _latency_keys(rows)
+    tasks, lat, teacher = _tasks(rows), _latency_keys(rows), _teacher(rows)
     header = [
         "model",
         "arch",
@@ -75,6 +97,8 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
         "val_ppl",
     ]
     header += [f"{task_label(t)}_{m}_{s}" for t, ms in tasks.items() for m in ms for s in ("mean", "std")]
+    if teacher is not None:
+        header += [f"speedup_b{k}" for k in lat] + [f"{task_label(t)}_{ms[-1]}_of_teacher" for t, ms in tasks.items()]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -83,6 +107,9 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
         line += [_blank((row.get("latency_ms") or {}).get(k)) for k in lat]
         line += [_blank(row.get("val_loss")), _blank(row.get("val_ppl"))]
         line += [_blank(v) for t, ms in tasks.items() for m in ms for v in _score(row, t, m)]
+        if teacher is not None:
+            line += [_blank(speedup(row, teacher, k)) for k in lat]
+            line += [_blank(of_teacher(row, teacher, t, ms[-1])) for t, ms in tasks.items()]
         writer.writerow(line)
     return buf.getvalue()
 
@@ -98,18 +125,26 @@ def _fmt(x: Any, digits: int, scale: float = 1.0) -> str:
 
 
 def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
-    tasks, lat = _tasks(rows), _latency_keys(rows)
-    header = ["model", "arch", "params (M)", *(f"latency b{k} (ms)" for k in lat), "val MLM loss", "val ppl"]
+    tasks, lat, teacher = _tasks(rows), _latency_keys(rows), _teacher(rows)
+    header = ["model", "arch", "params (M)", "layer params (M)", *(f"latency b{k} (ms)" for k in lat)]
+    header += [f"speed-up b{k}" for k in lat] if teacher is not None else []
+    header += ["val MLM loss", "val ppl"]
     header += [f"{task_label(t)} {m} (x100)" for t, ms in tasks.items() for m in ms]
+    header += [f"{task_label(t)} of teacher" for t in tasks] if teacher is not None else []
     lines = [f"# {title}\n" if title else "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(row.get("model", "")), str(row.get("arch", "")), _fmt(_num(row.get("params")), 2, 1e-6)]
+        cells = [str(row.get("model", "")), str(row.get("arch", "")), _fmt(_num(row.get("params")), 2, 1e-6),
+                 _fmt(_num(row.get("layer_params")), 2, 1e-6)]  # fmt: skip
         cells += [_fmt((row.get("latency_ms") or {}).get(k), 1) for k in lat]
+        if teacher is not None:
+            cells += [_fmt(speedup(row, teacher, k), 2) + "x" for k in lat]
         cells += [_fmt(row.get("val_loss"), 3), _fmt(row.get("val_ppl"), 1)]
         for t, ms in tasks.items():
             for m in ms:
                 mean, std = _score(row, t, m)
                 cells.append("-" if mean is None else f"{mean * 100:.1f} ± {(std or 0.0) * 100:.1f}")
+        if teacher is not None:
+            cells += [_fmt(of_teacher(row, teacher, t, ms[-1]), 1, 100) + "%" for t, ms in tasks.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(line for line in lines if line) + "\n"
 

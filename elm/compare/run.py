@@ -5,14 +5,19 @@ Reads like the procedure:
 1. the searched arch (``search_dir/arch.json``), its layer budget (``pareto.json``) and the search
    space (``search_state.pt``'s ``"space"``);
 2. baselines under the same budget (:mod:`elm.compare.baselines`): a uniform BERT-tiny-shaped model
-   with the searched model's parameters (±5%), and ``random.n`` random archs of the space;
+   with the searched model's parameters (±5%), ``random.n`` random archs of the space, and the
+   ``teacher_slice`` (:mod:`elm.compare.slice`: the teacher's own most important heads and neurons
+   down to the searched model's layer parameters, no search);
 3. retrain every model with the SAME config (``elm.retrain.retrain``): the searched arch from the
-   supernet's weights (``searched``) and from scratch (``searched_scratch``, so the init effect is
-   visible), baselines from scratch; the best random arch is the one with the lowest validation
-   MLM loss;
-4. latency of every row, measured side by side (:mod:`elm.compare.latency`);
-5. fine-tune every row on every task with the same seeds (``elm.finetune.run_finetune``);
-6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`) and ``DONE``.
+   supernet's weights (``searched``) and from scratch (``scratch``: the init effect), the slice from
+   its teacher weights, the other baselines from scratch; the best random arch is the one with the
+   lowest validation MLM loss;
+4. latency of every row and of the teacher, measured side by side (:mod:`elm.compare.latency`);
+5. fine-tune every row, and the ``teacher`` itself, on every task with the same seeds and settings
+   (``elm.finetune.run_finetune``; with ``finetune.train.lr_sweep`` each model picks its learning
+   rate on the dev split first);
+6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`: accuracy as a fraction of the
+   teacher's, latency as a speed-up over it) and ``DONE``.
 
 Run dir layout: ``retrain/<model>/`` (checkpoint, export ``model/``), ``finetune/<model>/<task>/``
 (``results.json``). With ``resume=true`` finished sub-runs found there are reused.
@@ -40,9 +45,10 @@ from ..utils.runtime import resolve_device
 from .baselines import layer_params, random_arch, uniform_arch
 from .latency import measure_side_by_side
 from .report import task_label, write_comparison
+from .slice import slice_arch
 
 log = logging.getLogger("elm.compare")
-MODELS = ("searched", "searched_scratch", "uniform", "random")
+MODELS = ("searched", "scratch", "uniform", "random", "teacher_slice", "teacher")
 DONE_FILE = "DONE"
 
 
@@ -99,12 +105,12 @@ def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, st
 
 
 def candidate_archs(
-    cfg: DictConfig, arch: ArchConfig, space: SpaceConfig, budget: int
+    cfg: DictConfig, arch: ArchConfig, space: SpaceConfig, budget: int, teacher=None
 ) -> dict[str, ArchConfig]:
-    """Every arch to retrain: the searched one (twice), the uniform one, ``random_<i>``."""
+    """Every arch to retrain: the searched one (twice), the uniform one, ``random_<i>``, the slice."""
     models = list(cfg.models)
     archs: dict[str, ArchConfig] = {}
-    for name in ("searched", "searched_scratch"):
+    for name in ("searched", "scratch"):
         if name in models:
             archs[name] = arch
     if "uniform" in models:
@@ -119,11 +125,13 @@ def candidate_archs(
         for i in range(cfg.random.n):
             archs[f"random_{i}"] = random_arch(space, budget, rng, like=arch, min_params=floor,
                                                max_tries=cfg.random.max_tries)  # fmt: skip
+    if "teacher_slice" in models:
+        archs["teacher_slice"] = slice_arch(arch, layer_params(arch), teacher)
     return archs
 
 
 def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path, search_dir: Path | None,
-                 resume: bool) -> dict[str, Any]:  # fmt: skip
+                 resume: bool, init_from: Path | None = None) -> dict[str, Any]:  # fmt: skip
     from ..retrain import retrain
 
     done = out / DONE_FILE
@@ -132,10 +140,36 @@ def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path
         if Path(result.get("model_dir", "")).is_dir():
             log.info("%s: reusing the finished retrain in %s", name, out)
             return result
-    log.info("%s: retraining %s (%s)", name, describe(arch), "supernet init" if search_dir else "scratch")
+    start = "supernet init" if search_dir else f"init from {init_from}" if init_from else "scratch"
+    log.info("%s: retraining %s (%s)", name, describe(arch), start)
     cfg = retrain_cfg.copy()
     cfg.resume = resume  # a half-done retrain (its checkpoint) is continued, not refused
-    return retrain(cfg, arch, out, search_dir=search_dir)
+    return retrain(cfg, arch, out, search_dir=search_dir, init_from=init_from)
+
+
+def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
+    """The teacher slice's weights, saved once (``<out>/init``) for its retrain to start from."""
+    import torch
+
+    from ..data.collate import sample_batches
+    from ..data.corpus import load_corpus
+    from ..modeling import ElmForMaskedLM
+    from ..teacher import load_teacher
+    from .slice import teacher_slice
+
+    path = out / "init"
+    if (path / "config.json").is_file():
+        return path
+    teacher = load_teacher(retrain_cfg.teacher.name, causal=retrain_cfg.teacher.get("causal"))
+    d = retrain_cfg.data
+    data = load_corpus(d.source, teacher.tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction,
+                       seed=retrain_cfg.seed, max_docs=d.get("max_docs"))  # fmt: skip
+    batches = sample_batches(data["train"], retrain_cfg.seed, 4, 8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(retrain_cfg.seed)
+        model, _ = teacher_slice(teacher, arch, batches, ElmForMaskedLM, pad_token_id=teacher.tokenizer.pad_token_id or 0)
+    model.save_pretrained(str(path))
+    return path
 
 
 def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resume: bool) -> dict[str, Any]:
@@ -164,10 +198,21 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
     from ..teacher import load_tokenizer
 
     tokenizer = load_tokenizer(retrain_cfg.teacher.name)
+    if any(m in cfg.models for m in ("teacher", "teacher_slice")) and retrain_cfg.teacher.get("causal"):
+        raise ValueError("models teacher/teacher_slice compare against an encoder teacher; drop them for causal runs")
     for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
         ft = ft_cfg.copy()
         ft.task = str(task)
         prepare_task(ft, tokenizer)
+
+
+def teacher_facts(teacher) -> dict[str, Any]:
+    """Parameters of the teacher's backbone (embeddings + layers, no pooler) and of its layers."""
+    base = getattr(teacher.model, "base_model", teacher.model)
+    named = list(base.named_parameters())
+    layers = sum(p.numel() for n, p in named if not n.startswith(("embeddings.", "pooler.")))
+    embeddings = sum(p.numel() for n, p in named if n.startswith("embeddings."))
+    return {"params": layers + embeddings, "layer_params": layers}
 
 
 def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -175,10 +220,17 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     search_dir, arch, space, budget, budget_source = load_search(cfg)
     retrain_cfg = compose_config("retrain", list(cfg.retrain_overrides), cfg.get("retrain"))
+    if retrain_cfg.teacher_head.get("path") is None:  # one fitted teacher head for every row
+        retrain_cfg.teacher_head.path = str(run_dir / "teacher_mlm_head.pt")
     ft_cfg = compose_config("finetune", list(cfg.finetune_overrides), cfg.get("finetune"))
     ft_cfg.seeds = list(cfg.seeds)
     _check_inputs(cfg, retrain_cfg, ft_cfg)
-    archs = candidate_archs(cfg, arch, space, budget)
+    teacher = None
+    if any(m in cfg.models for m in ("teacher", "teacher_slice")):
+        from ..teacher import load_teacher
+
+        teacher = load_teacher(retrain_cfg.teacher.name, causal=retrain_cfg.teacher.get("causal"))
+    archs = candidate_archs(cfg, arch, space, budget, teacher)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "search_dir": str(search_dir), "budget": budget, "budget_source": budget_source,
@@ -192,13 +244,13 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # 3. the same retraining for every arch
     retrained = {}
     for name, a in archs.items():
-        init = search_dir if name == "searched" else None
-        retrained[name] = _retrain_one(
-            retrain_cfg, name, a, run_dir / "retrain" / name, init, bool(cfg.resume)
-        )
+        out = run_dir / "retrain" / name
+        init_from = _write_slice(retrain_cfg, a, out) if name == "teacher_slice" else None
+        search = search_dir if name == "searched" else None
+        retrained[name] = _retrain_one(retrain_cfg, name, a, out, search, bool(cfg.resume), init_from)
         summary["archs"][name]["retrain"] = retrained[name]
         atomic_write_json(run_dir / "comparison.json", summary)
-    rows_archs = {m: m for m in cfg.models if m != "random"}
+    rows_archs = {m: m for m in cfg.models if m not in ("random", "teacher")}
     note = {}
     if "random" in cfg.models:
         randoms = [n for n in archs if n.startswith("random_")]
@@ -206,24 +258,31 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         rows_archs["random"] = best
         note["random"] = f" [best of {len(randoms)}: {best}]"
         summary["random_best"] = best
-    rows_archs = {m: rows_archs[m] for m in cfg.models}
 
-    # 4. latency, side by side
-    latency = measure_rows({m: archs[a] for m, a in rows_archs.items()}, cfg.latency)
+    # 4. latency, side by side (the teacher too: every row's speed-up is over it)
+    extra = {"teacher": teacher_classifier(teacher)} if teacher is not None else {}
+    latency = measure_rows({m: archs[a] for m, a in rows_archs.items()}, cfg.latency, extra)
 
     # 5. the same fine-tuning for every row
     rows = []
-    for model, name in rows_archs.items():
-        a, r = archs[name], retrained[name]
-        row = {"model": model, "arch": describe(a) + note.get(model, ""), "params": r["params"],
-               "layer_params": layer_params(a), "latency_ms": {str(b): latency[b][model] for b in latency},
-               "val_loss": r["val_loss"], "val_ppl": r["val_ppl"], "retrain_time_s": r["train_time_s"],
-               "model_dir": r["model_dir"], "tasks": {}}  # fmt: skip
+    for model in cfg.models:
+        if model == "teacher":
+            facts = teacher_facts(teacher)
+            row = {"model": "teacher", "arch": f"{teacher.num_layers}L teacher ({teacher.name})", **facts,
+                   "model_dir": retrain_cfg.teacher.name}  # fmt: skip
+        else:
+            name = rows_archs[model]
+            a, r = archs[name], retrained[name]
+            row = {"model": model, "arch": describe(a) + note.get(model, ""), "params": r["params"],
+                   "layer_params": layer_params(a), "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
+                   "retrain_time_s": r["train_time_s"], "model_dir": r["model_dir"]}  # fmt: skip
+        row["latency_ms"] = {str(b): latency[b][model] for b in latency}
+        row["tasks"] = {}
         for task in cfg.tasks:
             out = run_dir / "finetune" / model / task_label(str(task))
-            res = _finetune_one(ft_cfg, r["model_dir"], str(task), out, bool(cfg.resume))
-            row["tasks"][str(task)] = {k: res[k] for k in ("metrics", "mean", "std", "per_seed", "train_size",
-                                                           "eval_size", "time_s", "params")}  # fmt: skip
+            res = _finetune_one(ft_cfg, str(row["model_dir"]), str(task), out, bool(cfg.resume))
+            row["tasks"][str(task)] = {k: res.get(k) for k in ("metrics", "mean", "std", "per_seed", "train_size",
+                                                               "eval_size", "time_s", "params", "lr", "lr_sweep")}  # fmt: skip
         rows.append(row)
         summary["rows"] = rows
         atomic_write_json(run_dir / "comparison.json", summary)
@@ -237,9 +296,21 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def measure_rows(archs: dict[str, ArchConfig], lat: DictConfig) -> dict[int, dict[str, float]]:
+def teacher_classifier(teacher):
+    """A sequence classifier of the teacher's shape, for latency (weights do not change the time)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = teacher.model.config.__class__.from_dict(teacher.model.config.to_dict())
+    config.num_labels = 2
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def measure_rows(archs: dict[str, ArchConfig], lat: DictConfig, extra: dict | None = None) -> dict[int, dict[str, float]]:
     """``{batch: {model: median ms}}``: sequence-classification models built from the archs (weights
-    do not change the time), all timed in the same interleaved rounds on ``latency.device``."""
+    do not change the time) and the ready models of ``extra``, all timed in the same interleaved
+    rounds on ``latency.device``."""
     import torch
 
     from ..modeling import ElmForSequenceClassification, config_from_arch
@@ -252,5 +323,6 @@ def measure_rows(archs: dict[str, ArchConfig], lat: DictConfig) -> dict[int, dic
             raise ValueError(f"latency.seq_len={seq_len} exceeds the model's {a.max_positions} positions")
         torch.manual_seed(0)
         models[name] = ElmForSequenceClassification(config_from_arch(a, num_labels=2)).to(device)
+    models.update({name: m.to(device) for name, m in (extra or {}).items()})
     return {int(b): measure_side_by_side(models, int(b), seq_len, int(lat.repeats), int(lat.warmup))
             for b in lat.batch_sizes}  # fmt: skip

@@ -167,3 +167,16 @@ def make_loader(
         generator=generator,
         num_workers=0,
     )
+
+
+def sample_batches(dataset: Any, seed: int, count: int, batch_size: int, device: Any = "cpu") -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``batch_size`` packed rows (``input_ids``, ``attention_mask``) drawn
+    without replacement in a ``seed``-ed order: the few batches statistics are taken on (teacher
+    importance, the shared basis), the same ones for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)[: max(1, count) * batch_size].tolist()
+    out = []
+    for i in range(0, len(order), batch_size):
+        rows = dataset[order[i : i + batch_size]]
+        out.append({k: torch.as_tensor(rows[k], device=device) for k in ("input_ids", "attention_mask")})
+    return out

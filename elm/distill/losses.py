@@ -77,9 +77,21 @@ def rkd_sequences(attention_mask: Tensor) -> Tensor:
     return (attention_mask != 0).sum(dim=-1) >= 3
 
 
+def rkd_target(teacher: Tensor, attention_mask: Tensor | None = None, eps: float = EPS) -> dict[str, Tensor]:
+    """The teacher's side of :func:`rkd_loss` (centred relations over valid pairs, their variance),
+    computed once and shared by every student compared with the same teacher state."""
+    mask = _token_mask(teacher, attention_mask)
+    rt = relation_matrix(teacher)
+    pairs = _pair_mask(mask).to(rt.dtype)
+    n = pairs.sum(dim=(1, 2)).clamp_min(1.0)  # [B]
+    dt = (rt - ((rt * pairs).sum(dim=(1, 2)) / n)[:, None, None]) * pairs
+    return {"dt": dt, "pairs": pairs, "n": n, "std": torch.sqrt(dt.square().sum(dim=(1, 2)) / n + eps),
+            "valid": rkd_sequences(mask).to(rt.dtype)}  # fmt: skip
+
+
 def rkd_loss(
     student: Tensor,
-    teacher: Tensor,
+    teacher: Tensor | dict[str, Tensor],
     attention_mask: Tensor | None = None,
     causal: bool = False,
     eps: float = EPS,
@@ -93,30 +105,24 @@ def rkd_loss(
     the same set of pairs as the bidirectional case, so both give the same value. ``Ds`` and
     ``Dt`` may differ (no projection needed). The loss is averaged over sequences that have at
     least 2 valid pairs; it is 0 if none has. ``eps`` guards the variances (constant relations
-    give correlation 0, not NaN).
+    give correlation 0, not NaN). ``teacher`` may be a precomputed :func:`rkd_target`.
     """
-    if student.shape[:2] != teacher.shape[:2]:
-        raise ValueError(
-            f"student and teacher must share [B, T], got {tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
-    mask = _token_mask(student, attention_mask)
-    rs = relation_matrix(student)
-    rt = relation_matrix(teacher).to(rs.dtype)
+    target = teacher if isinstance(teacher, dict) else None
+    shape = target["dt"].shape if target is not None else teacher.shape[:2]
+    if student.shape[:2] != tuple(shape[:2]):
+        raise ValueError(f"student and teacher must share [B, T], got {tuple(student.shape)} and {tuple(shape)}")
+    if target is None:
+        target = rkd_target(teacher, attention_mask, eps)
     # Cosine relations are symmetric: the pairs j < i list every unordered pair once, which is
     # also exactly the causal set (each token with the tokens before it), so `causal` changes
     # nothing here; it is kept so callers can pass their model's setting uniformly.
-    pairs = _pair_mask(mask).to(rs.dtype)
-    n = pairs.sum(dim=(1, 2))  # [B]
-    n_safe = n.clamp_min(1.0)
-    ms = (rs * pairs).sum(dim=(1, 2)) / n_safe
-    mt = (rt * pairs).sum(dim=(1, 2)) / n_safe
-    ds = (rs - ms[:, None, None]) * pairs
-    dt = (rt - mt[:, None, None]) * pairs
-    cov = (ds * dt).sum(dim=(1, 2)) / n_safe
-    var_s = ds.square().sum(dim=(1, 2)) / n_safe
-    var_t = dt.square().sum(dim=(1, 2)) / n_safe
-    corr = cov / (torch.sqrt(var_s + eps) * torch.sqrt(var_t + eps))
-    valid = rkd_sequences(mask).to(rs.dtype)  # n >= 2 pairs
+    rs = relation_matrix(student)
+    pairs, n = target["pairs"].to(rs.dtype), target["n"].to(rs.dtype)
+    ds = (rs - ((rs * pairs).sum(dim=(1, 2)) / n)[:, None, None]) * pairs
+    cov = (ds * target["dt"].to(rs.dtype)).sum(dim=(1, 2)) / n
+    var_s = ds.square().sum(dim=(1, 2)) / n
+    corr = cov / (torch.sqrt(var_s + eps) * target["std"].to(rs.dtype))
+    valid = target["valid"].to(rs.dtype)
     return ((1.0 - corr) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
@@ -137,6 +143,21 @@ def mse_loss(
         raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
     per_token = (s - t).square().mean(dim=-1)
     return _masked_token_mean(per_token, _token_mask(t, attention_mask))
+
+
+def normalised_mse(student: Tensor, target: Tensor, variance: Tensor | float, attention_mask: Tensor | None = None) -> Tensor:
+    """Point-wise distance in a shared basis: ``mean_tokens ||s - t||^2 / variance``.
+
+    [project decision] ``variance`` is the teacher state's total variance (trace of its covariance)
+    in the same coordinates, so the loss is the fraction of the teacher's variance the student
+    misses (0 = exact, 1 = as far as the teacher's mean); comparable across layers and widths, and
+    not dominated by a few large coordinates the way a raw MSE is. Mean over valid tokens.
+    """
+    s, t = _float(student), _float(target).to(_float(student).dtype)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and target {tuple(t.shape)} must share one basis")
+    per_token = (s - t).square().sum(dim=-1)
+    return _masked_token_mean(per_token, _token_mask(t, attention_mask)) / variance
 
 
 def kl_hidden_loss(

@@ -183,7 +183,7 @@ def save_steps(t: DictConfig) -> int:
     return steps
 
 
-def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
+def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str, lr: float | None = None):
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -201,7 +201,7 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device_eval,
         gradient_accumulation_steps=int(t.grad_accum),
-        learning_rate=float(t.lr),
+        learning_rate=float(t.lr if lr is None else lr),
         weight_decay=float(t.weight_decay),
         warmup_steps=float(t.warmup),
         lr_scheduler_type=str(t.scheduler),
@@ -227,7 +227,7 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str):
 
 def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: Any, seed: int, out_dir: Path,
                   *, resume_from: str | Path | None = None, preemption: Preemption | None = None,
-                  run_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                  run_dir: Path | None = None, lr: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Fine-tune once from ``model_path`` with ``seed``; validation metrics, losses and timings.
 
     ``resume_from``: a complete ``checkpoint-<step>`` folder of this seed to continue from.
@@ -256,7 +256,7 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
                                   train_time_s=float((marker or {}).get("train_time_s", 0.0)))  # fmt: skip
     trainer = Trainer(
         model=model,
-        args=_training_args(cfg, out_dir, seed, device.type),
+        args=_training_args(cfg, out_dir, seed, device.type, lr),
         data_collator=PadCollator(tokenizer),
         train_dataset=task.train,
         eval_dataset=task.validation,
@@ -348,6 +348,11 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tokenizer = finetune_tokenizer(model_path, cfg.get("tokenizer"))
     task = prepare_task(cfg, tokenizer)
     check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
+    lr, sweep, reused = float(cfg.train.lr), lr_sweep(cfg), None
+    if sweep:
+        lr, sweep, reused = select_lr(cfg, run_dir, sweep, seeds[0])
+        if not any(r["seed"] == seeds[0] for r in plan["done"]):  # the sweep's run at that rate is seed 0's run
+            plan["done"] = [reused, *plan["done"]]
 
     writer = rank == 0
     results: dict[str, Any] = {
@@ -360,6 +365,8 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "train_size": len(task.train),
         "eval_size": len(task.validation),
         "seeds": seeds,
+        "lr": lr,
+        "lr_sweep": sweep or None,
         "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "per_seed": list(plan["done"]),
@@ -388,7 +395,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             seed_dir = run_dir / f"seed{seed}"
             record = finetune_seed(cfg, model_path, task, tokenizer, seed, seed_dir,
                                    resume_from=plan["checkpoints"].get(seed), preemption=preemption,
-                                   run_dir=run_dir)  # fmt: skip
+                                   run_dir=run_dir, lr=lr)  # fmt: skip
             log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
             results["per_seed"] = [*results["per_seed"], record]
             results["per_seed"].sort(key=lambda r: seeds.index(r["seed"]))
@@ -405,6 +412,34 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     results["complete"] = True
     save()
     return results
+
+
+def lr_sweep(cfg: DictConfig) -> list[float]:
+    """``train.lr_sweep``: learning rates to try (empty/null = use ``train.lr``)."""
+    sweep = cfg.train.get("lr_sweep") or []
+    values = list(OmegaConf.to_container(sweep) if OmegaConf.is_config(sweep) else sweep)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in values):
+        raise ValueError(f"train.lr_sweep={values} must list positive learning rates (or be null)")
+    return [float(v) for v in values]
+
+
+def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int) -> tuple[float, dict[str, float]]:
+    """[project decision] The learning rate of this model on this task, chosen on the dev split: one
+    run per rate with the first seed (``<run dir>/lr_sweep/lr<rate>``, kept and reused: an interrupted
+    sweep continues), the rate with the best mean score wins (ties: the earlier one in the list).
+    Small students and their teacher want very different rates, and one rate for all rows lets a
+    collapsed run decide a comparison. Returns the rate, ``{rate: score}`` and the winning run's record
+    (the same run the full set of seeds would repeat for ``seed``: it is reused)."""
+    scores: dict[str, float] = {}
+    records: dict[float, dict[str, Any]] = {}
+    for rate in sweep:
+        sub = cfg.copy()
+        sub.train.lr, sub.train.lr_sweep, sub.seeds, sub.resume = rate, None, [seed], True
+        result = run_finetune(sub, run_dir / "lr_sweep" / f"lr{rate:g}")
+        scores[f"{rate:g}"], records[rate] = float(result["mean"]["score"]), result["per_seed"][0]
+        log.info("lr sweep: lr=%g scored %.4f", rate, scores[f"{rate:g}"])
+    best = max(sweep, key=lambda r: (scores[f"{r:g}"], -sweep.index(r)))
+    return best, scores, records[best]
 
 
 def count_parameters(model_path: str, num_labels: int) -> tuple[int, int]:

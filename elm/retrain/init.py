@@ -25,6 +25,7 @@ import torch
 from ..search.trainer import STATE_FILE as SEARCH_STATE_FILE
 from ..space import ArchConfig
 from ..supernet import SpaceConfig, Supernet, extract
+from ..supernet.basis import Basis
 
 DONE_FILE = "DONE"  # the marker every stage writes last (elm.search.run.DONE_FILE; not imported: plots)
 
@@ -51,7 +52,7 @@ def check_search_dir(search_dir: str | Path) -> Path:
 def load_search_state(search_dir: str | Path) -> dict[str, Any]:
     """The ``search_state.pt`` dict of a finished search (on CPU)."""
     path = check_search_dir(search_dir) / SEARCH_STATE_FILE
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     missing = {"supernet", "elastic", "space", "layer_map"} - set(state)
     if missing:
         raise InitError(f"{path} lacks {sorted(missing)}; it was not written by elm.search")
@@ -122,28 +123,47 @@ def match_choice(supernet: Supernet, arch: ArchConfig) -> list[int]:
     return choice
 
 
+def embeddings_learned(state: dict[str, Any]) -> bool:
+    """Whether the search's student embeddings are worth keeping: inherited from the teacher or
+    trained (searches before inheritance left them at PyTorch's untrained N(0, 1) init)."""
+    return bool(state.get("train_embeddings") or (state.get("inherit") or {}).get("inherited"))
+
+
+def basis_from_state(state: dict[str, Any]) -> tuple[Basis, torch.Tensor]:
+    """The search's shared teacher -> student basis and the variance of each mapped teacher state in
+    it (the point-wise loss of retraining continues in the coordinates the blocks were trained in)."""
+    net = state["supernet"]
+    if "basis_proj" not in net:
+        raise InitError("the search state has no shared basis (written by an elm before teacher inheritance); "
+                        "run the search again")  # fmt: skip
+    return Basis(net["basis_mean"].float().cpu(), net["basis_proj"].float().cpu()), net["target_variance"].float().cpu()
+
+
 def init_from_search(
     search_dir: str | Path,
     arch: ArchConfig,
     teacher,
     model_cls: type,
-    keep_embeddings: bool = False,
+    keep_embeddings: bool | None = None,
+    state: dict[str, Any] | None = None,
     **config_kwargs: Any,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A ``model_cls`` for ``arch`` holding the trained supernet's layers, and facts for the card.
+    """A ``model_cls`` for ``arch`` holding the trained supernet's layers and embeddings, and facts
+    for the card (``state``: the already loaded ``search_state.pt``, to read it once).
 
-    [project decision] The embeddings get the Hugging Face model's own init (normal, std
-    ``initializer_range``), not the supernet's: the block-wise search feeds every layer the
-    teacher's (mapped) hidden states and never trains the student embeddings, so the supernet
-    holds untrained PyTorch-default ``N(0, 1)`` embeddings whose tied LM head starts at an MLM
-    loss of ~24 instead of ~ln(vocab). ``keep_embeddings=True`` copies them anyway. The LM /
-    classifier heads keep their fresh init.
+    [project decision] The embeddings are the supernet's (inherited from the teacher and distilled
+    during the search) unless the search left them untrained (``embeddings_learned``); then, or with
+    ``keep_embeddings=False``, they get the Hugging Face model's own init (normal, std
+    ``initializer_range``): untrained PyTorch-default ``N(0, 1)`` embeddings would start the tied
+    LM head at an MLM loss of ~24 instead of ~ln(vocab). The LM / classifier heads keep their
+    fresh init.
     """
-    state = load_search_state(search_dir)
+    state = load_search_state(search_dir) if state is None else state
+    keep = embeddings_learned(state) if keep_embeddings is None else keep_embeddings
     supernet = supernet_from_state(state, teacher)
     choice = match_choice(supernet, arch)
     model = extract(supernet, model_cls, choice, **config_kwargs)
-    if not keep_embeddings:  # [project decision] see the docstring
+    if not keep:  # [project decision] see the docstring
         backbone = getattr(model, "elm", model)
         backbone.embeddings.apply(model._init_weights)
     info = {
@@ -153,6 +173,41 @@ def init_from_search(
         "layer_map": list(state["layer_map"]),
         "search_epochs": state.get("epoch"),
         "search_steps": state.get("step"),
-        "embeddings": "supernet" if keep_embeddings else "fresh init",
+        "inherited_from_teacher": bool((state.get("inherit") or {}).get("inherited")),
+        "embeddings": "supernet" if keep else "fresh init",
     }
     return model, info
+
+
+def init_from_model(path: str | Path, arch: ArchConfig, model_cls: type, **config_kwargs: Any):
+    """A ``model_cls`` for ``arch`` starting from a saved elm model (e.g. a teacher slice written by
+    ``elm.compare``); its architecture must be ``arch``. Heads it lacks keep their fresh init."""
+    import transformers
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise InitError(f"init_from={str(path)!r} is not a saved model dir (no config.json)")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a fresh LM head is expected
+    try:
+        model = model_cls.from_pretrained(str(path), **config_kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise InitError(f"init_from={str(path)!r} cannot be loaded as {model_cls.__name__}: {err}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    saved = ArchConfig.from_dict(model.config.arch_dict())
+    if saved.to_dict() != arch.to_dict():
+        raise InitError(f"init_from={str(path)!r} holds another architecture than the one to retrain")
+    return model, {"init_from": str(path.resolve()), "embeddings": "init_from"}
+
+
+def fit_point_target(teacher, train, layer_map: list[int], width: int, seed: int = 0, batches: int = 4,
+                     batch_size: int = 8) -> tuple[Basis, torch.Tensor]:  # fmt: skip
+    """The shared basis (identity at the teacher's width) and per-boundary variances for a student
+    that was not searched, from the teacher's states on ``batches`` seeded training batches."""
+    from ..data.collate import sample_batches
+    from ..supernet.inherit import fit_basis
+    from ..supernet.teacher_weights import hidden_moments
+
+    rows = sample_batches(train, seed, batches, batch_size, teacher.device)
+    return fit_basis(hidden_moments(teacher, rows), list(layer_map), width)

@@ -22,7 +22,15 @@ from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from .export import export_model, parameter_counts
-from .init import DONE_FILE, check_search_dir, init_from_search
+from .init import (
+    DONE_FILE,
+    basis_from_state,
+    check_search_dir,
+    fit_point_target,
+    init_from_model,
+    init_from_search,
+    load_search_state,
+)
 from .teacher_head import share_head, teacher_head
 from .trainer import STATE_FILE, RetrainTrainer
 
@@ -51,7 +59,7 @@ def resolve_inputs(cfg: DictConfig) -> tuple[ArchConfig, Path | None]:
 
 def run_retrain(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     arch, search_dir = resolve_inputs(cfg)
-    return retrain(cfg, arch, run_dir, search_dir)
+    return retrain(cfg, arch, run_dir, search_dir, init_from=cfg.get("init_from"))
 
 
 def teacher_label(teacher) -> str:
@@ -75,7 +83,8 @@ def check_inputs(cfg: DictConfig, arch: ArchConfig, teacher) -> None:
 
 
 def retrain(
-    cfg: DictConfig, arch: ArchConfig, run_dir: str | Path, search_dir: str | Path | None = None
+    cfg: DictConfig, arch: ArchConfig, run_dir: str | Path, search_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Distil ``teacher`` into ``arch``, export it to ``<run_dir>/<export.dir>`` and return the results.
 
@@ -85,6 +94,8 @@ def retrain(
         run_dir: where the checkpoint, metrics and export go; with ``cfg.resume`` a checkpoint there
             is continued.
         search_dir: a finished ``elm.search`` run dir to initialise from (None = random init).
+        init_from: a saved model dir (``save_pretrained`` of an elm model of this ``arch``, e.g. a
+            teacher slice) to start from instead; ignored when ``search_dir`` is given.
 
     Returns:
         ``{"model_dir", "val_loss", "val_ppl", "params", "train_time_s"}``: the export path,
@@ -101,6 +112,8 @@ def retrain(
     r = cfg.retrain
     arch = arch.validate()
     search_dir = check_search_dir(search_dir) if search_dir is not None else None
+    if search_dir is not None and init_from is not None:
+        raise ArchError("pass either search_dir= or init_from=, not both: both say where the weights start")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
@@ -118,15 +131,25 @@ def retrain(
     model_cls = ElmForCausalLM if arch.causal else ElmForMaskedLM
     config_kwargs = dict(hidden_dropout_prob=r.dropout, attention_probs_dropout_prob=r.dropout,
                          pad_token_id=teacher.tokenizer.pad_token_id or 0)  # fmt: skip
-    init = None
+    init, target = None, None
+    if search_dir is not None:
+        search_state = load_search_state(search_dir)
+        target = basis_from_state(search_state)  # the coordinates the searched blocks work in
     if search_dir is not None and state is None:
-        model, init = init_from_search(search_dir, arch, teacher, model_cls, **config_kwargs)
+        model, init = init_from_search(search_dir, arch, teacher, model_cls, state=search_state, **config_kwargs)
+    elif init_from is not None and state is None:
+        model, init = init_from_model(init_from, arch, model_cls, **config_kwargs)
     else:  # a resumed run gets its weights (and init facts) from the checkpoint
         model = model_cls(config_from_arch(arch, **config_kwargs))
         init = state["meta"].get("init") if state is not None else None
     model.to(device)
     layer_map = list(r.layer_map) if r.get("layer_map") else (
-        init["layer_map"] if init else uniform_layer_map(arch.num_layers, teacher.num_layers))  # fmt: skip
+        init["layer_map"] if init and init.get("layer_map") else uniform_layer_map(arch.num_layers, teacher.num_layers))  # fmt: skip
+    if target is not None and layer_map != list(search_state["layer_map"]) and float(cfg.distill.get("point", 0)) > 0:
+        raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {search_state['layer_map']}: the "
+                        f"point-wise term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
+    if target is None:  # no search: a basis fitted on the teacher's states (identity at the teacher's width)
+        target = fit_point_target(teacher, data["train"], layer_map, arch.hidden_size, seed=cfg.seed)
 
     logger = None  # rank 0 writes metrics.jsonl / wandb
     if rank == 0:
@@ -143,7 +166,8 @@ def retrain(
         d = cfg.distill
         trainer = RetrainTrainer(
             model, teacher, data["train"], data["validation"], layer_map=layer_map, teacher_head=head,
-            weights={"lm": d.lm, "hidden": d.hidden, "kd": d.kd}, temperature=d.temperature,
+            weights={"lm": d.lm, "hidden": d.hidden, "point": d.get("point", 0.0), "kd": d.kd},
+            point_target=target, temperature=d.temperature,
             epochs=r.epochs, steps_per_epoch=r.steps_per_epoch, batch_size=r.batch_size, lr=r.lr,
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, schedule=r.schedule,
             grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,

@@ -70,8 +70,9 @@ def _meta(teacher, train, steps: int, lr: float, batch_size: int, mlm_probabilit
 
 
 def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_probability: float, seed: int,
-             precision: str = "bf16", progress: bool = False) -> tuple[TeacherMLMHead, list[float]]:  # fmt: skip
-    """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen)."""
+             precision: str = "bf16", progress: bool = False, layer: int = -1) -> tuple[TeacherMLMHead, list[float]]:  # fmt: skip
+    """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen), reading
+    the teacher's hidden state ``layer`` (-1 = the last)."""
     embed = teacher.model.get_input_embeddings().weight
     head = new_head(teacher).to(teacher.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -87,7 +88,7 @@ def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_prob
         loader = make_loader(train, collator, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
         for batch in loader:
             with autocast(teacher.device, precision):
-                hidden = teacher(batch["input_ids"], batch["attention_mask"]).hidden_states[-1]
+                hidden = teacher(batch["input_ids"], batch["attention_mask"]).hidden_states[layer]
             labels = batch["labels"].to(hidden.device)
             selected = labels != -100
             logits = head(hidden[selected].float(), embed.float())
@@ -119,7 +120,7 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
     meta = _meta(teacher, train, steps, lr, batch_size, mlm_probability, seed)
     head = new_head(teacher)
     if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("meta") == meta:
             head.load_state_dict(saved["state"])
             log.info("teacher MLM head loaded from %s", cache)

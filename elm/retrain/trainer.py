@@ -5,13 +5,18 @@
             teacher(masked batch) -> hidden states (+ logits)                 (frozen)
             student(masked batch) -> hidden states, MLM/CLM loss, logits
             loss = w_lm * LM + w_hidden * mean_l RKD(student h_l, teacher h_m[l])
+                   + w_point * mean_l NMSE(student h_l, basis(teacher h_m[l]))
                    + w_kd * T^2 * KL(p_teacher || p_student)
             AdamW step, gradient clipping, LR schedule (transformers)
         validation LM loss / perplexity; checkpoint (atomic)
 
 [project decision] Hidden-state loss = relational KD (``elm.distill.losses.rkd_loss``), the
 loss the search used, on the output of every student layer l against the teacher's hidden
-state ``layer_map[l + 1]``; being relational it needs no projection between widths. Logit KD
+state ``layer_map[l + 1]``; being relational it needs no projection between widths. The
+point-wise term (``elm.distill.losses.normalised_mse``) compares the same states in the shared
+teacher -> student basis: the search's (so retraining continues in the coordinates the searched
+blocks were trained in), or one fitted on the teacher's states (the identity at the teacher's
+width). Logit KD
 is the forward KL at the masked positions (MLM) or at every real token (CLM), with Hinton's
 T^2 scaling. Both models see the same masked batch.
 
@@ -45,24 +50,15 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data.collate import CLMCollator, MLMCollator, make_loader
-from ..distill.losses import forward_kl, rkd_loss, rkd_sequences
+from ..distill.losses import forward_kl, normalised_mse, rkd_loss, rkd_sequences
 from ..utils.io import atomic_torch_save
+from ..utils.optim import configure_optimizer
 from ..utils.preempt import Preemption, step_checkpoint
 from ..utils.runtime import autocast, barrier, dist_info, gather_objects, reduce_sum
 
 STATE_FILE = "retrain_state.pt"
 SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
 VAL_MASK_SEED = 1_000_003  # fixed masks for validation: scores comparable across epochs and runs
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorms), as in nanoGPT/BERT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 class RetrainTrainer:
@@ -72,7 +68,9 @@ class RetrainTrainer:
         layer_map: ``num_layers + 1`` teacher hidden-state indices (``elm.supernet.uniform_layer_map``);
             student layer l is pulled towards teacher state ``layer_map[l + 1]``.
         teacher_head: a fitted MLM head for a head-less teacher (``teacher_head.py``) or None.
-        weights: ``{"lm": ..., "hidden": ..., "kd": ...}``; a 0 weight skips that term.
+        weights: ``{"lm": ..., "hidden": ..., "point": ..., "kd": ...}``; a 0 weight skips that term.
+        point_target: ``(Basis, variance)`` for the point-wise term (``elm.retrain.init``); needed
+            when ``weights["point"] > 0``.
         steps_per_epoch: None = one pass over the training split (full batches).
         batch_size: the global batch, split over ranks and ``grad_accum`` micro-steps.
         compile: run the forward pass through ``torch.compile`` (the model is compiled once; the
@@ -81,7 +79,7 @@ class RetrainTrainer:
     """
 
     def __init__(self, model, teacher, train, validation, *, layer_map: list[int], teacher_head=None,
-                 weights: dict[str, float] | None = None, temperature: float = 1.0, epochs: int = 2,
+                 weights: dict[str, float] | None = None, point_target=None, temperature: float = 1.0, epochs: int = 2,
                  steps_per_epoch: int | None = None, batch_size: int = 16, lr: float = 5e-4,
                  weight_decay: float = 0.01, warmup_steps: int = 30, schedule: str = "linear",
                  grad_clip: float = 1.0, eval_batches: int | None = 20, mlm_probability: float = 0.15,
@@ -106,7 +104,15 @@ class RetrainTrainer:
         self.model, self.teacher, self.teacher_head = model, teacher, teacher_head
         self.train_data, self.val_data = train, validation
         self.layer_map, self.temperature = list(layer_map), temperature
-        self.weights = {"lm": 1.0, "hidden": 1.0, "kd": 1.0, **(weights or {})}
+        self.weights = {"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0, **(weights or {})}
+        if self.weights["point"] > 0:
+            if point_target is None:
+                raise ValueError("distill.point > 0 needs a point_target (the shared basis and variances)")
+            basis, variance = point_target
+            if basis.proj.shape != (teacher.hidden_size, model.config.hidden_size):
+                raise ValueError(f"the point-wise basis maps {tuple(basis.proj.shape)}, the student needs "
+                                 f"{(teacher.hidden_size, model.config.hidden_size)}")  # fmt: skip
+            self.basis, self.variance = basis.to(torch.device(device)), variance.to(torch.device(device))
         self.causal = bool(model.config.causal)
         self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
         self.mlm_probability, self.seed, self.log_every = mlm_probability, seed, log_every
@@ -179,6 +185,7 @@ class RetrainTrainer:
         return {
             "lm": lm,
             "hidden": int(rkd_sequences(mask).sum()),
+            "point": int(mask.sum()),
             "kd": int(mask.sum()) if self.causal else lm,
         }
 
@@ -186,7 +193,8 @@ class RetrainTrainer:
     def term_names(self) -> list[str]:
         """The terms :meth:`losses` computes (besides ``total``)."""
         w = self.weights
-        return ["lm"] + ["hidden"] * (w["hidden"] > 0) + ["kd"] * (w["kd"] > 0 and self.has_logits)
+        return ["lm"] + ["hidden"] * (w["hidden"] > 0) + ["point"] * (w["point"] > 0) + \
+            ["kd"] * (w["kd"] > 0 and self.has_logits)  # fmt: skip
 
     def zero_loss(self) -> torch.Tensor:
         """0 that touches every parameter: on a micro-batch where a term has no unit (e.g. no masked
@@ -198,7 +206,7 @@ class RetrainTrainer:
         """The weighted terms of the retraining loss for one batch (``total`` included), each a
         mean over the batch's :meth:`units`."""
         w, mask = self.weights, batch["attention_mask"]
-        need_teacher = w["hidden"] > 0 or (w["kd"] > 0 and self.has_logits)
+        need_teacher = w["hidden"] > 0 or w["point"] > 0 or (w["kd"] > 0 and self.has_logits)
         with autocast(self.device, self.precision):
             out = self.forward_model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
                                      output_hidden_states=need_teacher)  # fmt: skip
@@ -212,6 +220,13 @@ class RetrainTrainer:
                 for li, m in enumerate(self.layer_map[1:])
             ]
             terms["hidden"] = torch.stack(per_layer).mean()
+        if w["point"] > 0:
+            per_layer = [
+                normalised_mse(out.hidden_states[li + 1].float(), self.basis.to_student(t.hidden_states[m].float()),
+                               self.variance[li + 1], mask)
+                for li, m in enumerate(self.layer_map[1:])
+            ]  # fmt: skip
+            terms["point"] = torch.stack(per_layer).mean()
         if w["kd"] > 0 and self.has_logits:
             terms["kd"] = self.temperature**2 * self.logit_kd(out.logits, t, batch)
         terms["total"] = sum(w[k] * v for k, v in terms.items())

@@ -5,12 +5,14 @@ score is a sum over layers; under a budget the best combination is a multiple-ch
 solved exactly by ``select.select_under_budget``. Costs are exact parameter counts of each
 candidate's active configuration (from the architecture description alone).
 
-Budgets: ``{name: value}``; a value <= 1 is a fraction of the *teacher's* non-embedding
-parameters, applied to the student's non-embedding (layer) parameters; a value > 1 is an
-absolute layer-parameter count. [project decision] The paper's sizes (Small/Tiny/Micro ~ 1/7,
-1/11, 1/22 of BERT-base) are whole-model ratios; with a 30k vocabulary the student's
-embeddings alone exceed those shares of a small teacher, so budgets apply to the layers and
-the embedding size is a separate, reported choice.
+Budgets: ``{name: value}``; a value <= 1 is a fraction of a reference number of layer
+(non-embedding) parameters, a value > 1 an absolute layer-parameter count. The reference
+(``search.budget_reference``) is ``space`` (default): the largest architecture of the search space,
+so every fraction below 1 binds and ``small`` and ``tiny`` differ; or ``teacher``: the teacher's
+layer parameters. [project decision] The paper's sizes (Small/Tiny/Micro ~ 1/7, 1/11, 1/22 of
+BERT-base) are whole-model ratios; with a 30k vocabulary the student's embeddings alone exceed
+those shares of a small teacher, so budgets apply to the layers and the embedding size is a
+separate, reported choice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from ..space import ArchConfig, LayerConfig
 from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_write_json
-from .select import pareto_front, select_under_budget
+from .select import evolutionary_select, pareto_front, select_under_budget
 
 
 def teacher_layer_parameters(teacher) -> int:
@@ -39,9 +41,12 @@ def cost_table(supernet: Supernet) -> list[list[int]]:
     return [[cand.num_parameters() for cand in layer] for layer in supernet.layers]
 
 
-def resolve_budgets(budgets: dict[str, float | None], teacher_layer_params: int) -> dict[str, int]:
-    """Budgets in layer parameters. ``null`` drops a budget (e.g. one inherited from the defaults
-    by an experiment config)."""
+BUDGET_REFERENCES = ("space", "teacher")
+
+
+def resolve_budgets(budgets: dict[str, float | None], reference_params: int) -> dict[str, int]:
+    """Budgets in layer parameters (fractions of ``reference_params``). ``null`` drops a budget (e.g.
+    one inherited from the defaults by an experiment config)."""
     out = {}
     for name, value in budgets.items():
         if value is None:
@@ -50,9 +55,9 @@ def resolve_budgets(budgets: dict[str, float | None], teacher_layer_params: int)
             raise ValueError(
                 f"search.budgets.{name}={value!r} must be a positive number (fraction <= 1 or count)"
             )
-        out[name] = int(value * teacher_layer_params) if value <= 1 else int(value)
+        out[name] = int(value * reference_params) if value <= 1 else int(value)
     if not out:
-        raise ValueError(f"search.budgets={dict(budgets)} names no budget; give one, e.g. small: 0.25")
+        raise ValueError(f"search.budgets={dict(budgets)} names no budget; give one, e.g. small: 0.45")
     return out
 
 
@@ -76,6 +81,13 @@ def layer_param_range(space: SpaceConfig, min_heads: int = 1) -> tuple[int, int]
     return lo, hi
 
 
+def budget_reference(space: SpaceConfig, reference: str, teacher, min_heads: int = 1) -> int:
+    """Layer parameters a fractional budget refers to (see the module doc)."""
+    if reference not in BUDGET_REFERENCES:
+        raise ValueError(f"search.budget_reference={reference!r} is unknown; valid: {', '.join(BUDGET_REFERENCES)}")
+    return layer_param_range(space, min_heads)[1] if reference == "space" else teacher_layer_parameters(teacher)
+
+
 def check_budgets(space: SpaceConfig | Supernet, budgets: dict[str, int], min_heads: int) -> None:
     """Fail before training when a budget is outside what the space can reach at all."""
     lo, hi = layer_param_range(space.space if isinstance(space, Supernet) else space, min_heads)
@@ -88,8 +100,18 @@ def check_budgets(space: SpaceConfig | Supernet, budgets: dict[str, int], min_he
                              f"of this space ({hi:,}); lower it or enlarge the space")  # fmt: skip
 
 
-def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]) -> dict[str, Any]:
-    """Exact DP choice per budget plus the whole Pareto front; returns a JSON-able summary."""
+STRATEGIES = ("dp", "evolutionary")
+
+
+def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int], strategy: str = "dp",
+           scorer=None, evolution: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Choice per budget plus the whole (block-wise) Pareto front; returns a JSON-able summary.
+
+    ``dp`` (default): the exact DP over the block-wise validation scores. ``evolutionary``: the
+    W-PCA-style search (:func:`select.evolutionary_select`) with the chained whole-model score of
+    ``scorer`` (:class:`elm.search.score.ChainScorer`) as fitness, settings from ``evolution``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"search.strategy={strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
     keys = [[key for li2, _, key, _ in supernet.candidates() if li2 == li] for li in range(len(supernet.layers))]
     table = [[scores[k] for k in row] for row in keys]
     costs = cost_table(supernet)
@@ -97,16 +119,40 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
     chosen, errors = {}, {}
     for name, budget in budgets.items():
         try:
-            choice, score, cost = select_under_budget(table, costs, budget)
+            if strategy == "dp":
+                choice, score, cost = select_under_budget(table, costs, budget)
+            else:
+                choice, score, _ = evolutionary_select(
+                    scorer.fitness, [len(row) for row in costs], budget,
+                    lambda ch: sum(costs[li][c] for li, c in enumerate(ch)), **(evolution or {}))  # fmt: skip
+                cost = sum(costs[li][c] for li, c in enumerate(choice))
         except ValueError as err:  # widths only grow: a budget feasible at the start may not be now
             errors[name] = str(err)
             continue
         arch = supernet.active_arch(choice)
-        chosen[name] = {"budget": budget, "choice": choice, "score": score, "layer_params": cost,
+        chosen[name] = {"budget": budget, "strategy": strategy, "choice": choice, "score": score, "layer_params": cost,
                         "params": arch.num_parameters(), "params_with_lm_head": arch.num_parameters("lm"),
                         "candidates": [keys[li][c] for li, c in enumerate(choice)], "arch": arch.to_dict()}  # fmt: skip
     front = [{"layer_params": c, "params": c + embed, "score": s, "choice": ch} for c, s, ch in pareto_front(table, costs)]
     return {"chosen": chosen, "infeasible": errors, "pareto": front, "embedding_params": embed}
+
+
+def chained_reports(summary: dict[str, Any], supernet: Supernet, scorer, seed: int = 0) -> None:
+    """Add to every chosen point its whole-model (chained) scores and those of a random init of the
+    same architecture (same batches), so ``pareto.json`` says whether the chosen blocks compose."""
+    import torch
+
+    from ..modeling import ElmModel, config_from_arch
+
+    for point in summary["chosen"].values():
+        arch = ArchConfig.from_dict(point["arch"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ElmModel(config_from_arch(arch, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                              pad_token_id=supernet.pad_token_id))  # fmt: skip
+        model.to(supernet.basis_proj.device)
+        point["chained"] = scorer.of_choice(point["choice"])
+        point["chained_random_init"] = scorer.of_model(model)
 
 
 def write_archs(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:

@@ -24,7 +24,17 @@ from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from . import plots
 from .analysis import CKAConfig, PCAConfig
-from .choose import check_budgets, choose, resolve_budgets, teacher_layer_parameters, write_archs
+from .choose import (
+    STRATEGIES,
+    budget_reference,
+    chained_reports,
+    check_budgets,
+    choose,
+    resolve_budgets,
+    teacher_layer_parameters,
+    write_archs,
+)
+from .score import ChainScorer
 from .trainer import STATE_FILE, SearchTrainer
 
 log = logging.getLogger("elm.search")
@@ -45,25 +55,37 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     rank, _ = dist_info()
     seed_everything(cfg.seed)
-    space = _dataclass(SpaceConfig, cfg.space, "space").validate()
+    space = _dataclass(SpaceConfig, cfg.space, "space")
     pca, cka = _dataclass(PCAConfig, cfg.pca, "pca"), _dataclass(CKAConfig, cfg.cka, "cka")
+    s = cfg.search
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"search.strategy={s.strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 
     teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
+    space.resolve(teacher.hidden_size).validate()
+    pca.validate(space), cka.validate(space)
     if cfg.data.seq_len > teacher.max_positions:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max positions ({teacher.max_positions})")
-    budgets = resolve_budgets(dict(cfg.search.budgets), teacher_layer_parameters(teacher))
+    reference = budget_reference(space, s.get("budget_reference", "space"), teacher, cka.min_heads)
+    budgets = resolve_budgets(dict(s.budgets), reference)
     check_budgets(space, budgets, cka.min_heads)  # before loading data or training anything
     data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    state_path = run_dir / STATE_FILE
+    resuming = bool(cfg.resume) and state_path.exists()
+    if not cfg.resume and state_path.exists():
+        raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
+                         "or choose another hydra.run.dir")  # fmt: skip
     logger = None
     if rank == 0:
         logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
                            config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
-    s = cfg.search
     trainer = SearchTrainer(
-        teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, pca=pca, cka=cka,
+        teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, point=cfg.distill.point,
+        chain_prob=s.chain_prob, train_embeddings=s.train_embeddings,
+        inherit=cfg.inherit.enabled and not resuming, inherit_batches=cfg.inherit.batches, pca=pca, cka=cka,
         epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size,
         grad_accum=s.get("grad_accum", 1), lr=s.lr,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
@@ -71,29 +93,40 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
         checkpoint_every=s.get("checkpoint_every"),
     )  # fmt: skip
-    state_path = run_dir / STATE_FILE
-    if cfg.resume and state_path.exists():
+    if resuming:
         trainer.load_state_dict(load_state(state_path, device))
         log.info("resumed from %s at step %d (epoch %d)", state_path, trainer.step, trainer.epoch + 1)
         if logger is not None:  # the metrics of finished epochs, exactly once
             logger.rewrite(trainer.history)
-    elif cfg.resume:
-        log.info("resume=true but %s does not exist yet: starting a new search", state_path)
-    elif state_path.exists():
-        raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
-                         "or choose another hydra.run.dir")  # fmt: skip
+    else:
+        if cfg.resume:
+            log.info("resume=true but %s does not exist yet: starting a new search", state_path)
+        log.info("supernet initialised: %s", trainer.inherit_report)
     history = trainer.fit()
 
-    scores = trainer.validate() if not history else history[-1]["val_loss"]
-    summary = choose(trainer.supernet, scores, budgets)
+    scores = history[-1]["val_loss"] if history else trainer.validate()["loss"]
+    batches = [(b["input_ids"], b["attention_mask"], trainer.teacher_states(b)) for b in trainer.val_batches()]
+    scorer = ChainScorer(trainer.supernet, batches, point=cfg.distill.point)
+    summary = choose(trainer.supernet, scores, budgets, s.strategy, scorer,
+                     dict(s.get("evolution") or {}, seed=cfg.seed))  # fmt: skip
+    chained_reports(summary, trainer.supernet, scorer, seed=cfg.seed)
     summary["search_time_s"] = time.perf_counter() - t_start
     summary["teacher"] = {"name": teacher.name, "layer_params": teacher_layer_parameters(teacher)}
+    summary["budget_reference"] = {"kind": s.get("budget_reference", "space"), "layer_params": reference}
+    summary["inherit"] = trainer.inherit_report
+    for name, point in summary["chosen"].items():
+        chained, rand = point["chained"], point["chained_random_init"]
+        log.info("%s: %s layer params (budget %s); chained last-layer RKD %.3f (random init %.3f), NMSE %.3f (%.3f)",
+                 name, f"{point['layer_params']:,}", f"{point['budget']:,}", chained["rkd"][-1], rand["rkd"][-1],
+                 chained["nmse"][-1], rand["nmse"][-1])  # fmt: skip
     if rank == 0:
         write_archs(run_dir, summary)
         if cfg.plots.enabled:
             write_plots(run_dir, trainer, summary, list(cfg.plots.compare_with), cfg.plots.get("cka_layer"))
         if logger is not None:
-            logger.log({"final": {name: {"params": p["params"], "score": p["score"]} for name, p in summary["chosen"].items()}})
+            logger.log({"final": {name: {"params": p["params"], "score": p["score"], "chained_rkd": p["chained"]["rkd"][-1],
+                                         "random_init_rkd": p["chained_random_init"]["rkd"][-1]}
+                                  for name, p in summary["chosen"].items()}})  # fmt: skip
             logger.finish()
     if not summary["chosen"]:
         raise ValueError("no budget is feasible after the search: " + "; ".join(summary["infeasible"].values())

@@ -1,11 +1,13 @@
 """The ELM search, read top to bottom like the paper's procedure.
 
+    inherit every candidate and the embeddings from the teacher, in one shared basis  [project decision]
     for epoch in 1..E:
-        train every candidate block side by side (block-wise distillation from the teacher)
+        train every candidate block side by side (block-wise distillation from the teacher;
+            with probability chain_prob a layer reads a previous-layer candidate instead)
         if not the last epoch:
-            PCA scores on a held-out batch -> grow the top-k FFNs by one unit      [paper]
+            PCA scores on a held-out batch -> grow the best FFNs by one unit       [paper]
             CKA between heads              -> prune redundant heads             [project decision]
-        log losses, PCA scores, widths, heads, CKA summaries, diversity
+        log losses (with paired intervals), PCA scores, widths, heads, CKA levels, diversity
     score every candidate on validation batches -> exact budgeted choice (DP)   [project decision]
 
 The math lives in ``pca.py``, ``cka.py``, ``select.py`` and ``elm.distill.losses``; this file only
@@ -15,6 +17,7 @@ orders the steps, keeps the state resumable and writes the run's outputs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -25,39 +28,74 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distill.losses import block_loss
+from ..data.collate import sample_batches
+from ..distill.losses import kl_hidden_loss, normalised_mse, rkd_loss, rkd_target
 from ..supernet import SpaceConfig, Supernet
+from ..supernet.inherit import inherit_supernet
+from ..supernet.teacher_weights import InheritError
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
+from ..utils.optim import configure_optimizer
 from ..utils.preempt import Preemption, step_checkpoint
 from ..utils.runtime import autocast, broadcast_object, dist_info, reduce_mean
-from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, prune_heads
+from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level, prune_heads
+from .score import paired_intervals
 
 STATE_FILE = "search_state.pt"
 LOSSES = ("rkd", "mse", "kl")
+EMBEDDINGS = "embeddings"  # the loss entry of the (shared) student embeddings
+log = logging.getLogger("elm.search")
 
 
 class BlockwiseDistiller(nn.Module):
-    """Supernet + (for mse/kl) projections; ``forward`` returns every candidate's block loss as one
-    vector, so the whole search step is a single module that ``DistributedDataParallel`` wraps.
+    """The supernet and its block losses: ``forward`` returns every candidate's loss (and the
+    embeddings' last, when they train) as one vector, so the whole search step is a single module
+    that ``DistributedDataParallel`` wraps.
+
+    Block loss [project decision]: the relational term (``rkd``, against the teacher's state in its
+    own coordinates) plus ``point`` x the normalised MSE against the same state in the shared basis
+    (``elm.distill.losses.normalised_mse``): relations alone are blind to rotation and scale, and
+    the point-wise term is what makes the chosen blocks chain. ``point=0`` is the RKD-only ablation
+    (the paper's Fig. 3b); ``mse`` is the point-wise term alone; ``kl`` a feature-softmax KL in the
+    basis (+ ``point``).
 
     Every parameter exists at its maximum size from the start (elastic growth only changes
     slices), so DDP's buckets and the optimiser never meet a new parameter; inactive slices
-    simply receive zero gradients. The student embeddings are frozen here (unused block-wise).
+    simply receive zero gradients.
     """
 
-    def __init__(self, supernet: Supernet, projections: nn.ModuleDict, loss: str) -> None:
+    def __init__(self, supernet: Supernet, loss: str, point: float, train_embeddings: bool) -> None:
         super().__init__()
-        self.supernet, self.projections, self.loss = supernet, projections, loss
-        self.keys = [key for *_, key, _ in supernet.candidates()]
+        self.supernet, self.loss, self.point, self.train_embeddings = supernet, loss, point, train_embeddings
+        self.keys = [key for *_, key, _ in supernet.candidates()] + [EMBEDDINGS] * train_embeddings
 
-    def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-        outputs = self.supernet.blockwise(hidden, mask)
+    def targets(self, hidden, boundary: int, mask: torch.Tensor) -> dict[str, Any]:
+        """What a state at layer boundary ``boundary`` (0 = embeddings) is compared with, computed once
+        per boundary and shared by the boundary's candidates."""
+        net = self.supernet
+        target = hidden[net.layer_map[boundary]]
+        out = {"basis": net.to_student(target), "variance": net.target_variance[boundary]}
+        if self.loss == "rkd":
+            out["rkd"] = rkd_target(target, mask)
+        return out
+
+    def block_loss(self, out: torch.Tensor, target: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """Loss of a student state against :meth:`targets`."""
+        nmse = normalised_mse(out, target["basis"], target["variance"], mask)
+        if self.loss == "mse":
+            return nmse
+        main = rkd_loss(out, target["rkd"]) if self.loss == "rkd" else kl_hidden_loss(out, target["basis"], attention_mask=mask)
+        return main + self.point * nmse if self.point else main
+
+    def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, input_ids=None, chain=None) -> torch.Tensor:
+        outputs = self.supernet.blockwise(hidden, mask, chain=chain)
         losses = []
-        for (li, _, key, _), out in zip(self.supernet.candidates(), (o for outs in outputs for o in outs)):
-            proj = self.projections[key.replace(".", "_")] if self.loss != "rkd" else None
-            target = self.supernet.block_targets(hidden, li)
-            losses.append(block_loss(self.loss, out.float(), target, mask, proj=proj, causal=self.supernet.space.causal))
+        for li, outs in enumerate(outputs):
+            target = self.targets(hidden, li + 1, mask)
+            losses += [self.block_loss(out.float(), target, mask) for out in outs]
+        if self.train_embeddings:
+            emb = self.supernet.embeddings(input_ids).float()
+            losses.append(self.block_loss(emb, self.targets(hidden, 0, mask), mask))
         return torch.stack(losses)
 
 
@@ -66,29 +104,42 @@ class SearchTrainer:
 
     Args:
         teacher: an ``elm.teacher.Teacher`` (frozen).
-        space: the supernet's search space.
+        space: the supernet's search space (``hidden_size`` resolved).
         train, validation: datasets of packed ``input_ids`` / ``attention_mask`` rows.
-        loss: ``rkd`` (default, relational) | ``mse`` | ``kl`` (point-wise, with a learned
-            projection per candidate to the teacher's width; for ablations).
+        loss: ``rkd`` (default, relational) | ``mse`` | ``kl``; ``point`` weighs the point-wise term
+            in the shared basis (see :class:`BlockwiseDistiller`).
+        chain_prob: per step and layer > 0, the probability that the layer reads a (random)
+            candidate of the previous layer instead of the teacher's state (chained training).
+        train_embeddings: distil the student embeddings too (towards the teacher's first state).
+        inherit: start candidates and embeddings from the teacher (``elm.supernet.inherit``);
+            ``inherit_batches`` corpus batches of ``batch_size`` feed its statistics. False (and
+            resumed runs) only install the shared basis.
+        eval_batches: validation batches scoring the candidates (the analysis batch is disjoint).
     """
 
-    def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd",
-                 pca: PCAConfig | None = None, cka: CKAConfig | None = None, epochs: int = 6,
-                 steps_per_epoch: int | None = None, batch_size: int = 16, grad_accum: int = 1, lr: float = 5e-4,
-                 weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
-                 eval_batches: int = 2, analysis_batch_size: int = 16, seed: int = 0,
+    def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd", point: float = 1.0,
+                 chain_prob: float = 0.0, train_embeddings: bool = True, inherit: bool = True,
+                 inherit_batches: int = 4, pca: PCAConfig | None = None, cka: CKAConfig | None = None,
+                 epochs: int = 6, steps_per_epoch: int | None = None, batch_size: int = 16, grad_accum: int = 1,
+                 lr: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
+                 eval_batches: int = 8, analysis_batch_size: int = 16, seed: int = 0,
                  device: torch.device | str = "cpu", precision: str = "bf16",
                  run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True,
                  checkpoint_every: int | None = None) -> None:  # fmt: skip
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
+        if isinstance(point, bool) or not isinstance(point, int | float) or point < 0:
+            raise ValueError(f"distill.point={point!r} must be a number >= 0")
+        if isinstance(chain_prob, bool) or not isinstance(chain_prob, int | float) or not 0 <= chain_prob <= 1:
+            raise ValueError(f"search.chain_prob={chain_prob!r} must be a probability in [0, 1]")
         if space.causal != teacher.causal:
             raise ValueError(
                 f"space.causal={space.causal} but teacher {teacher.name!r} is "
                 f"{'causal' if teacher.causal else 'bidirectional'}; set space.causal={teacher.causal}"
             )
-        self.teacher, self.loss, self.seed = teacher, loss, seed
-        self.pca, self.cka = pca or PCAConfig(), cka or CKAConfig()
+        self.teacher, self.loss, self.point, self.seed, self.chain_prob = teacher, loss, float(point), seed, chain_prob
+        self.pca = (pca or PCAConfig()).validate(space)
+        self.cka = (cka or CKAConfig()).validate(space)
         self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
         self.device, self.precision = torch.device(device), precision
         self.train_data, self.val_data = train, validation
@@ -102,6 +153,11 @@ class SearchTrainer:
         if full < 1:
             raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
         self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
+        if eval_batches < 1 or eval_batches * batch_size + analysis_batch_size > len(validation):
+            raise ValueError(f"search.eval_batches={eval_batches} x search.batch_size={batch_size} plus "
+                             f"search.analysis_batch_size={analysis_batch_size} disjoint validation sequences "
+                             f"need {eval_batches * batch_size + analysis_batch_size}, the split has {len(validation)}; "
+                             f"lower them or raise data.val_fraction")  # fmt: skip
         self.eval_batches, self.analysis_batch_size = eval_batches, analysis_batch_size
         self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
 
@@ -110,23 +166,17 @@ class SearchTrainer:
             teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,
             type_vocab_size=0 if space.causal else 2, pad_token_id=teacher.tokenizer.pad_token_id or 0,
         ).to(self.device)  # fmt: skip
-        # point-wise ablations compare in the teacher's space through a learned projection
-        self.projections = nn.ModuleDict(
-            {key.replace(".", "_"): nn.Linear(space.hidden_size, teacher.hidden_size)
-             for *_, key, _ in self.supernet.candidates()} if loss != "rkd" else {}
-        ).to(self.device)  # fmt: skip
-        # the student embeddings are not used block-wise: they wait for extraction and retraining
-        self.supernet.embeddings.requires_grad_(False)
-        self.distiller = BlockwiseDistiller(self.supernet, self.projections, loss)
+        self.inherit_report = self.initialise(inherit, inherit_batches)
+        self.supernet.embeddings.requires_grad_(train_embeddings)
+        self.distiller = BlockwiseDistiller(self.supernet, loss, self.point, train_embeddings)
         self.ddp: nn.Module = self.distiller
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.distiller, device_ids=ids)
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        self.trained_parameters = params  # clipped together (the projections of mse/kl included)
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.trained_parameters = [p for p in self.distiller.parameters() if p.requires_grad]
+        self.optimizer = configure_optimizer(self.distiller, lr, weight_decay)
         total = self.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
@@ -136,6 +186,19 @@ class SearchTrainer:
         # mid-epoch checkpoints: every ``checkpoint_every`` steps and on SIGTERM (preemption)
         self.checkpoint_every, self.preemption = checkpoint_every, Preemption()
         self.epoch_sums: torch.Tensor | None = None  # this epoch's summed losses so far
+
+    def initialise(self, inherit: bool, batches: int) -> dict[str, Any]:
+        """Inherit from the teacher (or only fit the shared basis) on ``batches`` seeded training batches.
+
+        A teacher whose weights cannot be inherited (not a BERT-family encoder) falls back to the
+        random init with one log line; the basis is still fitted."""
+        rows = sample_batches(self.train_data, self.seed, batches, self.batch_size, self.device)
+        if inherit:
+            try:
+                return {"inherited": True, **inherit_supernet(self.supernet, self.teacher, rows)}
+            except InheritError as err:
+                log.warning("%s; the supernet starts from random init", err)
+        return {"inherited": False, **inherit_supernet(self.supernet, self.teacher, rows, weights=False)}
 
     # ---- data ------------------------------------------------------------------------------
     def _rows(self, data, index) -> dict[str, torch.Tensor]:
@@ -155,11 +218,24 @@ class SearchTrainer:
                 for start in [base + (micro * self.world + self.rank) * self.micro_batch]
             ]
 
-    def val_batches(self, count: int, batch_size: int):
-        n = len(self.val_data)
-        for i in range(count):
-            idx = [(i * batch_size + j) % n for j in range(batch_size)]
-            yield self._rows(self.val_data, idx)
+    def val_batches(self):
+        """The validation batches that score candidates: the first ``eval_batches x batch_size``
+        sequences (the analysis batch is the last ``analysis_batch_size``: disjoint)."""
+        for i in range(self.eval_batches):
+            yield self._rows(self.val_data, list(range(i * self.batch_size, (i + 1) * self.batch_size)))
+
+    def chain_plan(self, step: int) -> list[int | None] | None:
+        """Which previous-layer candidate each layer reads at ``step`` (None = the teacher's state);
+        seeded by (seed, step), so every rank and a resumed run draw the same plan."""
+        if not self.chain_prob:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        plan: list[int | None] = [None]
+        for li in range(1, len(self.supernet.layers)):
+            read = float(torch.rand((), generator=g)) < self.chain_prob
+            pick = int(torch.randint(len(self.supernet.layers[li - 1]), (), generator=g))
+            plan.append(pick if read else None)
+        return plan
 
     # ---- losses ----------------------------------------------------------------------------
     def teacher_states(self, batch):
@@ -167,11 +243,11 @@ class SearchTrainer:
             hidden = self.teacher(batch["input_ids"], batch["attention_mask"]).hidden_states
         return tuple(h.float() for h in hidden)
 
-    def candidate_losses(self, batch, module: nn.Module | None = None) -> torch.Tensor:
+    def candidate_losses(self, batch, module: nn.Module | None = None, chain=None) -> torch.Tensor:
         """Block loss of every candidate (order of ``self.distiller.keys``) on one batch."""
         hidden = self.teacher_states(batch)
         with autocast(self.device, self.precision):
-            return (module or self.distiller)(hidden, batch["attention_mask"])
+            return (module or self.distiller)(hidden, batch["attention_mask"], batch["input_ids"], chain)
 
     # ---- one epoch -------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -185,10 +261,11 @@ class SearchTrainer:
         for micro_batches in bar:
             self.optimizer.zero_grad(set_to_none=True)
             step_losses = torch.zeros(len(keys), device=self.device)
+            chain = self.chain_plan(self.step)
             for i, batch in enumerate(micro_batches):
                 sync = i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
                 with contextlib.nullcontext() if sync or self.ddp is self.distiller else self.ddp.no_sync():
-                    losses = self.candidate_losses(batch, self.ddp)
+                    losses = self.candidate_losses(batch, self.ddp, chain)
                     if not torch.isfinite(losses).all():
                         bad = [k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)]
                         raise FloatingPointError(
@@ -217,15 +294,28 @@ class SearchTrainer:
                         writer=self.rank == 0, stop=bool(broadcast_object(self.preemption.requested)))
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Per-candidate validation distillation loss: the score the architecture choice minimises."""
+    def validate_batches(self) -> torch.Tensor:
+        """``[eval_batches, keys]``: every candidate's block loss (teacher inputs) per validation batch."""
         self.supernet.eval()
-        total = sum(self.candidate_losses(b) for b in self.val_batches(self.eval_batches, self.batch_size))
+        rows = torch.stack([self.candidate_losses(b) for b in self.val_batches()])
         self.supernet.train()
-        return dict(zip(self.distiller.keys, (total / self.eval_batches).tolist()))
+        return rows.cpu()
+
+    def validate(self) -> dict[str, Any]:
+        """Per-candidate validation loss (the score the choice minimises) and, per candidate, the
+        paired 95% interval of its difference to its layer's best (``elm.search.score``)."""
+        per_batch = self.validate_batches()
+        keys = self.distiller.keys
+        groups = [[i for i, (li2, *_) in enumerate(self.supernet.candidates()) if li2 == li]
+                  for li in range(len(self.supernet.layers))]  # fmt: skip
+        intervals = paired_intervals(per_batch[:, : sum(map(len, groups))], groups)
+        ci = {keys[i]: {"vs": keys[iv["best"]], "diff": iv["diff"], "low": iv["low"], "high": iv["high"]}
+              for i, iv in enumerate(intervals)}  # fmt: skip
+        return {"loss": dict(zip(keys, per_batch.mean(0).tolist())), "ci": ci}
 
     def analysis_batch(self):
-        batch = next(self.val_batches(1, self.analysis_batch_size))
+        n = len(self.val_data)
+        batch = self._rows(self.val_data, list(range(n - self.analysis_batch_size, n)))
         return self.teacher_states(batch), batch["attention_mask"]
 
     def end_of_epoch(self, last: bool) -> dict[str, Any]:
@@ -237,8 +327,8 @@ class SearchTrainer:
         prune_now = self.cka.enabled and (self.cka.when == "every_epoch" and not last or self.cka.when == "final" and last)
         if prune_now:
             pruning = prune_heads(self.supernet, result, self.cka, self.optimizer)
-        if not last:
-            growth = grow_widths(self.supernet, result.pca, self.pca, self.optimizer)
+        if not last and self.pca.top_k > 0:
+            growth = grow_widths(self.supernet, result, self.pca, self.optimizer)
         return {"analysis": result, "growth": growth, "pruning": pruning}
 
     # ---- the whole search ------------------------------------------------------------------
@@ -254,15 +344,21 @@ class SearchTrainer:
             widths = {key: c.ffn_dim for *_, key, c in self.supernet.candidates()}  # what PCA scored
             decisions = self.end_of_epoch(last)
             result = decisions["analysis"]
+            val = self.validate()
             record = {
                 "epoch": self.epoch + 1,
                 "step": self.step,
                 "train_loss": train_loss,
-                "val_loss": self.validate(),
+                "val_loss": val["loss"],
+                "val_ci": val["ci"],
                 "pca": result.pca,
+                "pca_untrained": result.pca_untrained,
+                "pca_normalised": result.normalised_pca(),
                 "ffn": widths,
                 "heads": {key: c.attention.active_heads for *_, key, c in self.supernet.candidates()},
                 "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
+                "cka_max_pair": {k: max_pair_level(torch.tensor(m)) for k, m in result.cka.items()},
+                "cka_untrained": result.cka_untrained,
                 "diversity": result.diversity,
                 "growth": decisions["growth"],
                 "pruning": decisions["pruning"],
@@ -291,7 +387,7 @@ class SearchTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "supernet": self.supernet.state_dict(),
-            "projections": self.projections.state_dict(),
+            "inherit": self.inherit_report,
             "elastic": self.elastic_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -302,6 +398,8 @@ class SearchTrainer:
             "space": asdict(self.supernet.space),
             "layer_map": self.supernet.layer_map,
             "loss": self.loss,
+            "point": self.point,
+            "train_embeddings": self.distiller.train_embeddings,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "epoch_sums": self.epoch_sums,
@@ -311,7 +409,7 @@ class SearchTrainer:
         if state.get("space") != asdict(self.supernet.space) or state.get("loss") != self.loss:
             raise ValueError("search state was written for another space or loss; start a new run dir")
         self.supernet.load_state_dict(state["supernet"])
-        self.projections.load_state_dict(state["projections"])
+        self.inherit_report = state.get("inherit", {})
         self.load_elastic_state(state["elastic"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -123,6 +123,11 @@ class ElasticFFN(nn.Module):
         self.max_dim, self.active_dim = max_dim, active_dim
         self.capture = False  # when True, keep the intermediate activations of the last call (for PCA)
         self.last_hidden: torch.Tensor | None = None
+        # units holding weights inherited from the teacher: growth activates them as they are; while
+        # inactive, their mean output (teacher's mean activation ``unit_mean`` x output column) is
+        # folded into ``down.bias`` (mean compensation), and taken out again when they are grown
+        self.register_buffer("inherited", torch.zeros(max_dim, dtype=torch.bool))
+        self.register_buffer("unit_mean", torch.zeros(max_dim))
         with torch.no_grad():
             self.down.weight[:, active_dim:] = 0
 
@@ -134,14 +139,19 @@ class ElasticFFN(nn.Module):
 
     @torch.no_grad()
     def grow(self, new_dim: int, optimizer: torch.optim.Optimizer | None = None, std: float = 0.02) -> None:
-        """Activate units [active_dim, new_dim): fresh input weights, zero output weights, so the
-        block's output is unchanged at the moment of growth; their optimiser state is reset."""
+        """Activate units [active_dim, new_dim). Units inherited from the teacher (the next most
+        important teacher neurons) start as they are; others get fresh input weights and zero output
+        weights, so they leave the block's output unchanged at the moment of growth. The optimiser
+        state of every new unit is reset."""
         if not self.active_dim <= new_dim <= self.max_dim:
             raise ValueError(f"cannot grow FFN from {self.active_dim} to {new_dim} (max {self.max_dim})")
         new = slice(self.active_dim, new_dim)
-        self.up.weight[new].normal_(0.0, std)
-        self.up.bias[new] = 0
-        self.down.weight[:, new] = 0
+        units = torch.arange(self.max_dim, device=self.inherited.device)[new]
+        fresh, kept = units[~self.inherited[new]], units[self.inherited[new]]
+        self.down.bias -= self.down.weight[:, kept] @ self.unit_mean[kept]  # they now speak for themselves
+        self.up.weight[fresh] = torch.randn_like(self.up.weight[fresh]) * std
+        self.up.bias[fresh] = 0
+        self.down.weight[:, fresh] = 0
         _reset_state(optimizer, self.up.weight, new)
         _reset_state(optimizer, self.up.bias, new)
         _reset_state(optimizer, self.down.weight, (slice(None), new))

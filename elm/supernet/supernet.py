@@ -3,10 +3,14 @@
 Two ways to run it:
 
 * ``blockwise(teacher_hidden_states, mask)`` — search time. [project decision] Every candidate
-  of student layer l reads the teacher's hidden state at mapped layer ``m[l]`` (brought to the
-  student width by a learned linear map when widths differ, TinyBERT-style; the map is a search
-  helper and not exported) and is distilled towards the teacher's state ``m[l + 1]``. All
-  candidates of all layers train in one pass and are scored independently.
+  of student layer l reads the teacher's hidden state at mapped layer ``m[l]``, in the one
+  shared basis of the whole supernet (:mod:`elm.supernet.basis`: the identity when the student
+  is as wide as the teacher, else a fixed PCA basis), and is distilled towards the teacher's
+  state ``m[l + 1]`` in the same coordinates. Because every block reads and writes the same
+  coordinates, the blocks chosen for different layers chain (a learned map per layer would let
+  each layer drift into its own rotation). ``chain`` makes a layer read a candidate of the
+  previous layer instead of the teacher (chained training), so blocks also learn to work on
+  each other's outputs.
 * ``forward(input_ids, mask)`` — the active path (one candidate per layer, chained from the
   student embeddings), which is exactly what ``extract()`` turns into a standalone model.
 """
@@ -20,6 +24,7 @@ from torch import nn
 
 from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
 from ..space import BLOCK_TYPES, SHARE_MODES, ArchConfig, ArchError
+from .basis import Basis
 from .elastic import CandidateBlock, uniform_layer_map
 
 
@@ -38,7 +43,7 @@ class SpaceConfig:
     """
 
     num_layers: int = 6
-    hidden_size: int = 256
+    hidden_size: int | None = None  # None = the teacher's (exact inheritance); narrower = a PCA basis
     embedding_size: int = 128
     causal: bool = False
     blocks: list[str] = field(default_factory=lambda: ["bert", "mobilebert"])
@@ -74,6 +79,8 @@ class SpaceConfig:
             values = list(getattr(self, name))
             if len(set(values)) != len(values):
                 raise ArchError(f"space.{name}={values} lists a value twice")
+        if self.hidden_size is None:
+            raise ArchError("space.hidden_size is not set; resolve it from the teacher first (SpaceConfig.resolve)")
         for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "bert_heads",
                      "mobilebert_heads", "bottleneck_size", "mobilebert_num_ffn", "ffn_init",
                      "ffn_unit", "ffn_max"):  # fmt: skip
@@ -102,6 +109,16 @@ class SpaceConfig:
                     f"space.layer_map={m} must list {self.num_layers + 1} non-decreasing teacher hidden-state "
                     f"indices (integers >= 0), one per student layer boundary"
                 )
+        return self
+
+    def resolve(self, teacher_hidden_size: int) -> SpaceConfig:
+        """Fill ``hidden_size: null`` with the teacher's width; refuse a student wider than its teacher."""
+        if self.hidden_size is None:
+            self.hidden_size = int(teacher_hidden_size)
+        elif not isinstance(self.hidden_size, bool) and isinstance(self.hidden_size, int) \
+                and self.hidden_size > teacher_hidden_size:  # fmt: skip
+            raise ArchError(f"space.hidden_size={self.hidden_size} is wider than the teacher ({teacher_hidden_size}); "
+                            f"use at most {teacher_hidden_size} (null = the teacher's width)")  # fmt: skip
         return self
 
 
@@ -143,13 +160,14 @@ class Supernet(nn.Module):
                 f"indices in [0, {teacher_layers}]"
             )
         self.layer_map = layer_map
-        self.input_maps = nn.ModuleDict(
-            {
-                str(t): nn.Linear(teacher_hidden_size, space.hidden_size)
-                for t in sorted(set(layer_map[:-1]))
-                if teacher_hidden_size != space.hidden_size
-            }
-        )
+        if space.hidden_size > teacher_hidden_size:
+            raise ArchError(f"space.hidden_size={space.hidden_size} is wider than the teacher ({teacher_hidden_size})")
+        # the shared teacher -> student basis (fixed; set by inheritance when the student is narrower)
+        self.identity_basis = space.hidden_size == teacher_hidden_size
+        self.register_buffer("basis_mean", torch.zeros(teacher_hidden_size))
+        self.register_buffer("basis_proj", torch.eye(teacher_hidden_size, space.hidden_size))
+        # variance of each layer's teacher target in the basis: the scale of the point-wise loss
+        self.register_buffer("target_variance", torch.ones(space.num_layers + 1))
         self.active = [0] * space.num_layers
         self.pad_token_id = pad_token_id
 
@@ -176,21 +194,48 @@ class Supernet(nn.Module):
             for ci, cand in enumerate(layer):
                 yield li, ci, f"L{li}.{cand.name}", cand
 
+    @property
+    def basis(self) -> Basis:
+        return Basis(self.basis_mean, self.basis_proj)
+
+    @torch.no_grad()
+    def set_basis(self, basis: Basis, target_variance: torch.Tensor | None = None) -> None:
+        """Install the shared basis (must be the identity when the widths agree) and the per-boundary
+        variance of the teacher's states in it (``[num_layers + 1]``, boundary 0 = embeddings)."""
+        if tuple(basis.proj.shape) != tuple(self.basis_proj.shape):
+            raise ValueError(f"basis {tuple(basis.proj.shape)} does not fit {tuple(self.basis_proj.shape)}")
+        if self.identity_basis and not basis.is_identity:
+            raise ValueError("a student as wide as its teacher uses the identity basis")
+        self.basis_mean.copy_(basis.mean)
+        self.basis_proj.copy_(basis.proj)
+        if target_variance is not None:
+            self.target_variance.copy_(target_variance)
+
+    def to_student(self, h: torch.Tensor) -> torch.Tensor:
+        """Teacher states in the shared basis (no-op when the widths agree)."""
+        if self.identity_basis:
+            return h
+        return (h - self.basis_mean.to(h.dtype)) @ self.basis_proj.to(h.dtype)
+
     def block_inputs(self, teacher_hidden_states, layer: int) -> torch.Tensor:
-        t = self.layer_map[layer]
-        h = teacher_hidden_states[t]
-        return self.input_maps[str(t)](h) if str(t) in self.input_maps else h
+        return self.to_student(teacher_hidden_states[self.layer_map[layer]])
 
     def block_targets(self, teacher_hidden_states, layer: int) -> torch.Tensor:
+        """The teacher's state a layer is distilled towards, in the teacher's coordinates (for RKD)."""
         return teacher_hidden_states[self.layer_map[layer + 1]]
 
-    def blockwise(self, teacher_hidden_states, attention_mask=None, layers=None):
-        """Outputs of every candidate of every layer on the teacher's mapped inputs: list[list[Tensor]]."""
+    def blockwise(self, teacher_hidden_states, attention_mask=None, layers=None, chain=None):
+        """Outputs of every candidate of every layer: list[list[Tensor]].
+
+        By default every layer reads the teacher's mapped state (in the basis). ``chain[l]`` = a
+        candidate index of layer l-1 makes layer l read that candidate's (detached) output of this
+        same pass instead: chained training. ``layers`` restricts the pass (no chaining then)."""
         t = teacher_hidden_states[0].shape[1]
         mask = attention_bias(attention_mask, self.space.causal, t)
         outputs = []
         for li in layers if layers is not None else range(len(self.layers)):
-            x = self.block_inputs(teacher_hidden_states, li)
+            src = chain[li] if chain is not None and layers is None and li > 0 else None
+            x = outputs[li - 1][src].detach() if src is not None else self.block_inputs(teacher_hidden_states, li)
             outputs.append([cand(x, mask, self.space.causal)[0] for cand in self.layers[li]])
         return outputs
 

@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path, device: Any, what: str, key: str) -> dict[
     """A training state written by :func:`atomic_torch_save`, or a one-line ValueError when it is
     unreadable (truncated, not a checkpoint) or is not a ``what`` (has no ``key``)."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"{what} {path} is corrupt or unreadable ({type(err).__name__}); "
                          "delete it to start over") from None  # fmt: skip
