@@ -248,9 +248,9 @@ def test_cli_compare_end_to_end(tmp_path):
         assert set(row["latency_ms"]) == {"1", "4"} and all(v > 0 for v in row["latency_ms"].values())
         bbc = row["tasks"]["bbc"]
         assert [r["seed"] for r in bbc["per_seed"]] == [0, 1] and set(bbc["std"]) >= {"accuracy", "score"}
-        # the rate was picked on the dev split, and seed 0 is the sweep's run at that rate
+        # the rate was picked on held-out training data, not on the reported split
         assert set(bbc["lr_sweep"]) == {"0.001", "0.003"} and bbc["lr"] in (1e-3, 3e-3)
-        assert bbc["lr_sweep"][f"{bbc['lr']:g}"] == max(bbc["lr_sweep"].values()) == bbc["per_seed"][0]["score"]
+        assert bbc["lr_sweep"][f"{bbc['lr']:g}"] == max(bbc["lr_sweep"].values())
     for row in rows.values():
         assert row["val_loss"] > 0 and Path(row["model_dir"], "config.json").is_file()
     for name in ("comparison.md", "comparison.csv", "comparison.png"):

@@ -142,6 +142,14 @@ def prepare_task(cfg: DictConfig, tokenizer: Any) -> TaskData:
     if d.get("max_eval") is not None and d.max_eval < len(task.validation):
         keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(task.validation))[: d.max_eval])
         task.validation = task.validation.select(keep.tolist())
+    holdout = d.get("holdout")
+    if holdout:  # evaluate on a seeded part of the training subset instead (the lr sweep: never the reported split)
+        if not 0 < holdout < 1:
+            raise ValueError(f"data.holdout={holdout!r} must be a fraction in (0, 1)")
+        order = np.random.default_rng(d.split_seed + 1).permutation(len(task.train))
+        n = max(1, int(holdout * len(task.train)))
+        task.validation = task.train.select(np.sort(order[:n]).tolist())
+        task.train = task.train.select(np.sort(order[n:]).tolist())
     if len(task.train) == 0 or len(task.validation) == 0:
         raise ValueError(f"task {cfg.task!r} has an empty training or validation split")
     return task
@@ -348,11 +356,9 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tokenizer = finetune_tokenizer(model_path, cfg.get("tokenizer"))
     task = prepare_task(cfg, tokenizer)
     check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
-    lr, sweep, reused = float(cfg.train.lr), lr_sweep(cfg), None
+    lr, sweep = float(cfg.train.lr), lr_sweep(cfg)
     if sweep:
-        lr, sweep, reused = select_lr(cfg, run_dir, sweep, seeds[0])
-        if not any(r["seed"] == seeds[0] for r in plan["done"]):  # the sweep's run at that rate is seed 0's run
-            plan["done"] = [reused, *plan["done"]]
+        lr, sweep = select_lr(cfg, run_dir, sweep, seeds[0])
 
     writer = rank == 0
     results: dict[str, Any] = {
@@ -424,22 +430,23 @@ def lr_sweep(cfg: DictConfig) -> list[float]:
 
 
 def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int) -> tuple[float, dict[str, float]]:
-    """[project decision] The learning rate of this model on this task, chosen on the dev split: one
-    run per rate with the first seed (``<run dir>/lr_sweep/lr<rate>``, kept and reused: an interrupted
-    sweep continues), the rate with the best mean score wins (ties: the earlier one in the list).
-    Small students and their teacher want very different rates, and one rate for all rows lets a
-    collapsed run decide a comparison. Returns the rate, ``{rate: score}`` and the winning run's record
-    (the same run the full set of seeds would repeat for ``seed``: it is reused)."""
+    """[project decision] The learning rate of this model on this task, chosen on held-out training
+    data: one run per rate with the first seed, trained on the training subset minus
+    ``train.lr_sweep_holdout`` of it and scored on that part (``<run dir>/lr_sweep/lr<rate>``, kept
+    and reused: an interrupted sweep continues); the best mean score wins (ties: the earlier rate).
+    The validation split the results report is never used to choose. Small students and their
+    teacher want very different rates, and one rate for all rows lets a collapsed run decide a
+    comparison. Returns the rate and ``{rate: score}``."""
     scores: dict[str, float] = {}
-    records: dict[float, dict[str, Any]] = {}
     for rate in sweep:
         sub = cfg.copy()
         sub.train.lr, sub.train.lr_sweep, sub.seeds, sub.resume = rate, None, [seed], True
+        sub.data.holdout = float(cfg.train.get("lr_sweep_holdout", 0.2))
         result = run_finetune(sub, run_dir / "lr_sweep" / f"lr{rate:g}")
-        scores[f"{rate:g}"], records[rate] = float(result["mean"]["score"]), result["per_seed"][0]
-        log.info("lr sweep: lr=%g scored %.4f", rate, scores[f"{rate:g}"])
+        scores[f"{rate:g}"] = float(result["mean"]["score"])
+        log.info("lr sweep: lr=%g scored %.4f on held-out training data", rate, scores[f"{rate:g}"])
     best = max(sweep, key=lambda r: (scores[f"{r:g}"], -sweep.index(r)))
-    return best, scores, records[best]
+    return best, scores
 
 
 def count_parameters(model_path: str, num_labels: int) -> tuple[int, int]:

@@ -148,7 +148,7 @@ def retrain(
     if target is not None and layer_map != list(search_state["layer_map"]) and float(cfg.distill.get("point", 0)) > 0:
         raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {search_state['layer_map']}: the "
                         f"point-wise term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
-    if target is None:  # no search: a basis fitted on the teacher's states (identity at the teacher's width)
+    if target is None and float(cfg.distill.get("point", 0)) > 0:  # no search: a basis fitted on the teacher's states
         target = fit_point_target(teacher, data["train"], layer_map, arch.hidden_size, seed=cfg.seed)
 
     logger = None  # rank 0 writes metrics.jsonl / wandb

@@ -105,11 +105,12 @@ class RetrainTrainer:
         self.train_data, self.val_data = train, validation
         self.layer_map, self.temperature = list(layer_map), temperature
         self.weights = {"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0, **(weights or {})}
-        if self.weights["point"] > 0:
-            if point_target is None:
-                raise ValueError("distill.point > 0 needs a point_target (the shared basis and variances)")
+        if self.weights["point"] > 0 and point_target is None:
+            raise ValueError("distill.point > 0 needs a point_target (the shared basis and variances)")
+        self.basis = self.variance = None
+        if point_target is not None:
             basis, variance = point_target
-            if basis.proj.shape != (teacher.hidden_size, model.config.hidden_size):
+            if tuple(basis.proj.shape) != (teacher.hidden_size, model.config.hidden_size):
                 raise ValueError(f"the point-wise basis maps {tuple(basis.proj.shape)}, the student needs "
                                  f"{(teacher.hidden_size, model.config.hidden_size)}")  # fmt: skip
             self.basis, self.variance = basis.to(torch.device(device)), variance.to(torch.device(device))
@@ -212,25 +213,23 @@ class RetrainTrainer:
                                      output_hidden_states=need_teacher)  # fmt: skip
             t = self.teacher(batch["input_ids"], mask) if need_teacher else None
         terms = {"lm": out.loss.float()}
+        targets = [self.in_basis(t.hidden_states[m].float()) for m in self.layer_map[1:]] if need_teacher else []
         if w["hidden"] > 0:
-            per_layer = [
-                rkd_loss(
-                    out.hidden_states[li + 1].float(), t.hidden_states[m].float(), mask, causal=self.causal
-                )
-                for li, m in enumerate(self.layer_map[1:])
-            ]
+            per_layer = [rkd_loss(out.hidden_states[li + 1].float(), target, mask, causal=self.causal)
+                         for li, target in enumerate(targets)]  # fmt: skip
             terms["hidden"] = torch.stack(per_layer).mean()
         if w["point"] > 0:
-            per_layer = [
-                normalised_mse(out.hidden_states[li + 1].float(), self.basis.to_student(t.hidden_states[m].float()),
-                               self.variance[li + 1], mask)
-                for li, m in enumerate(self.layer_map[1:])
-            ]  # fmt: skip
+            per_layer = [normalised_mse(out.hidden_states[li + 1].float(), target, self.variance[li + 1], mask)
+                         for li, target in enumerate(targets)]  # fmt: skip
             terms["point"] = torch.stack(per_layer).mean()
         if w["kd"] > 0 and self.has_logits:
             terms["kd"] = self.temperature**2 * self.logit_kd(out.logits, t, batch)
         terms["total"] = sum(w[k] * v for k, v in terms.items())
         return terms
+
+    def in_basis(self, h: torch.Tensor) -> torch.Tensor:
+        """A teacher state in the shared basis (as it is without one)."""
+        return h if self.basis is None else self.basis.to_student(h)
 
     def logit_kd(self, student_logits, t, batch) -> torch.Tensor:
         """Forward KL at the masked positions (MLM: the student's logits are [num_masked, V]) or tokens (CLM)."""

@@ -194,7 +194,8 @@ def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, 
     return result
 
 
-def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, optimizer=None) -> list[dict[str, Any]]:
+def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, optimizer=None,
+                generator: torch.Generator | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """[paper] Grow the best-scoring candidates that still have room by ``unit``: the ``top_k`` of
     every layer (``scope: layer``) or overall (``global``). Scores are normalised by the untrained
     level when ``cfg.normalise``; ties break by layer and candidate index, identically on every rank."""
@@ -209,7 +210,7 @@ def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, opt
     events = []
     for _, _, key, cand in picked:
         old = cand.ffn_dim
-        cand.grow_ffn(old + cfg.unit, optimizer)
+        cand.grow_ffn(old + cfg.unit, optimizer, generator=generator)
         events.append({"candidate": key, "from": old, "to": cand.ffn_dim, "pca": analysis.pca[key],
                        "pca_normalised": scores[key]})  # fmt: skip
     return events

@@ -56,13 +56,13 @@ def paired_intervals(per_batch: Tensor, groups: Sequence[Sequence[int]], level: 
 def chain_metrics(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], attention_mask: Tensor,
                   layer_map: Sequence[int], to_student, variance: Tensor) -> dict[str, list[float]]:  # fmt: skip
     """Per boundary ``b`` (0 = embeddings): RKD and normalised MSE of ``student_states[b]`` against
-    the teacher's state ``layer_map[b]`` (``to_student`` maps it into the basis, ``variance[b]`` is
-    its variance there)."""
+    the teacher's state ``layer_map[b]`` in the shared basis (``to_student`` maps it there,
+    ``variance[b]`` is its variance there)."""
     rkd, nmse = [], []
     for b, s in enumerate(student_states):
-        target = teacher_states[layer_map[b]]
-        rkd.append(float(rkd_loss(s.float(), target.float(), attention_mask)))
-        nmse.append(float(normalised_mse(s.float(), to_student(target.float()), variance[b], attention_mask)))
+        target = to_student(teacher_states[layer_map[b]].float())
+        rkd.append(float(rkd_loss(s.float(), target, attention_mask)))
+        nmse.append(float(normalised_mse(s.float(), target, variance[b], attention_mask)))
     return {"rkd": rkd, "nmse": nmse}
 
 

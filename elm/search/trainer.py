@@ -52,8 +52,8 @@ class BlockwiseDistiller(nn.Module):
     embeddings' last, when they train) as one vector, so the whole search step is a single module
     that ``DistributedDataParallel`` wraps.
 
-    Block loss [project decision]: the relational term (``rkd``, against the teacher's state in its
-    own coordinates) plus ``point`` x the normalised MSE against the same state in the shared basis
+    Block loss [project decision]: the relational term (``rkd``, against the teacher's state in the
+    shared basis: the relations a student in those coordinates can match) plus ``point`` x the normalised MSE against the same state in the shared basis
     (``elm.distill.losses.normalised_mse``): relations alone are blind to rotation and scale, and
     the point-wise term is what makes the chosen blocks chain. ``point=0`` is the RKD-only ablation
     (the paper's Fig. 3b); ``mse`` is the point-wise term alone; ``kl`` a feature-softmax KL in the
@@ -75,8 +75,8 @@ class BlockwiseDistiller(nn.Module):
         net = self.supernet
         target = hidden[net.layer_map[boundary]]
         out = {"basis": net.to_student(target), "variance": net.target_variance[boundary]}
-        if self.loss == "rkd":
-            out["rkd"] = rkd_target(target, mask)
+        if self.loss == "rkd":  # relations of the state in the basis: what a student there can match
+            out["rkd"] = rkd_target(out["basis"], mask)
         return out
 
     def block_loss(self, out: torch.Tensor, target: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,8 @@ class SearchTrainer:
         if prune_now:
             pruning = prune_heads(self.supernet, result, self.cka, self.optimizer)
         if not last and self.pca.top_k > 0:
-            growth = grow_widths(self.supernet, result, self.pca, self.optimizer)
+            g = torch.Generator().manual_seed(self.seed * 1_009 + self.epoch)  # the same fresh units on every rank
+            growth = grow_widths(self.supernet, result, self.pca, self.optimizer, generator=g)
         return {"analysis": result, "growth": growth, "pruning": pruning}
 
     # ---- the whole search ------------------------------------------------------------------
@@ -400,6 +401,7 @@ class SearchTrainer:
             "loss": self.loss,
             "point": self.point,
             "train_embeddings": self.distiller.train_embeddings,
+            "chain_prob": self.chain_prob,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "epoch_sums": self.epoch_sums,
@@ -408,6 +410,14 @@ class SearchTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("space") != asdict(self.supernet.space) or state.get("loss") != self.loss:
             raise ValueError("search state was written for another space or loss; start a new run dir")
+        saved = {"distill.point": state.get("point"), "search.train_embeddings": state.get("train_embeddings"),
+                 "search.chain_prob": state.get("chain_prob")}  # fmt: skip
+        now = {"distill.point": self.point, "search.train_embeddings": self.distiller.train_embeddings,
+               "search.chain_prob": self.chain_prob}  # fmt: skip
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+        if changed:
+            raise ValueError(f"search state was written with other settings {changed} (saved, now); resume with "
+                             f"the same settings or start a new run dir")  # fmt: skip
         self.supernet.load_state_dict(state["supernet"])
         self.inherit_report = state.get("inherit", {})
         self.load_elastic_state(state["elastic"])

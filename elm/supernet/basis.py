@@ -76,13 +76,6 @@ class Moments:
         out[:d, :d], out[:d, d], out[d, :d], out[d, d] = self.second, self.mean, self.mean, 1.0
         return out
 
-    def state_dict(self) -> dict:
-        return {"sum_x": self.sum_x, "sum_xx": self.sum_xx, "count": self.count}
-
-    @classmethod
-    def from_state(cls, state: dict) -> Moments:
-        return cls(state["sum_x"].double(), state["sum_xx"].double(), int(state["count"]))
-
 
 def principal_directions(moments: Moments, k: int) -> Tensor:
     """The top-``k`` eigenvectors of the covariance, as columns ``[D, k]``, largest variance first
@@ -105,7 +98,7 @@ class Basis:
 
     mean: Tensor
     proj: Tensor
-    norm_scale: float = 1.0  # sqrt(E||C x||^2 / E||P^T C x||^2): see norm_in_basis (elm.supernet.inherit)
+    norm_scale: float = 1.0  # RMS of P^T C x over RMS of C x: see norm_in_basis (elm.supernet.inherit)
     is_identity: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,9 +131,11 @@ class Basis:
         centred = Moments(c @ moments.sum_x, c @ moments.sum_xx @ c, moments.count)
         src = directions or moments
         proj = principal_directions(Moments(c @ src.sum_x, c @ src.sum_xx @ c, src.count), student_dim)
-        # a LayerNorm divides by the energy of its (centred) input: how much of it the basis keeps
+        # a LayerNorm divides by the per-coordinate RMS of its (centred) input: over the basis'
+        # Ds coordinates that is sqrt(kept energy / Ds), over the teacher's Dt sqrt(energy / Dt)
         energy = centred.second
-        scale = math.sqrt(float(energy.trace()) / max(float((proj.T @ energy @ proj).trace()), 1e-30))
+        kept = float((proj.T @ energy @ proj).trace()) / student_dim
+        scale = math.sqrt(kept / max(float(energy.trace()) / teacher_dim, 1e-30))
         return cls(moments.mean.float(), proj.float(), scale)
 
     def to(self, device) -> Basis:

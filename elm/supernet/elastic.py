@@ -138,18 +138,21 @@ class ElasticFFN(nn.Module):
         return self.norm(x + self.dropout(self.down(hidden, in_features=self.active_dim)))
 
     @torch.no_grad()
-    def grow(self, new_dim: int, optimizer: torch.optim.Optimizer | None = None, std: float = 0.02) -> None:
+    def grow(self, new_dim: int, optimizer: torch.optim.Optimizer | None = None, std: float = 0.02,
+             generator: torch.Generator | None = None) -> None:  # fmt: skip
         """Activate units [active_dim, new_dim). Units inherited from the teacher (the next most
         important teacher neurons) start as they are; others get fresh input weights and zero output
         weights, so they leave the block's output unchanged at the moment of growth. The optimiser
-        state of every new unit is reset."""
+        state of every new unit is reset. ``generator`` (a CPU generator) draws the fresh weights, so
+        every rank of a distributed run, and a resumed run, draws the same ones."""
         if not self.active_dim <= new_dim <= self.max_dim:
             raise ValueError(f"cannot grow FFN from {self.active_dim} to {new_dim} (max {self.max_dim})")
         new = slice(self.active_dim, new_dim)
         units = torch.arange(self.max_dim, device=self.inherited.device)[new]
         fresh, kept = units[~self.inherited[new]], units[self.inherited[new]]
         self.down.bias -= self.down.weight[:, kept] @ self.unit_mean[kept]  # they now speak for themselves
-        self.up.weight[fresh] = torch.randn_like(self.up.weight[fresh]) * std
+        noise = torch.randn(len(fresh), self.up.weight.shape[1], generator=generator)
+        self.up.weight[fresh] = noise.to(self.up.weight) * std
         self.up.bias[fresh] = 0
         self.down.weight[:, fresh] = 0
         _reset_state(optimizer, self.up.weight, new)
@@ -201,9 +204,9 @@ class CandidateBlock(nn.Module):
     def ffn_dim(self) -> int:
         return self.ffns[0].active_dim
 
-    def grow_ffn(self, new_dim: int, optimizer=None) -> None:
+    def grow_ffn(self, new_dim: int, optimizer=None, generator: torch.Generator | None = None) -> None:
         for ffn in self.ffns:  # stacked MobileBERT FFNs share one width
-            ffn.grow(new_dim, optimizer)
+            ffn.grow(new_dim, optimizer, generator=generator)
 
     def set_capture(self, on: bool) -> None:
         self.attention.capture = on

@@ -10,10 +10,10 @@ rewiring; once-for-all sorts channels the same way before shrinking).
 * **bert** candidate, student width == teacher width: the teacher layer itself, sliced. With all
   heads and neurons it computes the teacher layer exactly (tested). Narrower student: the teacher
   weights in the basis, ``W P`` on inputs and ``P^T W`` on outputs; a LayerNorm's gain becomes the
-  diagonal of ``P^T diag(g) P`` times the basis' ``norm_scale`` (a LayerNorm over the basis
-  coordinates divides by the energy the basis keeps, not the whole vector's: the scale is their
-  measured ratio), its bias ``P^T (b - mean)``, and residual writers add ``P^T mean`` so the
-  LayerNorm sees the teacher's (centred) input.
+  diagonal of ``P^T diag(g) P`` times the ratio of its input's per-coordinate RMS over the basis
+  coordinates to that over all the teacher's coordinates (measured on the teacher's own LayerNorm
+  inputs: a LayerNorm divides by that RMS), its bias ``P^T (b - mean)``, and residual writers add
+  ``P^T mean`` so the LayerNorm sees the teacher's (centred) input.
 * **shared attention** (``qv``: Q serves as V; ``kv``: K serves as V): the attention pattern is
   the teacher's exactly (Q and K are kept); per head, the value is refitted by least squares as an
   affine function of the shared projection (``v ~= s M + c`` over the teacher's inputs), and the
@@ -21,13 +21,17 @@ rewiring; once-for-all sorts channels the same way before shrinking).
 * **mobilebert** candidate: its own PCA basis of the layer's input at the bottleneck width
   (``bottleneck_in`` = that projection, ``norm_in`` restores the input's scale); inside, attention
   and the stacked FFNs are the teacher layer in that basis, the FFNs splitting the ranked neurons
-  between them (interleaved, so every FFN's prefix holds important neurons); ``bottleneck_out``
-  maps back with the transposed basis.
+  between them (interleaved, so every FFN's prefix holds important neurons; their mean
+  compensation uses the neurons' ReLU means, as MobileBERT FFNs use ReLU); ``bottleneck_out`` is
+  fitted by least squares to what the teacher's layer adds to its input, and ``norm_out`` is the
+  LayerNorm of the last teacher layer of the span.
 * **embeddings**: the teacher's word, position and type embeddings through one PCA basis of their
   (occurrence-weighted) sums when the factorised size is smaller, and the teacher's LayerNorm.
 
 Heads whose width differs from the teacher's (e.g. ``mobilebert_head_dim`` = 33 under a
-32-wide teacher) keep their random init; so do LM/classifier heads (not in the supernet).
+32-wide teacher) keep their random init; so do LM/classifier heads (not in the supernet) and the
+layers of a student deeper than its teacher whose span of teacher layers is empty (their target
+is their input). Stored heads or units the teacher cannot fill start switched off (zero output).
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ log = logging.getLogger("elm.supernet")
 RIDGE = 1e-6  # relative ridge of the shared-value least squares (scaled by the mean feature variance)
 
 
-def source_layers(layer_map: list[int], teacher_layers: int) -> list[int]:
+def source_layers(layer_map: list[int]) -> list[int | None]:
     """The teacher layer each student layer inherits from: the first layer of its span
-    ``[m[l], m[l+1])`` (whose input is exactly what the block reads); the last teacher layer when
-    a span is empty at the top."""
-    return [min(layer_map[li], teacher_layers - 1) for li in range(len(layer_map) - 1)]
+    ``[m[l], m[l+1])`` (whose input is exactly what the block reads); None for an empty span (a
+    student deeper than its teacher: nothing to inherit)."""
+    return [a if b > a else None for a, b in zip(layer_map, layer_map[1:])]
 
 
 # ---- the teacher layer in another basis --------------------------------------------------------
@@ -65,19 +69,41 @@ def moments_in_basis(m: Moments, basis: Basis) -> Moments:
     return Moments(p.T @ sum_x, p.T @ sum_xx @ p, n)
 
 
-def norm_in_basis(weight: Tensor, bias: Tensor, basis: Basis) -> tuple[Tensor, Tensor]:
+def linear_moments(m: Moments, a: Tensor) -> Moments:
+    """Moments of ``x @ a`` from the moments of ``x``."""
+    a = a.double()
+    return Moments(a.T @ m.sum_x, a.T @ m.sum_xx @ a, m.count)
+
+
+def centring(dim: int) -> Tensor:
+    """``C = I - 11^T / dim``: what a LayerNorm subtracts (the mean over coordinates)."""
+    return torch.eye(dim, dtype=torch.float64) - 1.0 / dim
+
+
+def ln_scale(pre: Moments, proj: Tensor) -> float:
+    """Gain correction of a LayerNorm moved into the basis ``proj``: the per-coordinate RMS of its
+    (centred) input over the basis coordinates, over that over all the teacher's coordinates
+    (``pre``: moments of the teacher LayerNorm's input)."""
+    d, k = proj.shape
+    energy = centring(d) @ pre.second @ centring(d)
+    p = proj.double()
+    return math.sqrt(float((p.T @ energy @ p).trace()) / k / max(float(energy.trace()) / d, 1e-30))
+
+
+def norm_in_basis(weight: Tensor, bias: Tensor, basis: Basis, pre: Moments) -> tuple[Tensor, Tensor]:
     """A LayerNorm's gain and bias for the same vectors in ``basis`` coordinates (see module doc)."""
     p = basis.proj
-    return basis.norm_scale * (p.square().T @ weight), p.T @ (bias - basis.mean)
+    return ln_scale(pre, p) * (p.square().T @ weight), p.T @ (bias - basis.mean)
 
 
-def layer_in_basis(layer: TeacherLayer, basis: Basis) -> TeacherLayer:
-    """The same layer acting on ``(x - mean) @ proj`` coordinates (identity: unchanged)."""
+def layer_in_basis(layer: TeacherLayer, basis: Basis, pre_ln1: Moments, pre_ln2: Moments) -> TeacherLayer:
+    """The same layer acting on ``(x - mean) @ proj`` coordinates (identity: unchanged); ``pre_ln*``
+    are the moments of what its LayerNorms normalise, in the layer's current coordinates."""
     if basis.is_identity:
         return layer
     p, mu = basis.proj, basis.mean
-    ln1 = norm_in_basis(layer.ln1_w, layer.ln1_b, basis)
-    ln2 = norm_in_basis(layer.ln2_w, layer.ln2_b, basis)
+    ln1 = norm_in_basis(layer.ln1_w, layer.ln1_b, basis, pre_ln1)
+    ln2 = norm_in_basis(layer.ln2_w, layer.ln2_b, basis, pre_ln2)
     return replace(
         layer,
         q_w=layer.q_w @ p, q_b=layer.q_b + layer.q_w @ mu,
@@ -125,6 +151,7 @@ def inherit_attention(attn: ElasticAttention, layer: TeacherLayer, order: Tensor
     weight = attn.qkv.weight.view(attn.projections, attn.max_heads, d, attn.dim)
     bias = attn.qkv.bias.view(attn.projections, attn.max_heads, d)
     out_w = attn.out.weight.view(attn.dim, attn.max_heads, d)
+    out_w[:, len(heads) :] = 0  # stored slots the teacher cannot fill: switched off
     out_b = layer.o_b + head_mean[order[attn.max_heads :]].sum(0)
     for slot, h in enumerate(heads):
         for i, name in enumerate(projections):
@@ -155,6 +182,7 @@ def inherit_ffn(ffn: ElasticFFN, layer: TeacherLayer, neurons: Tensor, neuron_me
     ffn.up.weight[:n] = layer.up_w[idx]
     ffn.up.bias[:n] = layer.up_b[idx]
     ffn.down.weight[:, :n] = layer.down_w[:, idx]  # inactive ones wait, inherited, for growth
+    ffn.down.weight[:, n:] = 0  # units the teacher cannot fill add nothing until trained
     ffn.inherited[:n] = True
     ffn.unit_mean[:n] = neuron_mean[idx]
     idle = neurons[ffn.active_dim :]
@@ -165,8 +193,10 @@ def inherit_ffn(ffn: ElasticFFN, layer: TeacherLayer, neurons: Tensor, neuron_me
 
 @dataclass
 class LayerSource:
-    """What a student layer inherits: its teacher layer in the student's coordinates, the ranked
-    heads and neurons with their mean outputs, and the moments of the layer's input."""
+    """What a student layer inherits, in the student's coordinates: its teacher layer, the ranked
+    heads and neurons with their mean outputs (``neuron_mean``: GELU, ``neuron_mean_relu``: ReLU),
+    the moments of the layer's input and of what its LayerNorms normalise, and the LayerNorm of the
+    last teacher layer of the span (``out_norm``, for a MobileBERT block's output)."""
 
     layer: TeacherLayer
     heads: Tensor
@@ -174,12 +204,16 @@ class LayerSource:
     head_mean: Tensor
     neuron_mean: Tensor
     inputs: Moments
+    neuron_mean_relu: Tensor | None = None
+    pre_ln1: Moments | None = None
+    pre_ln2: Moments | None = None
+    out_norm: tuple[Tensor, Tensor] | None = None
 
 
 @torch.no_grad()
 def inherit_candidate(cand: CandidateBlock, src: LayerSource) -> dict[str, bool]:
     """Initialise ``cand`` from ``src`` (a MobileBERT candidate then needs :func:`fit_bottleneck_out`)."""
-    layer, inputs, head_mean = src.layer, src.inputs, src.head_mean
+    layer, inputs, head_mean, neuron_mean = src.layer, src.inputs, src.head_mean, src.neuron_mean
     if cand.block == "mobilebert":
         basis = Basis.pca(inputs, cand.bottleneck_size)
         inner_inputs = moments_in_basis(inputs, basis)
@@ -190,13 +224,16 @@ def inherit_candidate(cand: CandidateBlock, src: LayerSource) -> dict[str, bool]
         cand.norm_in.bias.zero_()
         cand.bottleneck_out.weight.copy_(p)  # refitted by fit_bottleneck_out
         cand.bottleneck_out.bias.copy_(basis.mean)
-        cand.norm_out.weight.copy_(layer.ln2_w)
-        cand.norm_out.bias.copy_(layer.ln2_b)
-        layer, inputs, head_mean = layer_in_basis(layer, basis), inner_inputs, head_mean @ p
+        out_w, out_b = src.out_norm or (layer.ln2_w, layer.ln2_b)
+        cand.norm_out.weight.copy_(out_w)
+        cand.norm_out.bias.copy_(out_b)
+        layer = layer_in_basis(layer, basis, src.pre_ln1 or inputs, src.pre_ln2 or inputs)
+        inputs, head_mean = inner_inputs, head_mean @ p
+        neuron_mean = src.neuron_mean_relu if src.neuron_mean_relu is not None else neuron_mean  # ReLU FFNs
     attention = inherit_attention(cand.attention, layer, src.heads, inputs, head_mean)
     k = len(cand.ffns)
     for i, ffn in enumerate(cand.ffns):  # stacked FFNs share the ranked neurons, interleaved
-        inherit_ffn(ffn, layer, src.neurons[i::k], src.neuron_mean, share=1.0 / k)
+        inherit_ffn(ffn, layer, src.neurons[i::k], neuron_mean, share=1.0 / k)
     return {"attention": attention, "ffn": True}
 
 
@@ -214,9 +251,11 @@ def fit_bottleneck_out(cand: CandidateBlock, pairs) -> None:
     b = cand.bottleneck_size
     gram = torch.zeros(b + 1, b + 1, dtype=torch.float64)
     cross = torch.zeros(b + 1, cand.hidden_size, dtype=torch.float64)
+    from ..modeling.modeling_elm import attention_bias
+
     for x, delta, valid in pairs:
         h = cand.norm_in(cand.bottleneck_in(x))
-        h, _ = cand.attention(h, None, False)
+        h, _ = cand.attention(h, attention_bias(valid, False, x.shape[1]), False)
         for ffn in cand.ffns:
             h = ffn(h)
         f = torch.cat([h[valid], torch.ones(int(valid.sum()), 1, dtype=h.dtype)], 1).double().cpu()
@@ -249,11 +288,9 @@ def inherit_embeddings(emb: nn.Module, teacher: TeacherEmbeddings, sums: Moments
         types = min(emb.token_type.weight.shape[0], teacher.token_type.shape[0])
         emb.token_type.weight[:types] = teacher.token_type[:types] @ q
     ln_w, ln_b = teacher.ln_w, teacher.ln_b
-    if not basis.is_identity:  # into the student's coordinates: P^T C (centred, see norm_in_basis)
-        c = torch.eye(t_dim) - 1.0 / t_dim
-        out = basis.proj.T @ c
-        q, m = out @ q, out @ m
-        ln_w, ln_b = norm_in_basis(ln_w, ln_b, basis)
+    if not basis.is_identity:  # into the student's coordinates (P^T: the basis is orthogonal to 1)
+        q, m = basis.proj.T @ q, basis.proj.T @ m
+        ln_w, ln_b = norm_in_basis(ln_w, ln_b, basis, sums)
     if emb.project is not None:
         emb.project.weight.copy_(q)
         emb.project.bias.copy_(m)
@@ -304,45 +341,63 @@ def inherit_supernet(supernet, teacher, batches: list[dict[str, Tensor]], weight
     the MobileBERT output fits). Installs the shared basis; with ``weights=False`` that is all it
     does (any teacher works then). Returns a JSON-able report.
     """
-    from .teacher_weights import collect_stats, hidden_moments, layer_forward, read_teacher
+    from .teacher_weights import InheritError, collect_stats, hidden_moments, read_teacher
 
-    m = supernet.layer_map
     if not weights:
         moments = hidden_moments(teacher, batches)
         basis = install_basis(supernet, moments)
         return {"basis": "identity" if basis.is_identity else "pca", "tokens": moments[0].count}
     embeddings, layers = read_teacher(teacher)
+    if supernet.space.embedding_size > teacher.hidden_size:
+        raise InheritError(f"space.embedding_size={supernet.space.embedding_size} is wider than the teacher's "
+                           f"{teacher.hidden_size}: its embeddings cannot be inherited (set inherit.enabled=false)")  # fmt: skip
     stats = collect_stats(teacher, embeddings, layers, batches)
     basis = install_basis(supernet, stats.hidden)
     device = supernet.basis_proj.device
-    inherit_embeddings(supernet.embeddings.cpu(), embeddings, stats.embedding_sum, basis)
-    supernet.embeddings.to(device)
+    try:
+        inherit_embeddings(supernet.embeddings.cpu(), embeddings, stats.embedding_sum, basis)
+        return _inherit_layers(supernet, teacher, layers, stats, basis, batches)
+    finally:
+        supernet.to(device)
+
+
+def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> dict:
+    from .teacher_weights import layer_forward
+
+    m = supernet.layer_map
     states = [(tuple(h.float().cpu() for h in teacher(b["input_ids"], b["attention_mask"]).hidden_states),
                b["attention_mask"].bool().cpu()) for b in batches]  # fmt: skip
-    offset = basis.proj.T @ basis.mean  # P^T mean: what the LayerNorm input has beyond to_student(.)
-    sources = source_layers(m, len(layers))
+    offset = basis.proj.T @ basis.mean  # P^T mean: what a LayerNorm input has beyond to_student(.)
+    to_ln = basis.proj.double()  # a teacher LayerNorm input z reaches the student's as P^T z
+    sources = source_layers(m)
+    mobile = any(c.block == "mobilebert" for layer in supernet.layers for c in layer)
     report = {"basis": "identity" if basis.is_identity else "pca", "teacher_layers": sources, "tokens": stats.tokens,
               "attention_inherited": 0, "candidates": 0}  # fmt: skip
     for li, candidates in enumerate(supernet.layers):
         t = sources[li]
-        heads, neurons = rankings(stats, t)
-        src = LayerSource(layer=layer_in_basis(layers[t], basis), heads=heads, neurons=neurons,
-                          head_mean=stats.head_mean[t] @ basis.proj, neuron_mean=stats.neuron_mean[t],
-                          inputs=moments_in_basis(stats.hidden[m[li]], basis))  # fmt: skip
+        if t is None:  # an empty span: nothing to inherit, the candidates keep their random init
+            continue
         last = m[li + 1] - 1  # the teacher layer whose last LayerNorm gives the block's target
-        pairs = None
-        if last >= m[li]:
-            pairs = []
-            for hidden, valid in states:
-                x = basis.to_student(hidden[m[li]])
-                z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
-                pairs.append((x, basis.to_student(z) + offset - x, valid))
+        heads, neurons = rankings(stats, t)
+        pre1, pre2 = stats.pre_ln1[t], stats.pre_ln2[t]
+        last_layer = layer_in_basis(layers[last], basis, stats.pre_ln1[last], stats.pre_ln2[last])
+        src = LayerSource(layer=layer_in_basis(layers[t], basis, pre1, pre2), heads=heads, neurons=neurons,
+                          head_mean=stats.head_mean[t] @ basis.proj, neuron_mean=stats.neuron_mean[t],
+                          inputs=moments_in_basis(stats.hidden[m[li]], basis),
+                          neuron_mean_relu=stats.neuron_mean_relu[t],
+                          pre_ln1=pre1 if basis.is_identity else linear_moments(pre1, to_ln),
+                          pre_ln2=pre2 if basis.is_identity else linear_moments(pre2, to_ln),
+                          out_norm=(last_layer.ln2_w, last_layer.ln2_b))  # fmt: skip
+        pairs = []
+        for hidden, valid in states if mobile else ():
+            x = basis.to_student(hidden[m[li]])
+            z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
+            pairs.append((x, basis.to_student(z) + offset - x, valid))
         for cand in candidates:
             cand.cpu()
             done = inherit_candidate(cand, src)
-            if cand.block == "mobilebert" and pairs is not None:
+            if cand.block == "mobilebert":
                 fit_bottleneck_out(cand, pairs)
-            cand.to(device)
             report["attention_inherited"] += int(done["attention"])
             report["candidates"] += 1
     return report

@@ -95,8 +95,15 @@ def read_teacher(teacher) -> tuple[TeacherEmbeddings, list[TeacherLayer]]:
     if teacher.causal or layers is None or emb is None or not hasattr(layers[0], "intermediate"):
         raise InheritError(
             f"teacher {teacher.name!r} (model_type {kind!r}) is not a post-LayerNorm BERT-family encoder; "
-            f"weight inheritance supports bert/roberta/electra-style teachers (set inherit.enabled=false)"
+            f"weight inheritance supports BERT-style teachers (set inherit.enabled=false)"
         )
+    hidden = int(config.hidden_size)
+    if emb.word_embeddings.weight.shape[1] != hidden or getattr(base, "embeddings_project", None) is not None:
+        raise InheritError(f"teacher {teacher.name!r} projects its embeddings into the hidden size (ELECTRA-style); "
+                           f"inheritance needs embeddings at the hidden width (set inherit.enabled=false)")  # fmt: skip
+    if getattr(emb.position_embeddings, "padding_idx", None) is not None:
+        raise InheritError(f"teacher {teacher.name!r} offsets its position ids (RoBERTa-style); inheritance needs "
+                           f"BERT-style positions 0..T-1 (set inherit.enabled=false)")  # fmt: skip
     act = getattr(config, "hidden_act", "gelu")
     if act != "gelu":
         raise InheritError(f"teacher {teacher.name!r} uses hidden_act={act!r}; inheritance needs gelu FFNs "
@@ -142,8 +149,9 @@ def layer_forward(layer: TeacherLayer, x: Tensor, mask: Tensor | None = None) ->
     """Recompute a teacher layer (eval mode) from its input ``x [B, T, H]``.
 
     Returns ``out`` (the layer's output), ``contrib`` (each head's contribution to the attention
-    output, ``[B, heads, T, H]``), ``attn_out`` (after the first LayerNorm), ``ffn`` (the FFN
-    activations ``[B, T, F]``) and ``pre_ln2`` (what the last LayerNorm normalises).
+    output, ``[B, heads, T, H]``), ``pre_ln1`` / ``attn_out`` (before / after the first LayerNorm),
+    ``ffn_pre`` / ``ffn`` (the FFN's pre-activations and activations ``[B, T, F]``) and ``pre_ln2``
+    (what the last LayerNorm normalises).
     """
     h = layer.num_heads
     q, k, v = (_heads(x, w, b, h) for w, b in ((layer.q_w, layer.q_b), (layer.k_w, layer.k_b), (layer.v_w, layer.v_b)))
@@ -151,24 +159,32 @@ def layer_forward(layer: TeacherLayer, x: Tensor, mask: Tensor | None = None) ->
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, T, d]
     o_w = layer.o_w.to(x).view(layer.hidden_size, h, -1)  # [H, h, d]
     contrib = torch.einsum("bhtd,ohd->bhto", ctx, o_w)
-    a = F.layer_norm(x + contrib.sum(1) + layer.o_b.to(x), (x.shape[-1],), layer.ln1_w.to(x), layer.ln1_b.to(x), layer.eps)
-    ffn = F.gelu(F.linear(a, layer.up_w.to(x), layer.up_b.to(x)))
+    pre1 = x + contrib.sum(1) + layer.o_b.to(x)
+    a = F.layer_norm(pre1, (x.shape[-1],), layer.ln1_w.to(x), layer.ln1_b.to(x), layer.eps)
+    u = F.linear(a, layer.up_w.to(x), layer.up_b.to(x))
+    ffn = F.gelu(u)
     pre = a + F.linear(ffn, layer.down_w.to(x), layer.down_b.to(x))
     out = F.layer_norm(pre, (x.shape[-1],), layer.ln2_w.to(x), layer.ln2_b.to(x), layer.eps)
-    return {"out": out, "contrib": contrib, "ffn": ffn, "attn_out": a, "pre_ln2": pre}
+    return {"out": out, "contrib": contrib, "pre_ln1": pre1, "attn_out": a, "ffn_pre": u, "ffn": ffn,
+            "pre_ln2": pre}  # fmt: skip
 
 
 @dataclass
 class TeacherStats:
     """What inheritance reads from the data, per teacher layer: importance and mean output of every
-    head (``head_mean [heads, H]``) and FFN neuron (``neuron_mean [F]``, its mean activation), and
-    the second moments of every hidden state (index 0 = embeddings) and of the pre-LN embedding sums."""
+    head (``head_mean [heads, H]``) and FFN neuron (``neuron_mean [F]``, its mean GELU activation;
+    ``neuron_mean_relu``: with ReLU, what a MobileBERT FFN computes), the second moments of every
+    hidden state (index 0 = embeddings), of what each LayerNorm normalises (``pre_ln1``,
+    ``pre_ln2``) and of the pre-LN embedding sums."""
 
     head_importance: list[Tensor] = field(default_factory=list)
     neuron_importance: list[Tensor] = field(default_factory=list)
     head_mean: list[Tensor] = field(default_factory=list)
     neuron_mean: list[Tensor] = field(default_factory=list)
+    neuron_mean_relu: list[Tensor] = field(default_factory=list)
     hidden: list[Moments] = field(default_factory=list)
+    pre_ln1: list[Moments] = field(default_factory=list)
+    pre_ln2: list[Moments] = field(default_factory=list)
     embedding_sum: Moments | None = None
     tokens: int = 0
 
@@ -203,10 +219,12 @@ def collect_stats(teacher, embeddings: TeacherEmbeddings, layers: list[TeacherLa
     def zeros(*shape: int) -> list[Tensor]:
         return [torch.zeros(*shape, dtype=torch.float64) for _ in layers]
 
+    ffn = layers[0].up_w.shape[0]
     stats = TeacherStats(
         head_importance=zeros(layers[0].num_heads), head_mean=zeros(layers[0].num_heads, hidden_size),
-        neuron_importance=zeros(layers[0].up_w.shape[0]), neuron_mean=zeros(layers[0].up_w.shape[0]),
+        neuron_importance=zeros(ffn), neuron_mean=zeros(ffn), neuron_mean_relu=zeros(ffn),
         hidden=[Moments.zeros(hidden_size) for _ in range(len(layers) + 1)], embedding_sum=Moments.zeros(hidden_size),
+        pre_ln1=[Moments.zeros(hidden_size) for _ in layers], pre_ln2=[Moments.zeros(hidden_size) for _ in layers],
     )  # fmt: skip
     for batch in batches:
         mask = batch["attention_mask"]
@@ -220,11 +238,14 @@ def collect_stats(teacher, embeddings: TeacherEmbeddings, layers: list[TeacherLa
             contrib = parts["contrib"].permute(0, 2, 1, 3)[valid].double()  # [N, heads, H]
             stats.head_importance[t] += contrib.norm(dim=-1).sum(0)
             stats.head_mean[t] += contrib.sum(0)
-            ffn = parts["ffn"][valid].double()
-            stats.neuron_importance[t] += ffn.abs().sum(0) * layer.down_w.norm(dim=0).double()
-            stats.neuron_mean[t] += ffn.sum(0)
+            act = parts["ffn"][valid].double()
+            stats.neuron_importance[t] += act.abs().sum(0) * layer.down_w.norm(dim=0).double()
+            stats.neuron_mean[t] += act.sum(0)
+            stats.neuron_mean_relu[t] += parts["ffn_pre"][valid].double().clamp_min(0).sum(0)
+            stats.pre_ln1[t].add(parts["pre_ln1"][valid])
+            stats.pre_ln2[t].add(parts["pre_ln2"][valid])
         stats.tokens += int(valid.sum())
     n = max(stats.tokens, 1)
-    for name in ("head_importance", "head_mean", "neuron_importance", "neuron_mean"):
+    for name in ("head_importance", "head_mean", "neuron_importance", "neuron_mean", "neuron_mean_relu"):
         setattr(stats, name, [(v / n).float() for v in getattr(stats, name)])
     return stats
