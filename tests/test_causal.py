@@ -465,7 +465,7 @@ def test_tiny_teacher_trains_and_perplexity_falls(tiny_teacher_dir):
 def test_causal_search_end_to_end(tiny_teacher_dir, tmp_path):
     teacher, _ = tiny_teacher_dir
     run = tmp_path / "search"
-    cmd = [sys.executable, "-m", "elm.search", "space=tiny", "space.causal=true", f"teacher.name={teacher}",
+    cmd = [sys.executable, "-m", "elm.search", "space=tiny", "space.hidden_size=32", "space.causal=true", f"teacher.name={teacher}",
            "data.max_docs=60", "data.seq_len=32", "search.epochs=2", "search.steps_per_epoch=2",
            "search.batch_size=4", "search.eval_batches=1", "search.analysis_batch_size=4", "~search.budgets.tiny",
            "search.budgets.small=40000", "logger=none", "progress=false", "plots.enabled=false", "device=cpu",
@@ -491,7 +491,7 @@ def test_causal_pipeline_end_to_end(tiny_teacher_dir, tmp_path):
 
     teacher, _ = tiny_teacher_dir
     run = tmp_path / "pipeline"
-    search = ["space=tiny", "search.epochs=2", "search.steps_per_epoch=2", "search.batch_size=4",
+    search = ["space=tiny", "space.hidden_size=null", "search.epochs=2", "search.steps_per_epoch=2", "search.batch_size=4",
               "search.eval_batches=1", "search.analysis_batch_size=4", "~search.budgets.tiny",
               "search.budgets.small=40000", "plots.enabled=false"]  # fmt: skip
     retrain = [

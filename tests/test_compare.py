@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from elm import ArchConfig, ElmForSequenceClassification, LayerConfig, config_from_arch
 from elm.compare import layer_params, measure_latency, measure_side_by_side, random_arch, uniform_arch
 from elm.compare.report import table_csv, table_markdown, write_comparison
-from elm.compare.run import compose_config, run_compare
+from elm.compare.run import _check_inputs, compose_config, run_compare
 from elm.supernet import SpaceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +132,10 @@ def test_table_writer_makes_md_csv_png(tmp_path):
     md = paths["md"].read_text()
     assert md == table_markdown(rows, "test")
     assert (
-        "| searched | 6L: 4 bert + 2 mobilebert | 5.93 | 3.2 | 51.0 | 4.100 | 60.3 | 91.0 ± 1.0 | 81.0 ± 1.0 | 86.0 ± 1.0 |"
-        in md
+        "| searched | 6L: 4 bert + 2 mobilebert | 5.93 | 1.92 | 3.2 | 51.0 | 4.100 | 60.3 | 91.0 ± 1.0 | 81.0 ± 1.0 "
+        "| 86.0 ± 1.0 |" in md
     )
-    assert "| random | 6L: 3 bert + 3 mobilebert | 5.80 | 3.0 | - | - | - | - | - | - |" in md
+    assert "| random | 6L: 3 bert + 3 mobilebert | 5.80 | 1.80 | 3.0 | - | - | - | - | - | - |" in md
     table = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert paths["csv"].read_text() == table_csv(rows)
     assert [r["model"] for r in table] == ["searched", "uniform", "random"]
@@ -146,6 +146,22 @@ def test_table_writer_makes_md_csv_png(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(paths["png"])
     assert image.shape[0] > 100 and len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 20
+
+
+def test_table_with_a_teacher_row_gives_speed_ups_and_fractions_of_its_scores():
+    rows = [
+        {"model": "searched", "arch": "6L", "params": 5_930_348, "layer_params": 1_924_204,
+         "latency_ms": {"1": 3.2, "32": 51.0}, "val_loss": 4.1, "val_ppl": 60.3, "tasks": {"bbc": result(0.90, 0.01)}},
+        {"model": "random", "arch": "6L", "params": 5_800_000, "layer_params": 1_800_000, "latency_ms": {"1": 3.0},
+         "val_loss": None, "val_ppl": None, "tasks": {}},
+        {"model": "teacher", "arch": "teacher", "params": 22_700_000, "layer_params": 10_790_000,
+         "latency_ms": {"1": 6.4, "32": 204.0}, "tasks": {"bbc": result(0.96, 0.01)}},
+    ]  # fmt: skip
+    md = table_markdown(rows, "t")
+    assert "| speed-up b1 | speed-up b32 |" in md and "| bbc of teacher |" in md
+    assert "| 2.00x | 4.00x |" in md and "| 85.0 ± 1.0 | 93.4% |" in md  # score 0.90 - 0.05 = 0.85 of 0.91
+    assert "| 2.13x | - |" in md and md.splitlines()[-2].endswith("| - |")  # nothing measured: "-", no unit
+    assert "| 1.00x | 1.00x |" in md and md.rstrip().endswith("| 100.0% |")
 
 
 def test_slice_shape_fills_the_budget_at_the_teachers_ffn_ratio():
@@ -198,6 +214,9 @@ def test_bad_inputs_are_refused(tmp_path):
         run_compare(base, tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         run_compare(OmegaConf.merge(base, {"search_dir": str(tmp_path / "missing")}), tmp_path)
+    typo = OmegaConf.merge(base, {"tasks": ["bbc"], "task_finetune": {"sst": {"data": {"max_train": 10}}}})
+    with pytest.raises(ValueError, match=r"task_finetune has settings for \['sst'\].*\['bbc'\]"):
+        _check_inputs(typo, compose_config("retrain", []), compose_config("finetune", []))
 
 
 # ---- end to end ----------------------------------------------------------------------------
@@ -216,7 +235,7 @@ def test_cli_compare_end_to_end(tmp_path):
     out = tmp_path / "compare"
     proc = subprocess.run([sys.executable, "-m", "elm.compare", f"search_dir={search}", "seeds=[0,1]", "random.n=2",
                            "models=[searched,scratch,uniform,random,teacher]", "+retrain.teacher_head.steps=3",
-                           "finetune.train.lr_sweep=[1e-3,3e-3]",
+                           "finetune.train.lr_sweep=[1e-3,3e-3]", "+task_finetune={bbc: {data: {max_train: 12}}}",
                            "retrain.data.max_docs=40", "retrain.data.seq_len=64", "retrain.retrain.epochs=1",
                            "retrain.retrain.steps_per_epoch=2", "retrain.retrain.batch_size=4",
                            "+retrain.retrain.eval_batches=1", "finetune.data.max_train=16", "finetune.data.max_eval=16",
@@ -248,6 +267,7 @@ def test_cli_compare_end_to_end(tmp_path):
         assert set(row["latency_ms"]) == {"1", "4"} and all(v > 0 for v in row["latency_ms"].values())
         bbc = row["tasks"]["bbc"]
         assert [r["seed"] for r in bbc["per_seed"]] == [0, 1] and set(bbc["std"]) >= {"accuracy", "score"}
+        assert bbc["train_size"] == 12  # task_finetune's rows, not finetune's 16
         # the rate was picked on held-out training data, not on the reported split
         assert set(bbc["lr_sweep"]) == {"0.001", "0.003"} and bbc["lr"] in (1e-3, 3e-3)
         assert bbc["lr_sweep"][f"{bbc['lr']:g}"] == max(bbc["lr_sweep"].values())

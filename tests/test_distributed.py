@@ -98,7 +98,7 @@ def test_retrain_two_ranks_and_accumulation_match_one(searches, retrain_one, tmp
     )
 
     reference = _records(retrain_one, "train")
-    assert len(reference) == 6 and set(reference[0]["train"]) == {"lm", "hidden", "kd", "total"}
+    assert len(reference) == 6 and set(reference[0]["train"]) == {"lm", "hidden", "point", "kd", "total"}
     for name, run in runs.items():
         steps = _records(run, "train")
         assert [r["step"] for r in steps] == [r["step"] for r in reference]

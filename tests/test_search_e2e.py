@@ -63,7 +63,8 @@ def test_search_writes_a_valid_architecture_metrics_and_plots(rkd_run: Path) -> 
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     candidates = {f"L{li}.{b}{s}" for li in (0, 1) for b in ("bert", "mobilebert") for s in ("", ".qv")}
     for r in epochs:
-        assert set(r["pca"]) == set(r["ffn"]) == set(r["heads"]) == set(r["val_loss"]) == candidates
+        assert set(r["pca"]) == set(r["ffn"]) == set(r["heads"]) == candidates
+        assert set(r["val_loss"]) == candidates | {"embeddings"}  # the embeddings are distilled too
         assert len(r["diversity"]) == 2 and all(-1 <= d <= 1 for d in r["diversity"])
         assert all(0 < v <= 1 for v in r["pca"].values())
     for r in epochs:  # paired intervals against each layer's best, and the untrained twins' levels

@@ -119,9 +119,9 @@ def _blank(x: Any) -> Any:
     return "" if value is None else value
 
 
-def _fmt(x: Any, digits: int, scale: float = 1.0) -> str:
+def _fmt(x: Any, digits: int, scale: float = 1.0, unit: str = "") -> str:
     value = _num(x)
-    return "-" if value is None else f"{value * scale:.{digits}f}"
+    return "-" if value is None else f"{value * scale:.{digits}f}{unit}"
 
 
 def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
@@ -137,14 +137,14 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
                  _fmt(_num(row.get("layer_params")), 2, 1e-6)]  # fmt: skip
         cells += [_fmt((row.get("latency_ms") or {}).get(k), 1) for k in lat]
         if teacher is not None:
-            cells += [_fmt(speedup(row, teacher, k), 2) + "x" for k in lat]
+            cells += [_fmt(speedup(row, teacher, k), 2, unit="x") for k in lat]
         cells += [_fmt(row.get("val_loss"), 3), _fmt(row.get("val_ppl"), 1)]
         for t, ms in tasks.items():
             for m in ms:
                 mean, std = _score(row, t, m)
                 cells.append("-" if mean is None else f"{mean * 100:.1f} ± {(std or 0.0) * 100:.1f}")
         if teacher is not None:
-            cells += [_fmt(of_teacher(row, teacher, t, ms[-1]), 1, 100) + "%" for t, ms in tasks.items()]
+            cells += [_fmt(of_teacher(row, teacher, t, ms[-1]), 1, 100, unit="%") for t, ms in tasks.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(line for line in lines if line) + "\n"
 

@@ -200,10 +200,21 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
     tokenizer = load_tokenizer(retrain_cfg.teacher.name)
     if any(m in cfg.models for m in ("teacher", "teacher_slice")) and retrain_cfg.teacher.get("causal"):
         raise ValueError("models teacher/teacher_slice compare against an encoder teacher; drop them for causal runs")
+    labels = [task_label(str(t)) for t in cfg.tasks]
+    extra = [k for k in cfg.get("task_finetune") or {} if k not in labels]
+    if extra:
+        raise ValueError(f"task_finetune has settings for {extra}, which are not among the tasks {labels}")
     for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
-        ft = ft_cfg.copy()
+        ft = task_config(cfg, ft_cfg, str(task))
         ft.task = str(task)
         prepare_task(ft, tokenizer)
+
+
+def task_config(cfg: DictConfig, ft_cfg: DictConfig, task: str) -> DictConfig:
+    """The fine-tuning config of one task: ``finetune:`` with ``task_finetune.<label>`` merged over it
+    (e.g. more training rows for SST-2 than for BBC), the same for every model."""
+    own = (cfg.get("task_finetune") or {}).get(task_label(task))
+    return OmegaConf.merge(ft_cfg, own) if own else ft_cfg.copy()
 
 
 def teacher_facts(teacher) -> dict[str, Any]:
@@ -236,6 +247,7 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "search_dir": str(search_dir), "budget": budget, "budget_source": budget_source,
         "retrain_config": OmegaConf.to_container(retrain_cfg, resolve=True),
         "finetune_config": OmegaConf.to_container(ft_cfg, resolve=True),
+        "task_finetune": OmegaConf.to_container(cfg.get("task_finetune") or OmegaConf.create({}), resolve=True),
         "archs": {name: {"arch": a.to_dict(), "params": a.num_parameters(), "layer_params": layer_params(a),
                          "describe": describe(a)} for name, a in archs.items()},
     }  # fmt: skip
@@ -280,7 +292,8 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         row["tasks"] = {}
         for task in cfg.tasks:
             out = run_dir / "finetune" / model / task_label(str(task))
-            res = _finetune_one(ft_cfg, str(row["model_dir"]), str(task), out, bool(cfg.resume))
+            res = _finetune_one(task_config(cfg, ft_cfg, str(task)), str(row["model_dir"]), str(task), out,
+                                bool(cfg.resume))
             row["tasks"][str(task)] = {k: res.get(k) for k in ("metrics", "mean", "std", "per_seed", "train_size",
                                                                "eval_size", "time_s", "params", "lr", "lr_sweep")}  # fmt: skip
         rows.append(row)
