@@ -390,5 +390,7 @@ def check_seq_len(seq_len: int, max_positions: int, where: str = "data.seq_len")
 
 if __name__ == "__main__":  # ``python -m elm.teacher``: train a local causal (GPT-2 style) teacher
     from elm.causal.teacher_train import _main
+    from elm.utils.cli import guard_run_dir
 
+    guard_run_dir("teacher")
     _main()

@@ -101,3 +101,104 @@ def test_single_process_stages_refuse_torchrun(stage: str, tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2
     assert "not torchrun" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+# ---- finished work is never overwritten, not even Hydra's record of it ----------------------------
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+FINISHED = [
+    ("search", "DONE", '{"stage": "search"}'),
+    ("retrain", "DONE", '{"stage": "retrain"}'),
+    ("compare", "DONE", '{"stage": "compare"}'),
+    ("finetune", "results.json", '{"per_seed": [], "complete": true}'),
+    ("causal.pipeline", "DONE", '{"stage": "causal_pipeline"}'),
+]
+
+
+@pytest.mark.parametrize(("stage", "marker", "text"), FINISHED, ids=[f[0] for f in FINISHED])
+def test_a_finished_run_dir_is_refused_before_hydra_writes(stage: str, marker: str, text: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the finished run's settings\n")
+    (run / marker).write_text(text)
+    before = _snapshot(run)
+    proc = _cli(stage, ["seed=7"], run)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and f"hydra.run.dir={run} already holds a finished run ({marker})" in lines[0]
+    assert _snapshot(run) == before  # byte-identical, nothing added (no .hydra rewrite, no log)
+
+
+def test_resume_keeps_the_first_runs_hydra_record(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the first run's settings\n")
+    proc = _cli("search", ["resume=true", "search.strategy=greedy"], run)  # refused after Hydra starts
+    assert proc.returncode == 2 and "greedy" in proc.stderr.strip().splitlines()[-1]
+    assert (run / ".hydra" / "config.yaml").read_text() == "the first run's settings\n"
+    (resumed,) = (run / ".hydra").glob("resume-*")  # this call's own record, beside the first
+    assert "greedy" in (resumed / "overrides.yaml").read_text()
+
+
+# ---- no code runs from a file a user points elm at ------------------------------------------------
+
+
+class _Payload:
+    """Pickles to ``os.system("touch <marker>")``: runs on any ``weights_only=False`` load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tiny_arch(path: Path) -> Path:
+    import elm
+
+    arch = elm.ArchConfig(hidden_size=32, embedding_size=16, vocab_size=30522, max_positions=128,
+                          layers=[elm.LayerConfig("bert", 2, 16, 32)])  # fmt: skip
+    arch.to_json(path)
+    return path
+
+
+def _payload_case(kind: str, tmp_path: Path) -> tuple[str, list[str], Path]:
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = {"supernet": _Payload(marker), "meta": _Payload(marker), "model": _Payload(marker)}
+    run = tmp_path / "run"
+    if kind == "search resume":
+        run.mkdir()
+        torch.save(evil, run / "search_state.pt")
+        return "search", ["resume=true", "search.eval_batches=1", "search.analysis_batch_size=8"], marker
+    arch = _tiny_arch(tmp_path / "arch.json")
+    retrain = [f"arch={arch}", "data.max_docs=40", "data.seq_len=64", "logger=none", "progress=false",
+               "retrain.epochs=1", "retrain.steps_per_epoch=1", "retrain.batch_size=4", "device=cpu"]  # fmt: skip
+    if kind == "retrain search_dir":
+        search = tmp_path / "search"
+        search.mkdir()
+        (search / "DONE").write_text("{}")
+        _tiny_arch(search / "arch.json")
+        torch.save(evil, search / "search_state.pt")
+        return "retrain", [*retrain, f"search_dir={search}"], marker
+    if kind == "retrain resume":
+        run.mkdir()
+        torch.save(evil, run / "retrain_state.pt")
+        return "retrain", [*retrain, "resume=true"], marker
+    torch.save(evil, tmp_path / "head.pt")  # "teacher_head.path"
+    return "retrain", [*retrain, f"teacher_head.path={tmp_path / 'head.pt'}"], marker
+
+
+@pytest.mark.parametrize("kind", ["search resume", "retrain search_dir", "retrain resume", "teacher_head.path"])
+def test_a_pickle_payload_in_a_state_file_never_runs(kind: str, tmp_path: Path) -> None:
+    stage, overrides, marker = _payload_case(kind, tmp_path)
+    proc = _cli(stage, overrides, tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not marker.exists()  # the payload did not run
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "corrupt or unreadable" in last and "Traceback" not in proc.stderr

@@ -284,4 +284,7 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
+    from ..utils.cli import guard_run_dir
+
+    guard_run_dir("causal.evaluate")  # before Hydra writes into the run dir
     sys.exit(_main())

@@ -387,6 +387,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
+    from ..utils.cli import guard_run_dir
+
+    guard_run_dir("causal.pipeline")  # before Hydra writes into the run dir
     sys.exit(_main())
 
 

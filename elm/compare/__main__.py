@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
 from .run import run_compare
 
 
@@ -26,4 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    guard_run_dir("compare")  # before Hydra writes into the run dir
     sys.exit(main())

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
 from ..utils.runtime import dist_info, shutdown_distributed
 from .run import run_finetune
 
@@ -36,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    guard_run_dir("finetune")  # before Hydra writes into the run dir
     sys.exit(main())

@@ -250,6 +250,9 @@ def plan_run(cfg: DictConfig, run_dir: Path, seeds: list[int], model_path: str) 
     leftovers = sorted(run_dir.glob("seed*/checkpoint-*"))
     fresh: dict[str, Any] = {"done": [], "checkpoints": {}, "time_s": 0.0, "finished": None}
     if not cfg.get("resume", False):
+        if stored is not None and stored.get("complete"):
+            raise ValueError(f"{run_dir} already holds finished results ({RESULTS_FILE}); choose another "
+                             "hydra.run.dir (or pass resume=true to keep them)")  # fmt: skip
         if (stored is not None and not stored.get("complete")) or leftovers:
             what = f"checkpoint {leftovers[0]}" if leftovers else f"unfinished {RESULTS_FILE}"
             raise ValueError(f"{run_dir} already holds an unfinished fine-tuning run ({what}); pass resume=true to "

@@ -26,6 +26,7 @@ from ..search.trainer import STATE_FILE as SEARCH_STATE_FILE
 from ..space import ArchConfig
 from ..supernet import SpaceConfig, Supernet, extract
 from ..supernet.basis import Basis
+from ..utils.io import load_checkpoint
 
 DONE_FILE = "DONE"  # the marker every stage writes last (elm.search.run.DONE_FILE; not imported: plots)
 
@@ -52,7 +53,7 @@ def check_search_dir(search_dir: str | Path) -> Path:
 def load_search_state(search_dir: str | Path) -> dict[str, Any]:
     """The ``search_state.pt`` dict of a finished search (on CPU)."""
     path = check_search_dir(search_dir) / SEARCH_STATE_FILE
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path, "cpu", "search state", "supernet")  # tensors only: no code runs
     missing = {"supernet", "elastic", "space", "layer_map"} - set(state)
     if missing:
         raise InitError(f"{path} lacks {sorted(missing)}; it was not written by elm.search")

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import MLMCollator, make_loader
-from ..utils.io import atomic_torch_save
+from ..utils.io import atomic_torch_save, load_checkpoint
 from ..utils.runtime import autocast, broadcast_object, dist_info
 
 HEAD_FILE = "teacher_mlm_head.pt"
@@ -120,7 +120,7 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
     meta = _meta(teacher, train, steps, lr, batch_size, mlm_probability, seed)
     head = new_head(teacher)
     if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(cache, "cpu", "teacher MLM head cache", "meta")  # tensors only: no code runs
         if saved.get("meta") == meta:
             head.load_state_dict(saved["state"])
             log.info("teacher MLM head loaded from %s", cache)

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
 from ..utils.runtime import dist_info, init_distributed, shutdown_distributed
 from .run import run_search
 
@@ -29,4 +29,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    guard_run_dir("search")  # before Hydra writes into the run dir
     sys.exit(main())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import time
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -30,3 +32,46 @@ def fail_cleanly(stage: str):
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"[elm.{stage}] error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _override(argv: list[str], key: str) -> str | None:
+    """The value the command line gives ``key`` (last one wins, ``+``/``++`` prefixes allowed)."""
+    value = None
+    for arg in argv:
+        name, sep, rest = arg.lstrip("+").partition("=")
+        if sep and name == key:
+            value = rest.strip().strip("'\"")
+    return value
+
+
+def finished_work(run_dir: Path) -> str | None:
+    """What in ``run_dir`` says a stage finished there: ``DONE`` or a complete ``results.json``."""
+    if (run_dir / "DONE").is_file():
+        return "DONE"
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            complete = json.loads(results.read_text()).get("complete", False)
+        except (ValueError, AttributeError, OSError):
+            complete = False  # unreadable: the stage itself names it
+        return "results.json" if complete else None
+    return None
+
+
+def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
+    """Before Hydra writes anything into ``hydra.run.dir``: refuse a dir that holds finished work
+    (one line, exit 2), and on ``resume=true`` send Hydra's own files to ``.hydra/resume-<time>``
+    so the finished or interrupted run's ``.hydra/config.yaml`` stays the record of what it ran."""
+    argv = sys.argv if argv is None else argv
+    run_dir = _override(argv[1:], "hydra.run.dir")
+    if not run_dir or "${" in run_dir:
+        return
+    path = Path(run_dir).expanduser()
+    resume = (_override(argv[1:], "resume") or "false").lower() in ("true", "1", "yes")
+    marker = finished_work(path)
+    if marker and not resume:
+        print(f"[elm.{stage}] error: hydra.run.dir={run_dir} already holds a finished run ({marker}); choose another "
+              "hydra.run.dir (nothing was written)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    if resume and (path / ".hydra").is_dir() and _override(argv[1:], "hydra.output_subdir") is None:
+        argv.append(f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}")
