@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -37,6 +38,16 @@ CASES = [
     ("search", ["search.chain_prob=1.5"], "1.5"),
     ("search", ["search.budget_reference=galaxy"], "galaxy"),
     ("search", ["space.hidden_size=512"], "wider than the teacher"),
+    ("search", ["search.eval_batches=0"], "search.eval_batches=0"),
+    ("search", ["search.epochs=0"], "search.epochs=0"),
+    ("search", ["search.batch_size=-2"], "search.batch_size=-2"),
+    ("search", ["search.lr=0"], "search.lr=0"),
+    ("search", ["search.analysis_batch_size=1"], "search.analysis_batch_size=1"),
+    ("search", ["search.checkpoint_every=0"], "search.checkpoint_every=0"),
+    ("search", ["inherit.batches=0"], "inherit.batches=0"),
+    ("search", ["data.val_fraction=0.9"], "data.val_fraction=0.9"),
+    ("search", ["plots.cka_layer=7"], "plots.cka_layer=7"),
+    ("search", ["plots.compare_with=[/no/such/run]"], "/no/such/run"),
     ("retrain", ["arch=/no/such/arch.json"], "/no/such/arch.json"),
     ("finetune", ["model=/no/such/model"], "/no/such/model"),
     ("finetune", ["model=default", "task=/no/such/task.tsv"], "/no/such/task.tsv"),
@@ -202,3 +213,31 @@ def test_a_pickle_payload_in_a_state_file_never_runs(kind: str, tmp_path: Path) 
     assert not marker.exists()  # the payload did not run
     last = proc.stderr.strip().splitlines()[-1]
     assert "corrupt or unreadable" in last and "Traceback" not in proc.stderr
+
+
+# ---- input files that are not what they claim to be ------------------------------------------------
+
+TASK_FILES = [
+    ("0,1,,1", "empty label"),
+    ("0,0,0,0", "one label value"),
+    ("0,1000000,0,1000000", "1000000"),
+    ("-1,1,-1,1", "[-1, 1]"),
+]
+
+
+@pytest.mark.parametrize(("labels", "expected"), TASK_FILES, ids=[t[1] for t in TASK_FILES])
+def test_bad_task_labels_are_refused(labels: str, expected: str, tmp_path: Path) -> None:
+    rows = [f"sentence number {i},{lab}" for i, lab in enumerate(labels.split(",") * 5)]
+    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    proc = _cli("finetune", ["model=default", f"task={tmp_path / 'task.csv'}"], tmp_path / "run")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert expected in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_random_bytes_are_not_a_corpus(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_bytes(np.random.default_rng(0).bytes(200_000))
+    proc = _cli("search", [f"data.source={tmp_path / 'corpus.txt'}"], tmp_path / "run")
+    assert proc.returncode == 2
+    assert "does not look like text" in proc.stderr.strip().splitlines()[-1]

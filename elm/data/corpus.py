@@ -154,11 +154,29 @@ def _local_files(source: str) -> list[Path]:
     raise CorpusError(f"corpus source {source!r} is not 'bbc', an hf:<name> spec, or an existing file/folder")
 
 
+def not_text_share(text: str) -> float:
+    """The share of characters that text does not have: control characters other than tab and
+    newlines, and undecodable bytes (U+FFFD). Random bytes score ~0.13, prose ~0."""
+    if not text:
+        return 0.0
+    bad = sum(1 for c in text if (c < " " and c not in "\t\n\r\f") or c == "\ufffd" or "\x7f" <= c < "\xa0")
+    return bad / len(text)
+
+
 def read_documents(source: str) -> list[str]:
-    """Documents of a local ``.txt``/``.jsonl`` file or folder (see the module docstring)."""
+    """Documents of a local ``.txt``/``.jsonl`` file or folder (see the module docstring). A
+    ``.txt`` file that is not text (over 1% control or undecodable characters) is refused."""
     docs: list[str] = []
     for f in _local_files(source):
-        docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else split_text_documents(_read_text(f)))
+        if f.suffix == ".jsonl":
+            docs.extend(_read_jsonl(f))
+            continue
+        text = _read_text(f)
+        share = not_text_share(text)
+        if share > 0.01:
+            raise CorpusError(f"corpus file {str(f)!r} does not look like text ({100 * share:.0f}% control or "
+                              "undecodable characters); give UTF-8 text (.txt) or JSON lines (.jsonl)")  # fmt: skip
+        docs.extend(split_text_documents(text))
     return docs
 
 

@@ -184,9 +184,25 @@ def _label_ids(
     """Map raw labels to ids: integers stay as is, other numbers mean regression (floats), and
     strings are numbered in sorted order (returned as label names)."""
     every = [*train, *(v for o in others for v in o)]
+    empty = sum(1 for v in every if not str(v).strip())
+    if empty:
+        raise TaskError(f"{where}: {empty} row(s) have an empty label; fill or drop them")
     if regression or (not all(_is_int(v) for v in every) and all(_is_number(v) for v in every)):
         return [float(v) for v in train], [[float(v) for v in o] for o in others], None
     if all(_is_int(v) for v in every):
+        ids, present = sorted({int(v) for v in every}), {int(v) for v in train}
+        missing: list[Any] = []
+        for i in range(max(ids[-1] + 1, 0)):  # at most len(present) + 6 steps, whatever the max
+            if i not in present:
+                missing.append(i)
+                if len(missing) > 5:
+                    break
+        if ids[0] < 0 or missing:
+            shown = missing[:5] + (["..."] if len(missing) > 5 else [])
+            raise TaskError(f"{where}: integer labels must be the class ids 0..K-1, each in the training split; got "
+                            f"{ids[:5]}{' ...' if len(ids) > 5 else ''} (max {ids[-1]}"
+                            + (f", training split lacks {shown})" if missing and ids[0] >= 0 else ")")
+                            + "; renumber them or give the labels as names")  # fmt: skip
         return [int(v) for v in train], [[int(v) for v in o] for o in others], None
     values = sorted({str(v) for v in train})
     index = {v: i for i, v in enumerate(values)}
@@ -236,6 +252,9 @@ def _local_task(path: Path, seed: int) -> tuple[dict[str, dict[str, list]], Task
         s: {**{f: [r[f] for r in tables[s]] for f in fields}, "label": lab}
         for s, lab in zip(splits, [train_labels, *other_labels])
     }
+    if len(set(train_labels)) < 2:
+        raise TaskError(f"task {str(path)!r}: the training split has one label value ({train_labels[0]!r}); "
+                        "a task needs at least two classes (or varying regression targets)")  # fmt: skip
     if regression:
         n_labels, metrics = 1, ("pearson", "spearmanr")
     else:

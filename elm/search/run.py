@@ -25,7 +25,6 @@ from ..utils.runtime import dist_info, resolve_device, seed_everything
 from . import plots
 from .analysis import CKAConfig, PCAConfig
 from .choose import (
-    STRATEGIES,
     budget_reference,
     chained_reports,
     check_budgets,
@@ -35,6 +34,7 @@ from .choose import (
     write_archs,
 )
 from .score import ChainScorer
+from .settings import check_search_settings
 from .trainer import STATE_FILE, SearchTrainer
 
 log = logging.getLogger("elm.search")
@@ -58,8 +58,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     space = _dataclass(SpaceConfig, cfg.space, "space")
     pca, cka = _dataclass(PCAConfig, cfg.pca, "pca"), _dataclass(CKAConfig, cfg.cka, "cka")
     s = cfg.search
-    if s.strategy not in STRATEGIES:
-        raise ValueError(f"search.strategy={s.strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    check_search_settings(cfg, space.num_layers)  # before the teacher and the data load
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 

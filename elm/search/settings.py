@@ -1,0 +1,54 @@
+"""Every search setting checked before the teacher and the data load (one line naming the key,
+the value and what is valid), so that no bad value fails after minutes of training or, worse,
+after the whole search (plots) with no ``DONE`` written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .choose import STRATEGIES
+
+
+def _number(key: str, value: Any, low: float, *, integer: bool = True, none: bool = False,
+            strict: bool = False, high: float | None = None) -> None:  # fmt: skip
+    """``value`` is a number (an int when ``integer``) >= ``low`` (> with ``strict``), <= ``high``."""
+    if value is None and none:
+        return
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        rng = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ValueError(f"{key}={value!r} must be {what} {rng}" + (" (or null)" if none else ""))
+
+
+def check_search_settings(cfg: DictConfig, num_layers: int) -> None:
+    """The ``search``, ``inherit``, ``data`` and ``plots`` settings of ``configs/search.yaml``."""
+    s = cfg.search
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"search.strategy={s.strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    _number("search.epochs", s.epochs, 1)
+    _number("search.steps_per_epoch", s.steps_per_epoch, 1, none=True)
+    _number("search.batch_size", s.batch_size, 1)
+    _number("search.grad_accum", s.get("grad_accum", 1), 1)
+    _number("search.eval_batches", s.eval_batches, 1)
+    _number("search.analysis_batch_size", s.analysis_batch_size, 2)
+    _number("search.checkpoint_every", s.get("checkpoint_every"), 1, none=True)
+    _number("search.warmup_steps", s.warmup_steps, 0)
+    _number("search.lr", s.lr, 0, integer=False, strict=True)
+    _number("search.weight_decay", s.weight_decay, 0, integer=False)
+    _number("search.grad_clip", s.grad_clip, 0, integer=False, strict=True)
+    _number("search.chain_prob", s.chain_prob, 0, integer=False, high=1)
+    _number("inherit.batches", cfg.inherit.batches, 1)
+    _number("data.seq_len", cfg.data.seq_len, 2)
+    _number("data.val_fraction", cfg.data.val_fraction, 0, integer=False, strict=True, high=0.5)
+    _number("seed", cfg.seed, 0)
+    plots = cfg.plots
+    _number("plots.cka_layer", plots.get("cka_layer"), 0, none=True, high=num_layers - 1)
+    for other in plots.compare_with or []:
+        if not (Path(str(other)) / "metrics.jsonl").is_file():
+            raise ValueError(f"plots.compare_with entry {str(other)!r} is not a search run dir (no metrics.jsonl)")
