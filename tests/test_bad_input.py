@@ -241,3 +241,52 @@ def test_random_bytes_are_not_a_corpus(tmp_path: Path) -> None:
     proc = _cli("search", [f"data.source={tmp_path / 'corpus.txt'}"], tmp_path / "run")
     assert proc.returncode == 2
     assert "does not look like text" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---- resume compares the settings that shape the run ------------------------------------------------
+
+SEARCH_OK = ["search.eval_batches=1", "search.analysis_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finished")
+    search = _cli("search", [*SEARCH_OK, "plots.enabled=false"], root / "search")
+    assert search.returncode == 0, search.stderr[-2000:]
+    arch = _tiny_arch(root / "arch.json")
+    retrain = _cli("retrain", [f"arch={arch}", "data.max_docs=40", "data.seq_len=64", "logger=none", "progress=false",
+                               "retrain.epochs=1", "retrain.steps_per_epoch=1", "retrain.batch_size=4",
+                               "retrain.eval_batches=1", "teacher_head.fit=false", "device=cpu"], root / "retrain")  # fmt: skip
+    assert retrain.returncode == 0, retrain.stderr[-2000:]
+    return {"search": root / "search", "retrain": root / "retrain", "arch": arch}
+
+
+RESUMES = [
+    ("search", ["seed=1"], "seed: 0 -> 1"),
+    ("search", ["data.max_docs=30"], "data.max_docs: 40 -> 30"),
+    ("search", ["search.batch_size=2"], "search.batch_size: 4 -> 2"),
+    ("search", ["search.epochs=2"], "search.epochs: 1 -> 2"),
+    ("search", ["search.steps_per_epoch=2"], "search.steps_per_epoch: 1 -> 2"),
+    ("search", ["distill.point=0"], "distill.point: 1.0 -> 0"),
+    ("retrain", ["retrain.lr=1e-3"], "retrain.lr: 0.0005 -> 0.001"),
+    ("retrain", ["seed=2"], "seed: 0 -> 2"),
+    ("retrain", ["data.seq_len=32"], "data.seq_len: 64 -> 32"),
+]
+
+
+@pytest.mark.parametrize(("stage", "changed", "expected"), RESUMES, ids=[" ".join(r[1]) for r in RESUMES])
+def test_resume_with_other_settings_is_refused_and_keeps_the_run(
+    stage: str, changed: list[str], expected: str, finished_runs: dict[str, Path]
+) -> None:
+    run = finished_runs[stage]
+    keep = {k: v for k, v in _snapshot(run).items() if not k.startswith(".hydra/resume-") and k != "__main__.log"}
+    same = SEARCH_OK if stage == "search" else [f"arch={finished_runs['arch']}", "data.max_docs=40", "data.seq_len=64",
+                                                "logger=none", "retrain.epochs=1", "retrain.steps_per_epoch=1",
+                                                "retrain.batch_size=4", "retrain.eval_batches=1",
+                                                "teacher_head.fit=false"]  # fmt: skip
+    proc = _cli(stage, [*same, *changed, "resume=true"], run)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "other settings" in last and expected in last and "Traceback" not in proc.stderr
+    after = _snapshot(run)
+    assert all(after[k] == v for k, v in keep.items())  # the finished run is untouched

@@ -18,6 +18,7 @@ from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
 from ..space import ArchConfig, ArchError
 from ..supernet import uniform_layer_map
 from ..teacher import DEFAULT_ALIASES, check_seq_len, check_vocab, load_teacher
+from ..utils.fingerprint import check_fingerprint, fingerprint
 from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
@@ -116,18 +117,20 @@ def retrain(
         raise ArchError("pass either search_dir= or init_from=, not both: both say where the weights start")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-
-    teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
-    check_inputs(cfg, arch, teacher)
-    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
-                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
-
     state_path = run_dir / STATE_FILE
     state = (
         load_checkpoint(state_path, device, "retrain state", "model")
         if cfg.resume and state_path.exists()
         else None
     )
+    settings = fingerprint(cfg, "retrain")
+    if state is not None:  # before the teacher and the data load
+        check_fingerprint(state.get("meta", {}).get("settings"), settings, str(state_path))
+
+    teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
+    check_inputs(cfg, arch, teacher)
+    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
+                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
     model_cls = ElmForCausalLM if arch.causal else ElmForMaskedLM
     config_kwargs = dict(hidden_dropout_prob=r.dropout, attention_probs_dropout_prob=r.dropout,
                          pad_token_id=teacher.tokenizer.pad_token_id or 0)  # fmt: skip
@@ -175,7 +178,7 @@ def retrain(
             logger=logger, progress=cfg.progress, checkpoint_every=r.get("checkpoint_every"),
             grad_accum=r.get("grad_accum", 1), compile=bool(cfg.get("compile", False)),
         )  # fmt: skip
-        trainer.meta = {"init": init}
+        trainer.meta = {"init": init, "settings": settings}
         if state is not None:
             trainer.load_state_dict(state)
             log.info("resumed from %s at epoch %d (step %d)", state_path, trainer.epoch, trainer.step)

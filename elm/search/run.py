@@ -19,6 +19,7 @@ from ..data.corpus import load_corpus
 from ..space import ArchConfig
 from ..supernet import SpaceConfig
 from ..teacher import load_teacher
+from ..utils.fingerprint import check_fingerprint, fingerprint
 from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
@@ -61,6 +62,14 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_search_settings(cfg, space.num_layers)  # before the teacher and the data load
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
+    state_path = run_dir / STATE_FILE
+    if not cfg.resume and state_path.exists():
+        raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
+                         "or choose another hydra.run.dir")  # fmt: skip
+    settings = fingerprint(cfg, "search")
+    state = load_state(state_path, device) if cfg.resume and state_path.exists() else None
+    if state is not None:  # before the teacher and the data load
+        check_fingerprint(state.get("settings"), settings, str(state_path))
 
     teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
     space.resolve(teacher.hidden_size).validate()
@@ -72,11 +81,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_budgets(space, budgets, cka.min_heads)  # before loading data or training anything
     data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
-    state_path = run_dir / STATE_FILE
-    resuming = bool(cfg.resume) and state_path.exists()
-    if not cfg.resume and state_path.exists():
-        raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
-                         "or choose another hydra.run.dir")  # fmt: skip
+    resuming = state is not None
     logger = None
     if rank == 0:
         logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
@@ -90,10 +95,11 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
         eval_batches=s.eval_batches, analysis_batch_size=s.analysis_batch_size, seed=cfg.seed,
         device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
-        checkpoint_every=s.get("checkpoint_every"),
+        checkpoint_every=s.get("checkpoint_every"), settings=settings,
     )  # fmt: skip
-    if resuming:
-        trainer.load_state_dict(load_state(state_path, device))
+    if state is not None:
+        trainer.load_state_dict(state)
+        del state
         log.info("resumed from %s at step %d (epoch %d)", state_path, trainer.step, trainer.epoch + 1)
         if logger is not None:  # the metrics of finished epochs, exactly once
             logger.rewrite(trainer.history)

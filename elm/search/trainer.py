@@ -115,6 +115,8 @@ class SearchTrainer:
             ``inherit_batches`` corpus batches of ``batch_size`` feed its statistics. False (and
             resumed runs) only install the shared basis.
         eval_batches: validation batches scoring the candidates (the analysis batch is disjoint).
+        settings: the run's settings fingerprint (``elm.utils.fingerprint``), kept in the state for
+            resume to compare.
     """
 
     def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd", point: float = 1.0,
@@ -125,7 +127,7 @@ class SearchTrainer:
                  eval_batches: int = 8, analysis_batch_size: int = 16, seed: int = 0,
                  device: torch.device | str = "cpu", precision: str = "bf16",
                  run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True,
-                 checkpoint_every: int | None = None) -> None:  # fmt: skip
+                 checkpoint_every: int | None = None, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
         if isinstance(point, bool) or not isinstance(point, int | float) or point < 0:
@@ -138,6 +140,7 @@ class SearchTrainer:
                 f"{'causal' if teacher.causal else 'bidirectional'}; set space.causal={teacher.causal}"
             )
         self.teacher, self.loss, self.point, self.seed, self.chain_prob = teacher, loss, float(point), seed, chain_prob
+        self.settings = settings
         self.pca = (pca or PCAConfig()).validate(space)
         self.cka = (cka or CKAConfig()).validate(space)
         self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
@@ -402,6 +405,7 @@ class SearchTrainer:
             "point": self.point,
             "train_embeddings": self.distiller.train_embeddings,
             "chain_prob": self.chain_prob,
+            "settings": self.settings,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "epoch_sums": self.epoch_sums,
