@@ -1,5 +1,5 @@
 """Shared test setup: one intra-op thread (tiny tensors lose to thread start-up on 2 cores),
-no wandb, no hub access."""
+no wandb, no hub access, and the packaged MiniLM teacher loaded once per session."""
 
 import os
 
@@ -17,3 +17,11 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The default teacher (the packaged all-MiniLM-L6-v2), frozen; shared read-only by the tests."""
+    from elm.teacher import load_teacher
+
+    return load_teacher()

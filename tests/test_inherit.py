@@ -34,15 +34,6 @@ from elm.supernet.teacher_weights import (
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    from elm.teacher import load_teacher
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        return load_teacher()
-
-
-@pytest.fixture(scope="module")
 def batches(teacher, tmp_path_factory):
     from elm.data import load_corpus
     from elm.data.collate import sample_batches

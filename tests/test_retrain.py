@@ -20,7 +20,6 @@ from elm import ArchConfig
 from elm.modeling import ElmForMaskedLM, config_from_arch
 from elm.retrain import init_from_search, retrain
 from elm.retrain.trainer import STATE_FILE, RetrainTrainer
-from elm.teacher import load_teacher
 from elm.utils.cli import CONFIG_DIR
 from elm.utils.logging import read_metrics
 
@@ -57,17 +56,12 @@ def search_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    return load_teacher(None)
-
-
 def test_init_from_search_copies_the_supernet_slices(search_dir, teacher, tmp_path):
     arch = ArchConfig.from_json(search_dir / "arch.json")
     model, info = init_from_search(search_dir, arch, teacher, ElmForMaskedLM)
     chosen = next(iter(json.loads((search_dir / "pareto.json").read_text())["chosen"].values()))
     assert info["choice"] == chosen["choice"] and info["candidates"] == chosen["candidates"]
-    raw = torch.load(search_dir / "search_state.pt", map_location="cpu", weights_only=False)["supernet"]
+    raw = torch.load(search_dir / "search_state.pt", map_location="cpu", weights_only=True)["supernet"]
     for li, (ci, layer) in enumerate(zip(info["choice"], arch.layers)):
         src, dst = f"layers.{li}.{ci}.", model.elm.layers[li]
         width, a, f = layer.width(arch.hidden_size), layer.attention_size, layer.ffn_dim
@@ -121,7 +115,7 @@ def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
     arch = ArchConfig.from_json(model_dir / "arch.json")
     assert arch == ArchConfig.from_json(search_dir / "arch.json")
     trained = ElmForMaskedLM(config_from_arch(arch))
-    trained.load_state_dict(torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["model"])
+    trained.load_state_dict(torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)["model"])
     loaded = AutoModelForMaskedLM.from_pretrained(model_dir)
     assert type(loaded) is ElmForMaskedLM
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -162,7 +156,7 @@ def test_resume_continues_from_the_checkpoint(search_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(RetrainTrainer, "train_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         retrain(compose_cfg(*head), arch, run, search_dir)
-    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 3) and not (run / "model").exists()
     monkeypatch.setattr(RetrainTrainer, "train_epoch", train_epoch)
 
@@ -212,7 +206,7 @@ def test_signal_mid_epoch_then_resume_matches(search_dir, tmp_path, signal_name)
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == (-9 if signal_name == "KILL" else 143), proc.stderr[-2000:]
     assert not (run / "DONE").exists() and not (run / "model").exists()
-    step = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+    step = torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)["step"]
     assert step == (4 if signal_name == "KILL" else 5)  # TERM is honoured at the next step boundary
     resumed = run_cli("elm.retrain", *common, "resume=true", f"hydra.run.dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

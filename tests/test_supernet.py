@@ -540,15 +540,6 @@ def test_prune_heads_removes_one_of_two_identical_heads() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    from elm.teacher import load_teacher
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        return load_teacher()
-
-
-@pytest.fixture(scope="module")
 def corpus(teacher, tmp_path_factory):
     from elm.data import load_corpus
 

@@ -20,7 +20,6 @@ width comes from one pass over the data, and tests check it against ``sklearn.de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -98,7 +97,6 @@ class Basis:
 
     mean: Tensor
     proj: Tensor
-    norm_scale: float = 1.0  # RMS of P^T C x over RMS of C x: see norm_in_basis (elm.supernet.inherit)
     is_identity: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,18 +126,12 @@ class Basis:
                 f"a student may be as wide as its teacher or narrower"
             )
         c = torch.eye(teacher_dim, dtype=torch.float64) - 1.0 / teacher_dim
-        centred = Moments(c @ moments.sum_x, c @ moments.sum_xx @ c, moments.count)
         src = directions or moments
         proj = principal_directions(Moments(c @ src.sum_x, c @ src.sum_xx @ c, src.count), student_dim)
-        # a LayerNorm divides by the per-coordinate RMS of its (centred) input: over the basis'
-        # Ds coordinates that is sqrt(kept energy / Ds), over the teacher's Dt sqrt(energy / Dt)
-        energy = centred.second
-        kept = float((proj.T @ energy @ proj).trace()) / student_dim
-        scale = math.sqrt(kept / max(float(energy.trace()) / teacher_dim, 1e-30))
-        return cls(moments.mean.float(), proj.float(), scale)
+        return cls(moments.mean.float(), proj.float())
 
     def to(self, device) -> Basis:
-        return Basis(self.mean.to(device), self.proj.to(device), self.norm_scale)
+        return Basis(self.mean.to(device), self.proj.to(device))
 
     def to_student(self, h: Tensor) -> Tensor:
         """Teacher states ``[..., Dt]`` in student coordinates ``[..., Ds]``."""
