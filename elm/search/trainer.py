@@ -33,6 +33,7 @@ from ..distill.losses import kl_hidden_loss, normalised_mse, rkd_loss, rkd_targe
 from ..supernet import SpaceConfig, Supernet
 from ..supernet.inherit import inherit_supernet
 from ..supernet.teacher_weights import InheritError
+from ..utils.fingerprint import check_fingerprint
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
 from ..utils.optim import configure_optimizer
@@ -418,10 +419,7 @@ class SearchTrainer:
                  "search.chain_prob": state.get("chain_prob")}  # fmt: skip
         now = {"distill.point": self.point, "search.train_embeddings": self.distiller.train_embeddings,
                "search.chain_prob": self.chain_prob}  # fmt: skip
-        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
-        if changed:
-            raise ValueError(f"search state was written with other settings {changed} (saved, now); resume with "
-                             f"the same settings or start a new run dir")  # fmt: skip
+        check_fingerprint(saved, now, "the search state")  # what the trainer sees; run_search checks all settings
         self.supernet.load_state_dict(state["supernet"])
         self.inherit_report = state.get("inherit", {})
         self.load_elastic_state(state["elastic"])
