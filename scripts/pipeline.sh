@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/pipeline/$(date +%Y-%m-%d_%H-%M-%S)}
 SST2=${SST2:-../shared/data/sst2}
-run() { echo "+ $*"; [[ "${DRY_RUN:-0}" == 1 ]] || "$@"; }
+run() { printf '+'; printf ' %q' "$@"; echo; [[ "${DRY_RUN:-0}" == 1 ]] || "$@"; }
 
 run python -m elm.search "hydra.run.dir=$OUT/search" logger=none progress=false "$@"
 # the same retraining (configs/compare.yaml: 2 x 150 steps) and fine-tuning budget for every model
@@ -26,8 +26,13 @@ if [[ -d "$SST2" ]]; then
   TASKS="bbc,$SST2"
   SST2_ROWS=("+task_finetune={sst2: {data: {max_train: 4000}}}")
 fi
+# task distillation of the searched student too (column <task>+kd): the teacher fine-tuned on each
+# task teaches it on that task's rows plus 2 masked-word variants of each, for 2 epochs, at the
+# learning rate its plain fine-tuning picked
 run python -m elm.compare "search_dir=$OUT/search" "hydra.run.dir=$OUT/compare" \
     "models=[searched,scratch,uniform,teacher_slice,teacher]" "tasks=[$TASKS]" "seeds=[0,1,2]" \
-    finetune.data.max_train=800 "${SST2_ROWS[@]}"
+    finetune.data.max_train=800 "${SST2_ROWS[@]}" \
+    task_distill.enabled=true task_distill.augment.enabled=true task_distill.augment.n=2 \
+    "+task_distill.train={epochs: 2}"
 echo "exported model: $OUT/compare/retrain/searched/model"
 echo "comparison:     $OUT/compare/comparison.md (.csv, .png)"

@@ -126,6 +126,7 @@ FINISHED = [
     ("retrain", "DONE", '{"stage": "retrain"}'),
     ("compare", "DONE", '{"stage": "compare"}'),
     ("finetune", "results.json", '{"per_seed": [], "complete": true}'),
+    ("distill_task", "results.json", '{"per_seed": [], "complete": true}'),
     ("causal.pipeline", "DONE", '{"stage": "causal_pipeline"}'),
 ]
 

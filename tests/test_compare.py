@@ -233,16 +233,21 @@ def test_cli_compare_end_to_end(tmp_path):
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, "-m", "elm.compare", f"search_dir={search}", "seeds=[0,1]", "random.n=2",
-                           "models=[searched,scratch,uniform,random,teacher]", "+retrain.teacher_head.steps=3",
-                           "finetune.train.lr_sweep=[1e-3,3e-3]", "+task_finetune={bbc: {data: {max_train: 12}}}",
-                           "retrain.data.max_docs=40", "retrain.data.seq_len=64", "retrain.retrain.epochs=1",
-                           "retrain.retrain.steps_per_epoch=2", "retrain.retrain.batch_size=4",
-                           "+retrain.retrain.eval_batches=1", "finetune.data.max_train=16", "finetune.data.max_eval=16",
-                           "finetune.data.max_length=32", "finetune.train.max_steps=2", "finetune.train.batch_size=8",
-                           "latency.batch_sizes=[1,4]", "latency.seq_len=32", "latency.repeats=2", "latency.warmup=0",
-                           f"hydra.run.dir={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    args = [f"search_dir={search}", "seeds=[0,1]", "random.n=2", "models=[searched,scratch,uniform,random,teacher]",
+            "+retrain.teacher_head.steps=3", "finetune.train.lr_sweep=[1e-3,3e-3]",
+            "+task_finetune={bbc: {data: {max_train: 12}}}", "retrain.data.max_docs=40", "retrain.data.seq_len=64",
+            "retrain.retrain.epochs=1", "retrain.retrain.steps_per_epoch=2", "retrain.retrain.batch_size=4",
+            "+retrain.retrain.eval_batches=1", "finetune.data.max_train=16", "finetune.data.max_eval=16",
+            "finetune.data.max_length=32", "finetune.train.max_steps=2", "finetune.train.batch_size=8",
+            "latency.batch_sizes=[1,4]", "latency.seq_len=32", "latency.repeats=2", "latency.warmup=0",
+            "task_distill.enabled=true", f"hydra.run.dir={out}"]  # fmt: skip
+
+    def compare(*extra: str) -> subprocess.CompletedProcess:
+        keys = {e.split("=")[0] for e in extra}
+        return subprocess.run([sys.executable, "-m", "elm.compare", *[a for a in args if a.split("=")[0] not in keys],
+                               *extra], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    proc = compare()
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "comparison.json").read_text())
     assert (
@@ -273,8 +278,23 @@ def test_cli_compare_end_to_end(tmp_path):
         assert bbc["lr_sweep"][f"{bbc['lr']:g}"] == max(bbc["lr_sweep"].values())
     for row in rows.values():
         assert row["val_loss"] > 0 and Path(row["model_dir"], "config.json").is_file()
+    # task distillation of the searched row only, with the same budget, from the teacher fine-tuned on bbc
+    kd, bbc = rows["searched"]["tasks"]["bbc+kd"], rows["searched"]["tasks"]["bbc"]
+    assert [r["seed"] for r in kd["per_seed"]] == [0, 1] and kd["train_size"] == 12 and kd["lr"] == bbc["lr"]
+    assert kd["distillation"]["teacher"]["finetuned_here"] and str(out / "distill_teacher") in kd["distillation"]["teacher"]["cache"]
+    assert all("bbc+kd" not in r["tasks"] for n, r in rows.items() if n != "searched")
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
     table = (out / "comparison.md").read_text()
-    assert "speed-up b1" in table and "bbc of teacher" in table and "| teacher |" in table
+    assert "speed-up b1" in table and "bbc of teacher" in table and "| teacher |" in table and "bbc+kd of teacher" in table
     assert len((out / "comparison.csv").read_text().splitlines()) == 6
+
+    # a resume with other settings is refused before anything is written, naming the key
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"}
+    for change, key in (("retrain.retrain.steps_per_epoch=3", "retrain.steps_per_epoch: 2 -> 3"),
+                        ("finetune.train.max_steps=3", "train.max_steps: 2 -> 3")):  # fmt: skip
+        refused = compare("resume=true", change)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        lines = [ln for ln in refused.stderr.splitlines() if ln.startswith("[elm.compare]")]
+        assert len(lines) == 1 and key in lines[0], refused.stderr[-2000:]
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == finished

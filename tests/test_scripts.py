@@ -39,3 +39,29 @@ def test_slurm_dry_run() -> None:
 def test_unknown_stage_is_refused() -> None:
     out = _dry(str(SCRIPTS / "launch.sh"), "serach")
     assert out.returncode == 2 and "unknown stage 'serach'" in out.stderr
+
+
+def test_pipeline_commands_compose(tmp_path) -> None:
+    """Every command pipeline.sh prints parses as the stage's Hydra config (``--cfg job`` composes
+    and prints it without running), with the SST-2 rows and task distillation switched on."""
+    import shlex
+    import sys
+
+    import yaml
+
+    (tmp_path / "sst2").mkdir()
+    out = _dry(str(SCRIPTS / "pipeline.sh"), OUT=str(tmp_path / "out"), SST2=str(tmp_path / "sst2"))
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert [c[:3] for c in commands] == [["python", "-m", "elm.search"], ["python", "-m", "elm.compare"]]
+    configs = []
+    for cmd in commands:
+        proc = subprocess.run([sys.executable, *cmd[1:], "--cfg", "job"], cwd=SCRIPTS.parent, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        configs.append(yaml.safe_load(proc.stdout))
+    compare = configs[1]
+    assert compare["tasks"] == ["bbc", str(tmp_path / "sst2")]
+    assert compare["task_finetune"] == {"sst2": {"data": {"max_train": 4000}}}
+    kd = compare["task_distill"]
+    assert kd["enabled"] and kd["augment"]["enabled"] and kd["augment"]["n"] == 2 and kd["train"] == {"epochs": 2}

@@ -9,7 +9,8 @@ A row is one model::
 Missing values print as ``-`` (markdown) / empty (CSV). Scores are shown x100 in markdown and the
 figure, as GLUE reports them; the CSV keeps raw values. When a ``teacher`` row is present, every
 row also gets its task scores as a fraction of the teacher's and its latency as a speed-up over
-the teacher's (teacher ms / row ms). Figures follow ``elm.search.plots``: a fresh
+the teacher's (teacher ms / row ms); a task-distilled column (``<task>+kd``) is compared with the
+teacher's plain fine-tuning score on that task. Figures follow ``elm.search.plots``: a fresh
 ``Figure`` per call, no pyplot.
 """
 
@@ -27,6 +28,7 @@ from matplotlib.figure import Figure
 from ..utils.io import atomic_write_text
 
 DPI = 120
+KD_SUFFIX = "+kd"  # a row's task key for its task-distilled score (elm.compare task_distill.enabled)
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
@@ -74,6 +76,8 @@ def of_teacher(row: Mapping[str, Any], teacher: Mapping[str, Any] | None, task: 
     if teacher is None:
         return None
     mine, theirs = _score(row, task, metric)[0], _score(teacher, task, metric)[0]
+    if theirs is None and task.endswith(KD_SUFFIX):  # a task-distilled row: of the teacher's plain score
+        theirs = _score(teacher, task[: -len(KD_SUFFIX)], metric)[0]
     return mine / theirs if mine is not None and theirs else None
 
 

@@ -15,12 +15,17 @@ Reads like the procedure:
 4. latency of every row and of the teacher, measured side by side (:mod:`elm.compare.latency`);
 5. fine-tune every row, and the ``teacher`` itself, on every task with the same seeds and settings
    (``elm.finetune.run_finetune``; with ``finetune.train.lr_sweep`` each model picks its learning
-   rate on the dev split first);
+   rate on held-out training rows first); with ``task_distill.enabled`` the rows named in
+   ``task_distill.models`` are also task-distilled (``elm.distill_task``: same budget and seeds,
+   the learning rate plain fine-tuning picked for that model and task, no second sweep) from the
+   teacher fine-tuned on the task, as column ``<task>+kd``;
 6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`: accuracy as a fraction of the
    teacher's, latency as a speed-up over it) and ``DONE``.
 
 Run dir layout: ``retrain/<model>/`` (checkpoint, export ``model/``), ``finetune/<model>/<task>/``
-(``results.json``). With ``resume=true`` finished sub-runs found there are reused.
+(``results.json``). With ``resume=true`` finished sub-runs found there are reused, after
+:func:`check_finished_subruns` has checked, before anything is written, that each ran with the
+settings asked for now.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ from ..utils.io import atomic_write_json
 from ..utils.runtime import resolve_device
 from .baselines import layer_params, random_arch, uniform_arch
 from .latency import measure_side_by_side
-from .report import task_label, write_comparison
+from .report import KD_SUFFIX, task_label, write_comparison
 from .slice import slice_arch
 
 log = logging.getLogger("elm.compare")
+RESULT_KEYS = ("metrics", "mean", "std", "per_seed", "train_size", "eval_size", "time_s", "params", "lr", "lr_sweep")
 MODELS = ("searched", "scratch", "uniform", "random", "teacher_slice", "teacher")
 DONE_FILE = "DONE"
 
@@ -138,6 +144,7 @@ def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path
     if resume and done.is_file():
         result = json.loads(done.read_text())
         if Path(result.get("model_dir", "")).is_dir():
+            _check_finished_retrain(retrain_cfg, out)
             log.info("%s: reusing the finished retrain in %s", name, out)
             return result
     start = "supernet init" if search_dir else f"init from {init_from}" if init_from else "scratch"
@@ -145,6 +152,54 @@ def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path
     cfg = retrain_cfg.copy()
     cfg.resume = resume  # a half-done retrain (its checkpoint) is continued, not refused
     return retrain(cfg, arch, out, search_dir=search_dir, init_from=init_from)
+
+
+def _check_finished_retrain(retrain_cfg: DictConfig, out: Path) -> None:
+    """A finished retrain is reused only if it ran with the settings asked for now (its state file's
+    fingerprint), so a resumed comparison never mixes rows trained two ways."""
+    from ..retrain.run import STATE_FILE
+    from ..utils.fingerprint import check_fingerprint, fingerprint
+    from ..utils.io import load_checkpoint
+
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = load_checkpoint(state_path, "cpu", "retrain state", "meta")
+        check_fingerprint(state.get("meta", {}).get("settings"), fingerprint(retrain_cfg, "retrain"), str(state_path))
+
+
+def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConfig, ft_cfg: DictConfig,
+                           names: list[str]) -> None:  # fmt: skip
+    """(``resume=true``) Before anything is written: every finished retrain, fine-tuning and task
+    distillation found in ``run_dir`` must have run with the settings asked for now; otherwise one
+    line names the changed key and the finished comparison stays as it was."""
+    from ..finetune.checkpoint import check_same_run
+
+    for name in names:
+        if (run_dir / "retrain" / name / DONE_FILE).is_file():
+            _check_finished_retrain(retrain_cfg, run_dir / "retrain" / name)
+    for model in cfg.models:
+        for task in cfg.tasks:
+            ft = task_config(cfg, ft_cfg, str(task))
+            ft.task = str(task)
+            base = run_dir / "finetune" / model / task_label(str(task))
+            plain = _stored(base / RESULTS_FILE)
+            if plain is not None:
+                ft.model = plain.get("model")
+                check_same_run(plain, ft, str(plain.get("model")), base / RESULTS_FILE)
+            kd_path = base.with_name(base.name + KD_SUFFIX) / RESULTS_FILE
+            kd = _stored(kd_path)
+            if kd is not None and cfg.task_distill.enabled:
+                dcfg = distill_config(cfg, ft, str(kd.get("model")), str(retrain_cfg.teacher.name), run_dir)
+                dcfg.train.lr, dcfg.train.lr_sweep = (plain or {}).get("lr", dcfg.train.lr), None
+                check_same_run(kd, dcfg, str(kd.get("model")), kd_path)
+
+
+def _stored(path: Path) -> dict[str, Any] | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
@@ -173,15 +228,33 @@ def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
 
 
 def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resume: bool) -> dict[str, Any]:
-    path = out / RESULTS_FILE
-    if resume and path.is_file():
-        results = json.loads(path.read_text())
-        if results.get("complete"):
-            return results
+    """Fine-tune one row on one task; on resume a finished run is returned by ``run_finetune`` itself
+    after it has checked that the run's settings are the ones asked for now."""
     cfg = ft_cfg.copy()
     cfg.model, cfg.task = model_dir, task
     cfg.resume = resume  # an unfinished fine-tune continues from its checkpoint
     return run_finetune(cfg, out)
+
+
+def distill_config(cfg: DictConfig, ft: DictConfig, model_dir: str, teacher: str, run_dir: Path) -> DictConfig:
+    """The ``elm.distill_task`` config of one row and task: that task's fine-tuning settings (the same
+    budget as plain fine-tuning), then ``task_distill``'s loss / augmentation / teacher settings; one
+    fine-tuned teacher per task is shared by every row (``<run dir>/distill_teacher``)."""
+    own = OmegaConf.to_container(cfg.task_distill, resolve=True)
+    own.pop("enabled", None)
+    own.pop("models", None)
+    settings = {k: v for k, v in OmegaConf.to_container(ft).items() if k not in ("model", "tokenizer")}
+    dcfg = OmegaConf.merge(compose_config("distill_task", [], settings), own)
+    dcfg.student, dcfg.model, dcfg.teacher.name = model_dir, model_dir, teacher
+    dcfg.teacher_finetune.cache_dir = str(run_dir / "distill_teacher")
+    return dcfg
+
+
+def _distill_one(dcfg: DictConfig, out: Path, resume: bool) -> dict[str, Any]:
+    from ..distill_task import run_distill_task
+
+    dcfg.resume = resume  # a finished run is returned after its settings are checked, as in _finetune_one
+    return run_distill_task(dcfg, out)
 
 
 def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) -> None:
@@ -204,6 +277,16 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
     extra = [k for k in cfg.get("task_finetune") or {} if k not in labels]
     if extra:
         raise ValueError(f"task_finetune has settings for {extra}, which are not among the tasks {labels}")
+    td = cfg.get("task_distill") or {}
+    if td.get("enabled"):
+        bad = [m for m in td.get("models") or [] if m not in cfg.models or m == "teacher"]
+        if bad or not td.get("models"):
+            raise ValueError(f"task_distill.models={list(td.get('models') or [])} must name rows of models "
+                             f"({', '.join(m for m in cfg.models if m != 'teacher')}); the teacher is not distilled")  # fmt: skip
+        from ..distill_task.run import check_augment, kd_weights
+
+        probe = distill_config(cfg, ft_cfg, "<student>", str(retrain_cfg.teacher.name), Path("."))
+        kd_weights(probe), check_augment(probe)
     for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
         ft = task_config(cfg, ft_cfg, str(task))
         ft.task = str(task)
@@ -242,6 +325,8 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         teacher = load_teacher(retrain_cfg.teacher.name, causal=retrain_cfg.teacher.get("causal"))
     archs = candidate_archs(cfg, arch, space, budget, teacher)
+    if cfg.resume:
+        check_finished_subruns(cfg, run_dir, retrain_cfg, ft_cfg, list(archs))
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "search_dir": str(search_dir), "budget": budget, "budget_source": budget_source,
@@ -294,8 +379,15 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             out = run_dir / "finetune" / model / task_label(str(task))
             res = _finetune_one(task_config(cfg, ft_cfg, str(task)), str(row["model_dir"]), str(task), out,
                                 bool(cfg.resume))
-            row["tasks"][str(task)] = {k: res.get(k) for k in ("metrics", "mean", "std", "per_seed", "train_size",
-                                                               "eval_size", "time_s", "params", "lr", "lr_sweep")}  # fmt: skip
+            row["tasks"][str(task)] = {k: res.get(k) for k in RESULT_KEYS}
+            if cfg.get("task_distill") and cfg.task_distill.enabled and model in cfg.task_distill.models:
+                ft = task_config(cfg, ft_cfg, str(task))
+                ft.task = str(task)
+                dcfg = distill_config(cfg, ft, str(row["model_dir"]), str(retrain_cfg.teacher.name), run_dir)
+                dcfg.train.lr, dcfg.train.lr_sweep = float(res["lr"]), None  # the rate plain fine-tuning picked
+                res = _distill_one(dcfg, run_dir / "finetune" / model / f"{task_label(str(task))}{KD_SUFFIX}",
+                                   bool(cfg.resume))  # fmt: skip
+                row["tasks"][f"{task}{KD_SUFFIX}"] = {k: res.get(k) for k in (*RESULT_KEYS, "distillation")}
         rows.append(row)
         summary["rows"] = rows
         atomic_write_json(run_dir / "comparison.json", summary)

@@ -250,6 +250,27 @@ def reverse_kl(
     return _token_kl(student_logits, teacher_logits, attention_mask, temperature, reverse=True)
 
 
+def soft_label_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Task distillation's soft-label loss over examples (Hinton et al.; TinyBERT's prediction layer).
+
+    Classification (``[N, C]``, C >= 2): ``T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over
+    the N examples; the ``T^2`` keeps gradient sizes comparable across temperatures. Regression
+    (``[N]`` or ``[N, 1]``): the MSE between the student's and the teacher's predictions
+    (``temperature`` unused). 0 when the logits are equal; computed in at least float32.
+    """
+    s, t = _float(student_logits), _float(teacher_logits).to(_float(student_logits).dtype)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} logits differ in shape")
+    if s.dim() == 1 or s.shape[-1] == 1:
+        return F.mse_loss(s.reshape(-1), t.reshape(-1))
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    return kl.mean() * temperature**2
+
+
 @torch.no_grad()
 def cosine_diversity(outputs: list[Tensor], mask: Tensor | None = None) -> float:
     """Mean pairwise cosine similarity between candidate blocks' outputs of one layer.

@@ -214,13 +214,13 @@ class CheckpointCallback(TrainerCallback):
 _RESUME_FREE = {"save_steps", "save_model"}
 
 
-def _check_same_run(stored: dict[str, Any], cfg: DictConfig, model_path: str, path: Path) -> None:
+def check_same_run(stored: dict[str, Any], cfg: DictConfig, model_path: str, path: Path) -> None:
     """A resumed run must train the same model on the same task with the same settings."""
     was = stored.get("config") or {}
     now = OmegaConf.to_container(cfg, resolve=True)
     diffs = [("model", stored.get("model"), model_path), ("task", stored.get("task"), str(cfg.task))]
-    diffs += [(k, was.get(k), now.get(k)) for k in ("tokenizer", "reinit_head", "precision")]
-    for section in ("data", "train"):
+    diffs += [(k, was.get(k), now.get(k)) for k in ("tokenizer", "reinit_head", "precision", "teacher")]
+    for section in ("data", "train", "kd", "augment", "teacher_finetune"):  # the last three: elm.distill_task
         old, new = was.get(section) or {}, now.get(section) or {}
         diffs += [
             (f"{section}.{k}", old.get(k), new.get(k)) for k in sorted((set(old) | set(new)) - _RESUME_FREE)
@@ -262,7 +262,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, seeds: list[int], model_path: str) 
         log.info("resume=true but %s holds no run yet: starting a new one", run_dir)
         return fresh
     if stored is not None:
-        _check_same_run(stored, cfg, model_path, path)
+        check_same_run(stored, cfg, model_path, path)
     records = {r["seed"]: r for r in (stored or {}).get("per_seed", []) if r.get("seed") in seeds}
     if stored is not None and stored.get("complete") and stored.get("seeds") == seeds:
         return {**fresh, "finished": stored}

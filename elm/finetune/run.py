@@ -235,12 +235,14 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str, 
 
 def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: Any, seed: int, out_dir: Path,
                   *, resume_from: str | Path | None = None, preemption: Preemption | None = None,
-                  run_dir: Path | None = None, lr: float | None = None) -> dict[str, Any]:  # fmt: skip
+                  run_dir: Path | None = None, lr: float | None = None, distill: Any = None) -> dict[str, Any]:  # fmt: skip
     """Fine-tune once from ``model_path`` with ``seed``; validation metrics, losses and timings.
 
     ``resume_from``: a complete ``checkpoint-<step>`` folder of this seed to continue from.
     ``preemption``: an entered :class:`Preemption`; when SIGTERM sets it, the Trainer checkpoints at
     the next step end and stops, and this raises :class:`Preempted` naming the checkpoint.
+    ``distill``: task distillation (:class:`elm.distill_task.run.TaskDistiller`): its trainer class,
+    collator and the training rows it prepared replace the plain ones.
     """
     import transformers
     from transformers import AutoModelForSequenceClassification, Trainer
@@ -262,10 +264,14 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     marker = read_marker(Path(resume_from)) if resume_from is not None else None
     callback = CheckpointCallback(preemption or Preemption(), save=save_steps(cfg.train) > 0, rank=rank,
                                   train_time_s=float((marker or {}).get("train_time_s", 0.0)))  # fmt: skip
-    trainer = Trainer(
+    args = _training_args(cfg, out_dir, seed, device.type, lr)
+    make, collator = (Trainer, PadCollator(tokenizer)) if distill is None else (distill.trainer, distill.collator(tokenizer))
+    if distill is not None:
+        args.remove_unused_columns = False  # teacher_logits / kd_hard reach compute_loss
+    trainer = make(
         model=model,
-        args=_training_args(cfg, out_dir, seed, device.type, lr),
-        data_collator=PadCollator(tokenizer),
+        args=args,
+        data_collator=collator,
         train_dataset=task.train,
         eval_dataset=task.validation,
         compute_metrics=trainer_metrics(task.metric),
@@ -330,11 +336,12 @@ def _seeds(cfg: DictConfig) -> list[int]:
     return seeds
 
 
-def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> dict[str, Any]:
     """Check inputs, then fine-tune ``cfg.model`` on ``cfg.task`` once per seed; returns results.json.
 
     With ``resume=true`` continues the run in ``run_dir`` (see the module docstring). Under torchrun
-    every rank calls this; rank 0 decides what to resume and writes the files.
+    every rank calls this; rank 0 decides what to resume and writes the files. ``distill``: train by
+    task distillation instead (:mod:`elm.distill_task`; same seeds, files and resume rules).
     """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -358,7 +365,10 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
     lr, sweep = float(cfg.train.lr), lr_sweep(cfg)
     if sweep:
-        lr, sweep = select_lr(cfg, run_dir, sweep, seeds[0])
+        lr, sweep = select_lr(cfg, run_dir, sweep, seeds[0], distill)
+    train_size = len(task.train)
+    if distill is not None:  # the original rows (+ variants) with the teacher's logits
+        task.train = distill.train_set(task, tokenizer)
 
     writer = rank == 0
     results: dict[str, Any] = {
@@ -368,13 +378,14 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "num_labels": task.num_labels,
         "metrics": list(task.metric),
         "label_names": task.label_names,
-        "train_size": len(task.train),
+        "train_size": train_size,
         "eval_size": len(task.validation),
         "seeds": seeds,
         "lr": lr,
         "lr_sweep": sweep or None,
         "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **({"distillation": distill.facts} if distill is not None else {}),
         "per_seed": list(plan["done"]),
         "complete": False,
     }
@@ -401,7 +412,7 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             seed_dir = run_dir / f"seed{seed}"
             record = finetune_seed(cfg, model_path, task, tokenizer, seed, seed_dir,
                                    resume_from=plan["checkpoints"].get(seed), preemption=preemption,
-                                   run_dir=run_dir, lr=lr)  # fmt: skip
+                                   run_dir=run_dir, lr=lr, distill=distill)  # fmt: skip
             log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
             results["per_seed"] = [*results["per_seed"], record]
             results["per_seed"].sort(key=lambda r: seeds.index(r["seed"]))
@@ -429,7 +440,8 @@ def lr_sweep(cfg: DictConfig) -> list[float]:
     return [float(v) for v in values]
 
 
-def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int) -> tuple[float, dict[str, float]]:
+def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int,
+              distill: Any = None) -> tuple[float, dict[str, float]]:  # fmt: skip
     """[project decision] The learning rate of this model on this task, chosen on held-out training
     data: one run per rate with the first seed, trained on the training subset minus
     ``train.lr_sweep_holdout`` of it and scored on that part (``<run dir>/lr_sweep/lr<rate>``, kept
@@ -442,7 +454,7 @@ def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int) -> 
         sub = cfg.copy()
         sub.train.lr, sub.train.lr_sweep, sub.seeds, sub.resume = rate, None, [seed], True
         sub.data.holdout = float(cfg.train.get("lr_sweep_holdout", 0.2))
-        result = run_finetune(sub, run_dir / "lr_sweep" / f"lr{rate:g}")
+        result = run_finetune(sub, run_dir / "lr_sweep" / f"lr{rate:g}", distill)
         scores[f"{rate:g}"] = float(result["mean"]["score"])
         log.info("lr sweep: lr=%g scored %.4f on held-out training data", rate, scores[f"{rate:g}"])
     best = max(sweep, key=lambda r: (scores[f"{r:g}"], -sweep.index(r)))

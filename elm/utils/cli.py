@@ -12,7 +12,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 # the stages with a data-parallel implementation; the others refuse torchrun before any work
-DISTRIBUTED_STAGES = ("search", "retrain", "finetune")
+DISTRIBUTED_STAGES = ("search", "retrain", "finetune", "distill_task")
 
 
 @contextlib.contextmanager
@@ -75,3 +75,15 @@ def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
         sys.exit(2)
     if resume and (path / ".hydra").is_dir() and _override(argv[1:], "hydra.output_subdir") is None:
         argv.append(f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def teacher_shorthand(argv: list[str] | None = None) -> None:
+    """``teacher=<dir or hub name>`` means ``teacher.name=<it>`` when it is not one of the
+    ``configs/teacher`` presets (``teacher=minilm``, ``teacher=bert_base``), which Hydra would
+    otherwise reject as an unknown group choice."""
+    argv = sys.argv if argv is None else argv
+    presets = {p.stem for p in (CONFIG_DIR / "teacher").glob("*.yaml")}
+    for i, arg in enumerate(argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if sep and key == "teacher" and value not in presets:
+            argv[i] = f"teacher.name={value}"

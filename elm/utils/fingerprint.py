@@ -6,6 +6,8 @@ batch), as are the ones read only after training (budgets, strategy, plots)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -51,3 +53,8 @@ def check_fingerprint(saved: dict[str, Any] | None, now: dict[str, Any], what: s
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ValueError(f"resume=true but {what} was written with other settings ({shown}{more}); resume with the "
                          "same settings or choose another hydra.run.dir")  # fmt: skip
+
+
+def digest(value: Any) -> str:
+    """A stable hex digest of plain settings (dicts, lists, numbers, strings): cache keys."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,209 @@
+"""``run_distill_task(cfg, run_dir)``: a student for one task, taught by the teacher fine-tuned on it.
+
+Reads like the procedure (TinyBERT's second stage; method doc §7 for the evaluation protocol):
+
+1. check every setting and input before any training (:func:`check_inputs`): the student and the
+   teacher dirs, one tokenizer for both (the teacher's logits are computed on the student's token
+   ids), label counts, ``kd.*`` and ``augment.*``;
+2. the task teacher (:func:`elm.distill_task.teacher.task_teacher`): fine-tuned once and cached,
+   or given already fine-tuned;
+3. the training rows (:meth:`TaskDistiller.train_set`): the task's training subset, plus
+   ``augment.n`` masked-word variants of each row when ``augment.enabled``
+   (:mod:`elm.distill_task.augment`), each with the teacher's logits; cached in
+   ``<run dir>/distill_data/<key>`` (Arrow files, no pickles);
+4. the seeds, ``results.json``, checkpoints, resume, SIGTERM, torchrun and the learning-rate sweep
+   are :func:`elm.finetune.run_finetune`'s with :class:`elm.distill_task.trainer.DistillTrainer`
+   as the trainer: the output has the same format as ``elm.finetune`` plus ``distillation`` (the
+   teacher's accuracy, where it came from, the loss weights, the number of variants).
+
+[project decision] Defaults (``configs/distill_task.yaml``): soft labels at T=1 and no hard-label
+term, as in TinyBERT's prediction-layer stage; hidden-state RKD and attention KD off by default
+because each doubles the CPU step (the teacher runs online); augmentation off by default (it
+multiplies the training rows), on in ``scripts/pipeline.sh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.tasks import TaskData
+from ..finetune.checkpoint import on_rank0
+from ..finetune.run import (
+    check_compatible,
+    finetune_tokenizer,
+    load_model_config,
+    prepare_task,
+    resolve_model,
+    run_finetune,
+)
+from ..teacher import load_tokenizer
+from ..utils.fingerprint import digest
+from ..utils.runtime import resolve_device
+from .teacher import task_teacher
+from .trainer import DistillCollator, DistillTrainer, KDWeights, teacher_logits
+
+log = logging.getLogger("elm.distill_task")
+
+
+def kd_weights(cfg: DictConfig) -> KDWeights:
+    kd = OmegaConf.to_container(cfg.kd, resolve=True)
+    unknown = set(kd) - set(KDWeights.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"kd has unknown keys {sorted(unknown)}; valid: {sorted(KDWeights.__dataclass_fields__)}")
+    return KDWeights(**kd).validate()
+
+
+def check_augment(cfg: DictConfig) -> dict[str, Any]:
+    """``augment.*`` checked (the values named when bad)."""
+    a = OmegaConf.to_container(cfg.augment, resolve=True)
+    if not isinstance(a.get("enabled"), bool):
+        raise ValueError(f"augment.enabled={a.get('enabled')!r} must be true or false")
+    for key, low in (("n", 1), ("top_k", 1), ("batch_size", 1)):
+        v = a.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"augment.{key}={v!r} must be an integer >= {low}")
+    p = a.get("prob")
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+        raise ValueError(f"augment.prob={p!r} must be a number in (0, 1]")
+    return a
+
+
+def same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
+    """Both models must read the same token ids (the teacher's logits are computed on them)."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            f"the student's tokenizer ({student_tok.name_or_path!r}, {len(student_tok)} tokens) and the teacher's "
+            f"({teacher_tok.name_or_path!r}, {len(teacher_tok)} tokens) differ; task distillation needs one "
+            "vocabulary: use a student distilled from this teacher (or tokenizer=<the teacher's>)"
+        )
+
+
+def check_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """Every setting and input of the run, before the teacher is fine-tuned or any data prepared."""
+    if OmegaConf.is_missing(cfg, "student") or cfg.student in (None, ""):
+        raise ValueError("student=<dir> is required: an exported elm student (retrain output) or any HF encoder dir")
+    student = resolve_model(cfg.student)
+    teacher = resolve_model(cfg.teacher.name)
+    if Path(student).resolve() == Path(teacher).resolve():
+        raise ValueError(f"student and teacher are the same model ({student}); give the student to distil into")
+    kd, augment = kd_weights(cfg), check_augment(cfg)
+    seed = cfg.teacher_finetune.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"teacher_finetune.seed={seed!r} must be an integer")
+    student_config, teacher_config = load_model_config(student), load_model_config(teacher)
+    tokenizer = finetune_tokenizer(student, cfg.get("tokenizer"))
+    same_vocabulary(tokenizer, load_tokenizer(teacher))
+    if augment["enabled"]:
+        from .augment import word_vocabulary
+
+        word_vocabulary(tokenizer)
+    task = prepare_task(cfg, tokenizer)
+    check_compatible(student_config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
+    return {"student": student, "teacher": teacher, "teacher_config": teacher_config, "kd": kd,
+            "augment": augment, "task": task}  # fmt: skip
+
+
+class TaskDistiller:
+    """What :func:`elm.finetune.run_finetune` needs to distil instead of fine-tune: the trainer, the
+    collator, and the training rows with the teacher's logits (and variants)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, teacher: dict[str, Any], student: str, kd: KDWeights,
+                 augment: dict[str, Any]) -> None:  # fmt: skip
+        self.cfg, self.run_dir, self.teacher_info = cfg, run_dir, teacher
+        self.student, self.kd, self.augment = student, kd, augment
+        self.device = resolve_device(cfg.device)
+        self._teacher: Any = None
+        self.facts: dict[str, Any] = {"teacher": teacher, "kd": kd.__dict__, "augment": dict(augment)}
+
+    def teacher_model(self) -> Any:
+        """The fine-tuned teacher (eager attention when its maps are distilled), loaded once, frozen."""
+        if self._teacher is None:
+            import transformers
+            from transformers import AutoModelForSequenceClassification
+
+            kwargs = {"attn_implementation": "eager"} if self.kd.attention > 0 else {}
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(self.teacher_info["path"], **kwargs)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+            self._teacher = model.eval().requires_grad_(False)
+        return self._teacher
+
+    def trainer(self, **kwargs: Any) -> DistillTrainer:
+        return DistillTrainer(kd=self.kd, teacher=self.teacher_model() if self.kd.needs_teacher else None, **kwargs)
+
+    def collator(self, tokenizer: Any) -> DistillCollator:
+        return DistillCollator(tokenizer)
+
+    def train_set(self, task: TaskData, tokenizer: Any) -> Any:
+        """The training rows for distillation (built on rank 0, cached, loaded by every rank)."""
+        from datasets import Dataset
+
+        path, meta = on_rank0(lambda: self._build(task, tokenizer))
+        self.facts["train_rows"], self.facts["variants"] = meta["rows"], meta["variants"]
+        self.facts["proposer"] = meta.get("proposer")
+        return Dataset.load_from_disk(path)
+
+    def _key(self, task: TaskData) -> str:
+        ids = hashlib.sha1(json.dumps(list(map(list, task.train["input_ids"]))).encode()).hexdigest()
+        weights = Path(self.teacher_info["path"]) / "model.safetensors"
+        stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
+        return digest({"rows": ids, "labels": list(task.train["labels"]), "teacher": self.teacher_info["path"],
+                       "stamp": stamp, "augment": self.augment, "seed": int(self.cfg.data.split_seed)})[:12]  # fmt: skip
+
+    def _build(self, task: TaskData, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+        from datasets import Dataset
+
+        out = self.run_dir / "distill_data" / self._key(task)
+        if (out / "elm_rows.json").is_file():
+            log.info("reusing the distillation rows in %s", out)
+            return str(out), json.loads((out / "elm_rows.json").read_text())
+        rows = [{k: task.train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+                for i in range(len(task.train))]  # fmt: skip
+        for row in rows:
+            row["kd_hard"] = 1.0
+        meta: dict[str, Any] = {"rows": len(rows), "variants": 0}
+        if self.augment["enabled"]:
+            from .augment import augment, load_proposer
+
+            mlm, meta["proposer"] = load_proposer(str(self.augment["mlm"]), self.teacher_info["source"], self.student)
+            log.info("augmenting %d rows x %d with %s", len(rows), self.augment["n"], meta["proposer"])
+            variants = augment(rows, mlm, tokenizer, n=int(self.augment["n"]), prob=float(self.augment["prob"]),
+                               top_k=int(self.augment["top_k"]), seed=int(self.cfg.data.split_seed),
+                               batch_size=int(self.augment["batch_size"]), device=self.device)  # fmt: skip
+            gold = [r["labels"] for r in rows]
+            rows += [{**v, "labels": gold[src], "kd_hard": 0.0} for src, v in variants]
+            meta["variants"] = len(variants)
+            del mlm
+        log.info("teacher logits for %d rows", len(rows))
+        logits = teacher_logits(self.teacher_model(), rows, DistillCollator(tokenizer), device=self.device)
+        for row, z in zip(rows, logits):
+            row["teacher_logits"] = z
+        meta["rows"] = len(rows)
+        tmp = out.with_name(out.name + ".tmp")
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+        (tmp / "elm_rows.json").write_text(json.dumps(meta))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return str(out), meta
+
+
+def run_distill_task(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Check, get the task teacher, distil the student once per seed; returns results.json."""
+    run_dir = Path(run_dir)
+    checked = check_inputs(cfg)
+    teacher = task_teacher(cfg, run_dir, checked["teacher"], checked["teacher_config"], checked["task"])
+    distiller = TaskDistiller(cfg, run_dir, teacher, checked["student"], checked["kd"], checked["augment"])
+    return run_finetune(cfg, run_dir, distill=distiller)
