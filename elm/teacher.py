@@ -317,6 +317,9 @@ def load_teacher(
         raise TeacherError(
             f"teacher directory {path!r} has no config.json; expected a save_pretrained model directory"
         )
+    from .utils.io import check_weight_files
+
+    check_weight_files(path)
     local_only = hub_offline() or is_dir
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)

@@ -51,6 +51,22 @@ CASES = [
     ("retrain", ["arch=/no/such/arch.json"], "/no/such/arch.json"),
     ("finetune", ["model=/no/such/model"], "/no/such/model"),
     ("finetune", ["model=default", "task=/no/such/task.tsv"], "/no/such/task.tsv"),
+    # Hydra-level mistakes: one line and exit 2 too (elm.utils.cli.check_overrides)
+    ("search", ["search.epocs=3"], "search.epocs"),
+    ("search", ["space=huge"], "space/huge"),
+    ("search", ["seed=1,2"], "seed=1,2"),
+    ("search", ["search.epochs=[1"], "[1"),
+    ("search", ["device=tpu"], "device='tpu'"),
+    ("search", ["search.budgets.small=inf"], "search.budgets.small=inf"),
+    ("search", ["data.seq_len=long"], "data.seq_len='long'"),
+    ("retrain", ["retrain.epoch=2"], "retrain.epoch"),
+    ("finetune", ["model=default", "train.lr_sweeep=[1e-3]"], "train.lr_sweeep"),
+    ("distill_task", ["student=default", "kd.sof=1"], "kd.sof"),
+    ("distill_task", ["student=default", "augment.n=0"], "augment.n=0"),
+    ("finetune", ["model={truncated}"], "is truncated or corrupt"),
+    ("search", ["teacher.name={truncated}"], "is truncated or corrupt"),
+    ("compare", ["search_dir=/no/such/run", "modles=[searched]"], "modles"),
+    ("causal.evaluate", ["nonsense_key=1"], "nonsense_key"),
 ]
 
 
@@ -61,17 +77,35 @@ def _cli(stage: str, overrides: list[str], run_dir: Path) -> subprocess.Complete
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory) -> Path:
+    """A saved model whose safetensors file lost its second half (an interrupted copy)."""
+    import torch
+
+    from elm import ArchConfig, ElmForMaskedLM, LayerConfig, config_from_arch
+
+    out = tmp_path_factory.mktemp("truncated")
+    arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=30522, max_positions=128,
+                      layers=[LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=32)]).validate()  # fmt: skip
+    torch.manual_seed(0)
+    ElmForMaskedLM(config_from_arch(arch)).save_pretrained(out)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out
+
+
 @pytest.mark.parametrize(("stage", "overrides", "expected"), CASES, ids=[" ".join(c[1]) for c in CASES])
 def test_bad_input_fails_early_and_clearly(
-    stage: str, overrides: list[str], expected: str, tmp_path: Path
+    stage: str, overrides: list[str], expected: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     run_dir = tmp_path / "run"
+    if any("{truncated}" in o for o in overrides):
+        overrides = [o.format(truncated=request.getfixturevalue("truncated")) for o in overrides]
     proc = _cli(stage, overrides, run_dir)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    message = next((line for line in reversed(lines) if expected in line), None)
-    assert message is not None, proc.stderr[-1500:]
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"[elm.{stage}] error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     for finished in ("DONE", "arch.json", "search_state.pt", "retrain_state.pt", "results.json"):
         assert not (run_dir / finished).exists(), finished
 
@@ -237,6 +271,13 @@ def test_bad_task_labels_are_refused(labels: str, expected: str, tmp_path: Path)
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_a_task_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "task.tsv").write_bytes(b"sentence\tlabel\nfine\t1\n\xff\xfe broken\t0\n")
+    proc = _cli("finetune", ["model=default", f"task={tmp_path / 'task.tsv'}"], tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'task.tsv'}' is not UTF-8 text" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_random_bytes_are_not_a_corpus(tmp_path: Path) -> None:
     (tmp_path / "corpus.txt").write_bytes(np.random.default_rng(0).bytes(200_000))
     proc = _cli("search", [f"data.source={tmp_path / 'corpus.txt'}"], tmp_path / "run")
@@ -291,3 +332,31 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_run(
     assert "other settings" in last and expected in last and "Traceback" not in proc.stderr
     after = _snapshot(run)
     assert all(after[k] == v for k, v in keep.items())  # the finished run is untouched
+
+
+def test_bench_and_a_comma_in_the_run_dir_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bench = subprocess.run([sys.executable, "-m", "elm.bench", "--device", "tpu"], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert bench.returncode == 2 and bench.stderr.strip().splitlines() == [
+        "[elm.bench] error: device='tpu' is unknown; valid: auto, cpu, cuda, cuda:<index>"]
+    comma = _cli("finetune", ["model=default"], tmp_path / "a,b")
+    assert comma.returncode == 2 and "has a comma" in comma.stderr and len(comma.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a,b").exists()
+
+
+def test_a_failed_checkpoint_write_leaves_the_good_one_and_no_temp_file(tmp_path: Path) -> None:
+    """A write that fails midway (here: an object that cannot be pickled; on a full disk: ENOSPC)."""
+    import torch
+
+    from elm.utils.io import atomic_torch_save, atomic_write_text
+
+    good = atomic_torch_save({"step": 1}, tmp_path / "state.pt")
+    before = good.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises
+        atomic_torch_save({"step": 2, "bad": lambda: None}, tmp_path / "state.pt")
+    assert good.read_bytes() == before and torch.load(good, weights_only=True) == {"step": 1}
+    atomic_write_text(tmp_path / "results.json", "{}")
+    with pytest.raises(TypeError):
+        atomic_write_text(tmp_path / "results.json", 123)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "state.pt"]

@@ -64,4 +64,4 @@ def test_pipeline_commands_compose(tmp_path) -> None:
     assert compare["tasks"] == ["bbc", str(tmp_path / "sst2")]
     assert compare["task_finetune"] == {"sst2": {"data": {"max_train": 4000}}}
     kd = compare["task_distill"]
-    assert kd["enabled"] and kd["augment"]["enabled"] and kd["augment"]["n"] == 2 and kd["train"] == {"epochs": 2}
+    assert kd["enabled"] and kd["models"] == ["searched"] and not kd["augment"]["enabled"]

@@ -11,6 +11,7 @@ import platform
 
 import torch
 
+from ..utils.cli import fail_cleanly
 from ..utils.runtime import autocast, resolve_device
 from . import cases
 
@@ -31,7 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="subset of: mlm inference supernet analysis")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse: a bad flag is one usage line and exit 2
+    unknown = sorted(set(args.only or []) - {"mlm", "inference", "supernet", "analysis"})
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: unknown case(s); valid: mlm inference supernet analysis")
+    with fail_cleanly("bench"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     reps = 2 if args.quick else 5
     ctx = lambda: autocast(device, args.precision)  # noqa: E731

@@ -116,17 +116,20 @@ def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[
     """``(line number, object)`` for each JSON object of a ``.jsonl`` file (blank lines skipped);
     ``error`` is raised naming the first bad line."""
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise error(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise error(f"{path}:{lineno} is not a JSON object")
-            rows.append((lineno, row))
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise error(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise error(f"{path}:{lineno} is not a JSON object")
+                rows.append((lineno, row))
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     return rows
 
 

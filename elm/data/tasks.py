@@ -134,11 +134,14 @@ def compute_metrics(
 def _read_table(path: Path) -> list[dict[str, str]]:
     """Rows of a ``.tsv`` (GLUE style: no quoting) or ``.csv`` file with a header line."""
     tsv = path.suffix == ".tsv"
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(
-            fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-        )
-        rows = list(reader)
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(
+                fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+            )
+            rows = list(reader)
+    except UnicodeDecodeError as err:
+        raise TaskError(f"task file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not rows:
         raise TaskError(f"task file {str(path)!r} has no rows")
     bad = next((i for i, r in enumerate(rows, 2) if None in r or None in r.values()), None)

@@ -36,6 +36,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    guard_run_dir("distill_task")
     teacher_shorthand()  # teacher=<dir> as well as teacher=minilm / teacher.name=<dir>
+    guard_run_dir("distill_task")
     sys.exit(main())

@@ -89,14 +89,14 @@ def check_inputs(cfg: DictConfig) -> dict[str, Any]:
     """Every setting and input of the run, before the teacher is fine-tuned or any data prepared."""
     if OmegaConf.is_missing(cfg, "student") or cfg.student in (None, ""):
         raise ValueError("student=<dir> is required: an exported elm student (retrain output) or any HF encoder dir")
+    kd, augment = kd_weights(cfg), check_augment(cfg)  # settings first, then files
+    seed = cfg.teacher_finetune.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"teacher_finetune.seed={seed!r} must be an integer")
     student = resolve_model(cfg.student)
     teacher = resolve_model(cfg.teacher.name)
     if Path(student).resolve() == Path(teacher).resolve():
         raise ValueError(f"student and teacher are the same model ({student}); give the student to distil into")
-    kd, augment = kd_weights(cfg), check_augment(cfg)
-    seed = cfg.teacher_finetune.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"teacher_finetune.seed={seed!r} must be an integer")
     student_config, teacher_config = load_model_config(student), load_model_config(teacher)
     tokenizer = finetune_tokenizer(student, cfg.get("tokenizer"))
     same_vocabulary(tokenizer, load_tokenizer(teacher))

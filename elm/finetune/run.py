@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
 from ..teacher import load_tokenizer, resolve_model_path
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.preempt import Preempted, Preemption
 from ..utils.runtime import any_rank, dist_info, resolve_device, seed_everything
@@ -79,6 +79,7 @@ def resolve_model(model: Any) -> str:
     path = resolve_model_path(str(model))
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ValueError(f"model dir {str(model)!r} has no config.json; is it a save_pretrained folder?")
+    check_weight_files(path)
     return path
 
 

@@ -51,9 +51,9 @@ def resolve_budgets(budgets: dict[str, float | None], reference_params: int) -> 
     for name, value in budgets.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
             raise ValueError(
-                f"search.budgets.{name}={value!r} must be a positive number (fraction <= 1 or count)"
+                f"search.budgets.{name}={value!r} must be a positive finite number (fraction <= 1 or count)"
             )
         out[name] = int(value * reference_params) if value <= 1 else int(value)
     if not out:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,12 @@ def fail_cleanly(stage: str):
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"[elm.{stage}] error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # the machine, not elm: no permission, a full or read-only disk
+        if not (isinstance(err, PermissionError) or err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"[elm.{stage}] error: {err.strerror or err}{where}; nothing finished was removed", file=sys.stderr)
+        sys.exit(2)
 
 
 def _override(argv: list[str], key: str) -> str | None:
@@ -58,15 +66,61 @@ def finished_work(run_dir: Path) -> str | None:
     return None
 
 
-def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
-    """Before Hydra writes anything into ``hydra.run.dir``: refuse a dir that holds finished work
-    (one line, exit 2), and on ``resume=true`` send Hydra's own files to ``.hydra/resume-<time>``
-    so the finished or interrupted run's ``.hydra/config.yaml`` stays the record of what it ran."""
+# each command's Hydra config (configs/<name>.yaml)
+STAGE_CONFIGS = {"search": "search", "retrain": "retrain", "finetune": "finetune", "distill_task": "distill_task",
+                 "compare": "compare", "causal.pipeline": "causal_pipeline", "causal.minillm": "causal_minillm",
+                 "causal.evaluate": "causal_eval", "causal.teacher_train": "causal_teacher", "teacher": "causal_teacher"}  # fmt: skip
+
+
+def _refuse(stage: str, message: str) -> None:
+    print(f"[elm.{stage}] error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_overrides(stage: str, argv: list[str] | None = None) -> None:
+    """Compose the command's config with its command-line overrides before Hydra runs, so that a
+    typo'd key, an unknown group choice, a value Hydra cannot parse or a comma in a ``hydra.*`` path
+    (Hydra reads it as a sweep) is one line naming it and exit 2, not Hydra's own several lines
+    and exit 1. ``--multirun`` / ``--cfg`` calls are left to Hydra."""
     argv = sys.argv if argv is None else argv
+    config = STAGE_CONFIGS.get(stage)
+    if config is None or any(a.startswith("-") for a in argv[1:]):
+        return
+    args = [a for a in argv[1:] if "=" in a]
+    hydra_args = [a for a in args if a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for arg in hydra_args:
+        key, _, value = arg.partition("=")
+        if "," in value and not (value[:1] in "'\"" and value[-1:] == value[:1]):
+            _refuse(stage, f"{key}={value} has a comma, which Hydra reads as a sweep; quote the value or choose one without")
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name=config, overrides=[a for a in args if a not in hydra_args])
+    except Exception as err:  # noqa: BLE001 - Hydra / OmegaConf errors become one line; anything else is a bug
+        if not type(err).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type=", "Set the"))]
+        _refuse(stage, " ".join(lines[:3]) or type(err).__name__)
+
+
+def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
+    """Before Hydra writes anything into ``hydra.run.dir``: check the overrides
+    (:func:`check_overrides`), refuse a dir that holds finished work (one line, exit 2), and on
+    ``resume=true`` send Hydra's own files to ``.hydra/resume-<time>`` so the finished or
+    interrupted run's ``.hydra/config.yaml`` stays the record of what it ran."""
+    argv = sys.argv if argv is None else argv
+    check_overrides(stage, argv)
     run_dir = _override(argv[1:], "hydra.run.dir")
     if not run_dir or "${" in run_dir:
         return
     path = Path(run_dir).expanduser()
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _refuse(stage, f"hydra.run.dir={run_dir} cannot be written ({existing} is not writable); choose another dir")
     resume = (_override(argv[1:], "resume") or "false").lower() in ("true", "1", "yes")
     marker = finished_work(path)
     if marker and not resume:

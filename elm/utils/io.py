@@ -12,13 +12,25 @@ from typing import Any
 import torch
 
 
+def _discard_on_error(tmp: str) -> None:
+    """A failed write (full disk, interrupt) leaves no orphan temp file beside the good one."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _discard_on_error(tmp)
+        raise
     return path
 
 
@@ -31,8 +43,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _discard_on_error(tmp)
+        raise
     return path
 
 
@@ -56,3 +72,20 @@ def load_checkpoint(path: str | Path, device: Any, what: str, key: str) -> dict[
     if not isinstance(state, dict) or key not in state:
         raise ValueError(f"{path} is not an elm {what}")
     return state
+
+
+def check_weight_files(model_dir: str | Path) -> None:
+    """Every ``*.safetensors`` file of a model dir opens (header and size agree): a truncated or
+    corrupt weights file is one ValueError naming it, before any model is built."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError and OSError mean the same here
+            raise ValueError(f"weights file {file} is truncated or corrupt ({str(err).splitlines()[0]}); "
+                             "export or download it again") from None  # fmt: skip

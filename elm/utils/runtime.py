@@ -23,9 +23,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is unknown; valid: auto, cpu, cuda, cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:<index>") from None
 
 
 def autocast(device: torch.device, precision: str = "bf16"):
