@@ -6,6 +6,7 @@ Table-driven: each row is (stage, overrides, text the last stderr line must cont
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,15 @@ CASES = [
     ("finetune", ["model={truncated}"], "is truncated or corrupt"),
     ("search", ["teacher.name={truncated}"], "is truncated or corrupt"),
     ("compare", ["search_dir=/no/such/run", "modles=[searched]"], "modles"),
+    # every retrain / fine-tuning setting before the teacher loads
+    ("retrain", ["arch={arch_file}", "retrain.epochs=0"], "retrain.epochs=0"),
+    ("retrain", ["arch={arch_file}", "retrain.lr=-1"], "retrain.lr=-1"),
+    ("retrain", ["arch={arch_file}", "retrain.schedule=step"], "retrain.schedule='step'"),
+    ("retrain", ["arch={arch_file}", "teacher_head.steps=0"], "teacher_head.steps=0"),
+    ("retrain", ["arch={arch_file}", "distill.temperature=0"], "distill.temperature=0"),
+    ("finetune", ["model=default", "train.lr=0"], "train.lr=0"),
+    ("finetune", ["model=default", "data.max_train=0"], "data.max_train=0"),
+    ("finetune", ["model=default", "precision=fp8"], "fp8"),
     ("causal.evaluate", ["nonsense_key=1"], "nonsense_key"),
 ]
 
@@ -75,6 +85,11 @@ def _cli(stage: str, overrides: list[str], run_dir: Path) -> subprocess.Complete
     base = TINY if stage == "search" else []
     cmd = [sys.executable, "-m", f"elm.{stage}", *base, *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def arch_file(tmp_path_factory) -> Path:
+    return _tiny_arch(tmp_path_factory.mktemp("arch") / "arch.json")
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +114,9 @@ def test_bad_input_fails_early_and_clearly(
     stage: str, overrides: list[str], expected: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     run_dir = tmp_path / "run"
-    if any("{truncated}" in o for o in overrides):
-        overrides = [o.format(truncated=request.getfixturevalue("truncated")) for o in overrides]
+    names = {n for o in overrides for n in re.findall(r"\{(\w+)\}", o)}  # fixtures the case needs
+    if names:
+        overrides = [o.format(**{n: request.getfixturevalue(n) for n in names}) for o in overrides]
     proc = _cli(stage, overrides, run_dir)
     assert proc.returncode == 2, proc.stderr[-1500:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith(f"[elm.{stage}] error:")]

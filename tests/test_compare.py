@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,18 @@ def test_bad_inputs_are_refused(tmp_path):
     typo = OmegaConf.merge(base, {"tasks": ["bbc"], "task_finetune": {"sst": {"data": {"max_train": 10}}}})
     with pytest.raises(ValueError, match=r"task_finetune has settings for \['sst'\].*\['bbc'\]"):
         _check_inputs(typo, compose_config("retrain", []), compose_config("finetune", []))
+    # every retrain / fine-tuning / distillation setting before the first (long) retrain
+    ok = OmegaConf.merge(base, {"tasks": ["bbc"]})
+    cases = [(ok, {"retrain": {"epochs": 0}}, {}, "retrain.epochs=0"),
+             (ok, {}, {"train": {"lr": -1.0}}, "train.lr=-1.0"),
+             (OmegaConf.merge(ok, {"task_finetune": {"bbc": {"data": {"max_train": 0}}}}), {}, {}, "data.max_train=0"),
+             (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "kd": {"temperature": 0}}}), {}, {},
+              "kd.temperature=0"),
+             (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "models": ["teacher"]}}), {}, {},
+              "the teacher is not distilled")]  # fmt: skip
+    for cfg, retrain, finetune, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _check_inputs(cfg, compose_config("retrain", [], retrain), compose_config("finetune", [], finetune))
 
 
 # ---- end to end ----------------------------------------------------------------------------

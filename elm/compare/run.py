@@ -41,7 +41,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..finetune.run import RESULTS_FILE, prepare_task, run_finetune
+from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig
 from ..supernet import SpaceConfig
 from ..utils.cli import CONFIG_DIR
@@ -287,9 +287,13 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
 
         probe = distill_config(cfg, ft_cfg, "<student>", str(retrain_cfg.teacher.name), Path("."))
         kd_weights(probe), check_augment(probe)
+    from ..retrain.settings import check_retrain_settings
+
+    check_retrain_settings(retrain_cfg)
     for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
         ft = task_config(cfg, ft_cfg, str(task))
         ft.task = str(task)
+        check_finetune_settings(ft)
         prepare_task(ft, tokenizer)
 
 

@@ -62,6 +62,7 @@ from .checkpoint import (
     remove_checkpoints,
     train_loss,
 )
+from .settings import batch_sizes, check_finetune_settings, lr_sweep, save_steps
 
 log = logging.getLogger("elm.finetune")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
@@ -170,26 +171,6 @@ def trainer_metrics(metric_names: list[str]) -> Callable[[Any], dict[str, float]
         return compute_metrics(list(metric_names), logits, pred.label_ids)
 
     return metrics
-
-
-def batch_sizes(t: DictConfig, world: int) -> tuple[int, int]:
-    """(per-device train batch, per-device eval batch): ``train.batch_size`` is the global batch,
-    split over ``world`` ranks and ``grad_accum`` micro-steps; ``eval_batch_size`` over the ranks."""
-    batch, accum = int(t.batch_size), int(t.grad_accum)
-    if batch < 1 or accum < 1 or batch % (world * accum):
-        raise ValueError(f"train.batch_size={batch} is the global batch: it must be divisible by world size x "
-                         f"train.grad_accum ({world} x {accum})")  # fmt: skip
-    if int(t.eval_batch_size) < 1:
-        raise ValueError(f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
-    return batch // (world * accum), -(-int(t.eval_batch_size) // world)
-
-
-def save_steps(t: DictConfig) -> int:
-    """``train.save_steps`` (null / 0 = checkpoints only on SIGTERM)."""
-    steps = t.get("save_steps") or 0
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"train.save_steps={steps!r} must be a positive integer, 0 or null")
-    return steps
 
 
 def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str, lr: float | None = None):
@@ -327,16 +308,6 @@ def summarise(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float], dict[st
     return mean, std
 
 
-def _seeds(cfg: DictConfig) -> list[int]:
-    seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers, got {cfg.seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds has duplicates: {seeds}")
-    return seeds
-
-
 def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> dict[str, Any]:
     """Check inputs, then fine-tune ``cfg.model`` on ``cfg.task`` once per seed; returns results.json.
 
@@ -346,12 +317,9 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
     """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    seeds = _seeds(cfg)
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
-        raise ValueError("train.epochs or train.max_steps must be positive")
+    seeds = check_finetune_settings(cfg)
     rank, world = dist_info()
     batch_sizes(cfg.train, world)
-    save_steps(cfg.train)
     device = resolve_device(cfg.device)
     model_path = resolve_model(None if OmegaConf.is_missing(cfg, "model") else cfg.model)
     config = load_model_config(model_path)
@@ -430,15 +398,6 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
     results["complete"] = True
     save()
     return results
-
-
-def lr_sweep(cfg: DictConfig) -> list[float]:
-    """``train.lr_sweep``: learning rates to try (empty/null = use ``train.lr``)."""
-    sweep = cfg.train.get("lr_sweep") or []
-    values = list(OmegaConf.to_container(sweep) if OmegaConf.is_config(sweep) else sweep)
-    if any(isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in values):
-        raise ValueError(f"train.lr_sweep={values} must list positive learning rates (or be null)")
-    return [float(v) for v in values]
 
 
 def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int,

@@ -32,6 +32,7 @@ from .init import (
     init_from_search,
     load_search_state,
 )
+from .settings import check_retrain_settings
 from .teacher_head import share_head, teacher_head
 from .trainer import STATE_FILE, RetrainTrainer
 
@@ -109,6 +110,7 @@ def retrain(
     if (run_dir / STATE_FILE).exists() and not cfg.resume:  # before any loading
         raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
                          "or choose another hydra.run.dir")  # fmt: skip
+    check_retrain_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     r = cfg.retrain
     arch = arch.validate()
