@@ -106,14 +106,14 @@ def check_overrides(stage: str, argv: list[str] | None = None) -> None:
 
 
 def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
-    """Before Hydra writes anything into ``hydra.run.dir``: check the overrides
-    (:func:`check_overrides`), refuse a dir that holds finished work (one line, exit 2), and on
+    """Before Hydra writes anything into ``hydra.run.dir``: refuse a dir that cannot be written or
+    holds finished work (one line, exit 2), check the overrides (:func:`check_overrides`), and on
     ``resume=true`` send Hydra's own files to ``.hydra/resume-<time>`` so the finished or
     interrupted run's ``.hydra/config.yaml`` stays the record of what it ran."""
     argv = sys.argv if argv is None else argv
-    check_overrides(stage, argv)
     run_dir = _override(argv[1:], "hydra.run.dir")
     if not run_dir or "${" in run_dir:
+        check_overrides(stage, argv)
         return
     path = Path(run_dir).expanduser()
     existing = path.absolute()
@@ -127,6 +127,7 @@ def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
         print(f"[elm.{stage}] error: hydra.run.dir={run_dir} already holds a finished run ({marker}); choose another "
               "hydra.run.dir (nothing was written)", file=sys.stderr)  # fmt: skip
         sys.exit(2)
+    check_overrides(stage, argv)
     if resume and (path / ".hydra").is_dir() and _override(argv[1:], "hydra.output_subdir") is None:
         argv.append(f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}")
 
