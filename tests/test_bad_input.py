@@ -68,7 +68,7 @@ CASES = [
     ("search", ["teacher.name={truncated}"], "is truncated or corrupt"),
     ("compare", ["search_dir=/no/such/run", "modles=[searched]"], "modles"),
     # every retrain / fine-tuning setting before the teacher loads
-    ("retrain", ["arch={arch_file}", "retrain.epochs=0"], "retrain.epochs=0"),
+    ("retrain", ["arch={arch_file}", "retrain.epochs=-1"], "retrain.epochs=-1"),
     ("retrain", ["arch={arch_file}", "retrain.lr=-1"], "retrain.lr=-1"),
     ("retrain", ["arch={arch_file}", "retrain.schedule=step"], "retrain.schedule='step'"),
     ("retrain", ["arch={arch_file}", "teacher_head.steps=0"], "teacher_head.steps=0"),

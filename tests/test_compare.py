@@ -220,7 +220,7 @@ def test_bad_inputs_are_refused(tmp_path):
         _check_inputs(typo, compose_config("retrain", []), compose_config("finetune", []))
     # every retrain / fine-tuning / distillation setting before the first (long) retrain
     ok = OmegaConf.merge(base, {"tasks": ["bbc"]})
-    cases = [(ok, {"retrain": {"epochs": 0}}, {}, "retrain.epochs=0"),
+    cases = [(ok, {"retrain": {"epochs": -1}}, {}, "retrain.epochs=-1"),
              (ok, {}, {"train": {"lr": -1.0}}, "train.lr=-1.0"),
              (OmegaConf.merge(ok, {"task_finetune": {"bbc": {"data": {"max_train": 0}}}}), {}, {}, "data.max_train=0"),
              (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "kd": {"temperature": 0}}}), {}, {},

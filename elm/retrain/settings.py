@@ -13,7 +13,7 @@ from .trainer import SCHEDULES
 def check_retrain_settings(cfg: DictConfig) -> None:
     """The ``retrain``, ``distill``, ``teacher_head`` and ``data`` settings of ``configs/retrain.yaml``."""
     r = cfg.retrain
-    check_number("retrain.epochs", r.epochs, 1)
+    check_number("retrain.epochs", r.epochs, 0)  # 0: export the initialised model as it is
     check_number("retrain.steps_per_epoch", r.steps_per_epoch, 1, none=True)
     check_number("retrain.batch_size", r.batch_size, 1)
     check_number("retrain.grad_accum", r.get("grad_accum", 1), 1)
@@ -34,9 +34,10 @@ def check_retrain_settings(cfg: DictConfig) -> None:
     h = cfg.teacher_head
     if not isinstance(h.fit, bool):
         raise ValueError(f"teacher_head.fit={h.fit!r} must be true or false")
-    check_number("teacher_head.steps", h.steps, 1)
-    check_number("teacher_head.lr", h.lr, 0, integer=False, strict=True)
-    check_number("teacher_head.batch_size", h.batch_size, 1)
+    if h.fit:
+        check_number("teacher_head.steps", h.steps, 1)
+        check_number("teacher_head.lr", h.lr, 0, integer=False, strict=True)
+        check_number("teacher_head.batch_size", h.batch_size, 1)
     check_number("data.seq_len", cfg.data.seq_len, 2)
     check_number("data.val_fraction", cfg.data.val_fraction, 0, integer=False, strict=True, high=0.5)
     check_number("seed", cfg.seed, 0)
