@@ -46,6 +46,7 @@ from ..finetune.run import (
 from ..teacher import load_tokenizer
 from ..utils.fingerprint import digest
 from ..utils.runtime import resolve_device
+from ..utils.settings import check_number
 from .teacher import task_teacher
 from .trainer import DistillCollator, DistillTrainer, KDWeights, teacher_logits
 
@@ -65,13 +66,9 @@ def check_augment(cfg: DictConfig) -> dict[str, Any]:
     a = OmegaConf.to_container(cfg.augment, resolve=True)
     if not isinstance(a.get("enabled"), bool):
         raise ValueError(f"augment.enabled={a.get('enabled')!r} must be true or false")
-    for key, low in (("n", 1), ("top_k", 1), ("batch_size", 1)):
-        v = a.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"augment.{key}={v!r} must be an integer >= {low}")
-    p = a.get("prob")
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
-        raise ValueError(f"augment.prob={p!r} must be a number in (0, 1]")
+    for key in ("n", "top_k", "batch_size"):
+        check_number(f"augment.{key}", a.get(key), 1)
+    check_number("augment.prob", a.get("prob"), 0, integer=False, strict=True, high=1)
     return a
 
 

@@ -26,6 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.tasks import TaskData
+from ..finetune.checkpoint import RESULTS_FILE
+from ..utils.cli import finished_work
 from ..utils.fingerprint import digest
 
 log = logging.getLogger("elm.distill_task")
@@ -123,7 +125,7 @@ def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any,
     out = cache_dir(cfg, run_dir, tcfg)
     seed = int(tcfg.seeds[0])
     model_dir = out / f"seed{seed}" / "model"
-    done = _complete(out)
+    done = finished_work(out) == RESULTS_FILE
     if done and not (model_dir / "config.json").is_file():
         raise ValueError(f"the teacher cache {out} is complete but has no model ({model_dir}); remove {out} to "
                          "fine-tune the teacher again")  # fmt: skip
@@ -143,9 +145,3 @@ def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any,
     return {"path": str(model_dir), "source": teacher_path, "finetuned_here": True, "reused": done,
             "cache": str(out), "metrics": results["mean"], "lr": results["lr"], "time_s": results["time_s"]}  # fmt: skip
 
-
-def _complete(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / "results.json").read_text()).get("complete"))
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -28,6 +28,7 @@ from transformers import Trainer
 
 from ..data.collate import PadCollator
 from ..distill.losses import attention_relation_loss, rkd_loss, soft_label_loss
+from ..utils.settings import check_number
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,10 @@ class KDWeights:
 
     def validate(self) -> KDWeights:
         for name in ("soft", "hard", "hidden", "attention"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise ValueError(f"kd.{name}={value!r} must be a number >= 0")
+            check_number(f"kd.{name}", getattr(self, name), 0, integer=False)
         if not self.soft + self.hard + self.hidden + self.attention > 0:
             raise ValueError("kd.soft, kd.hard, kd.hidden and kd.attention are all 0: nothing to learn from")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or not self.temperature > 0:
-            raise ValueError(f"kd.temperature={self.temperature!r} must be a number > 0")
+        check_number("kd.temperature", self.temperature, 0, integer=False, strict=True)
         return self
 
     @property
