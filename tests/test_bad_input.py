@@ -77,6 +77,28 @@ CASES = [
     ("finetune", ["model=default", "data.max_train=0"], "data.max_train=0"),
     ("finetune", ["model=default", "precision=fp8"], "fp8"),
     ("causal.evaluate", ["nonsense_key=1"], "nonsense_key"),
+    # the causal commands: every setting before a model, tokenizer or corpus loads (elm/causal/settings.py)
+    ("causal.teacher_train", ["model.n_head=5"], "model.n_head=5"),
+    ("causal.teacher_train", ["tokenizer=bpe:100"], "bpe:100"),
+    ("causal.teacher_train", ["train.lr=0"], "train.lr=0"),
+    ("causal.teacher_train", ["data.seq_len=512"], "model.n_positions=256"),
+    ("causal.teacher_train", ["train.max_time_s=-5"], "train.max_time_s=-5"),
+    ("causal.minillm", ["student=/no/such/student", "teacher.name={a_dir}"], "/no/such/student"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name=/no/such/teacher"], "/no/such/teacher"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "minillm.mix_alpha=1"], "minillm.mix_alpha=1"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "minillm.objective=sft"], "sft"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "minillm.steps=-1"], "minillm.steps=-1"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "prompts.response_end=tab"], "tab"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "prompts.source=/no/such/p.jsonl"], "/no/such/p.jsonl"),
+    ("causal.minillm", ["student={a_dir}", "teacher.name={a_dir}", "prompts.template='{{no-pe}}'"], "no-pe"),
+    ("causal.evaluate", ["model={a_dir}", "eval.top_p=0"], "eval.top_p=0"),
+    ("causal.evaluate", ["model={a_dir}", "eval.temperature=0"], "eval.temperature=0"),
+    ("causal.evaluate", ["model={a_dir}", "eval.gen_batch_size=0"], "eval.gen_batch_size=0"),
+    ("causal.pipeline", ['retrain.overrides=["retrain.lr=-1"]'], "retrain.overrides: retrain.lr=-1"),
+    ("causal.pipeline", ['search.overrides=["search.epochs=0"]'], "search.overrides: search.epochs=0"),
+    ("causal.pipeline", ['teacher.train_overrides=["model.n_head=5"]'], "teacher.train_overrides: model.n_embd=192"),
+    ("causal.pipeline", ["search.budget=huge"], "search.budget='huge'"),
+    ("causal.pipeline", ["uniform.tolerance=0"], "uniform.tolerance=0"),
 ]
 
 
@@ -90,6 +112,12 @@ def _cli(stage: str, overrides: list[str], run_dir: Path) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def arch_file(tmp_path_factory) -> Path:
     return _tiny_arch(tmp_path_factory.mktemp("arch") / "arch.json")
+
+
+@pytest.fixture(scope="module")
+def a_dir(tmp_path_factory) -> Path:
+    """An existing directory (the causal checks refuse a bad setting before reading what is inside)."""
+    return tmp_path_factory.mktemp("a_dir")
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +404,37 @@ def test_a_failed_checkpoint_write_leaves_the_good_one_and_no_temp_file(tmp_path
     with pytest.raises(TypeError):
         atomic_write_text(tmp_path / "results.json", 123)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "state.pt"]
+
+
+def _immutable(path: Path) -> bool:
+    """``chattr +i``: even root gets EPERM writing there (tests run as root, which ignores modes)."""
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_and_a_denied_write_are_one_line(tmp_path: Path) -> None:
+    """Real ENOSPC (the run's metrics file is /dev/full) and real EPERM (an immutable file or run
+    dir): one line, exit 2, and the checkpoint written before the failure is kept."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "metrics.jsonl").symlink_to("/dev/full")
+    proc = _cli("search", SEARCH_OK, full)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        "[elm.search] error: No space left on device; nothing finished was removed"), proc.stderr[-1500:]  # fmt: skip
+    assert "Traceback" not in proc.stderr and (full / "search_state.pt").is_file()
+    denied, sealed = tmp_path / "denied", tmp_path / "sealed"
+    denied.mkdir()
+    (denied / "metrics.jsonl").touch()
+    sealed.mkdir()
+    if not (_immutable(denied / "metrics.jsonl") and _immutable(sealed)):
+        pytest.skip("chattr +i is not available here (needs ext4-like fs and CAP_LINUX_IMMUTABLE)")
+    try:
+        proc = _cli("search", SEARCH_OK, denied)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        assert proc.stderr.splitlines()[-1].startswith("[elm.search] error: Operation not permitted (")
+        assert "metrics.jsonl" in proc.stderr.splitlines()[-1]
+        proc = _cli("retrain", ["arch=/no/such/arch.json"], sealed / "run")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"[elm.retrain] error: hydra.run.dir={sealed / 'run'} cannot be written ({sealed} is not writable); "
+            "choose another dir"]  # fmt: skip
+    finally:
+        subprocess.run(["chattr", "-i", str(denied / "metrics.jsonl"), str(sealed)], check=True)

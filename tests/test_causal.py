@@ -34,12 +34,13 @@ from elm.causal.minillm import (
     teacher_forced_kl,
 )
 from elm.causal.prompts import encode_pair, encode_prompt, first_sentences, load_prompts
-from elm.causal.teacher_train import compose, train_bpe_tokenizer, train_teacher
+from elm.causal.teacher_train import train_bpe_tokenizer, train_teacher
 from elm.distill.losses import reverse_kl, rkd_loss
 from elm.modeling import ElmForCausalLM, config_from_arch
 from elm.modeling.modeling_elm import attention_bias
 from elm.space import ArchConfig, LayerConfig
 from elm.supernet import CandidateBlock
+from elm.utils.settings import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 384
@@ -440,7 +441,7 @@ def test_step_budget_schedule_by_steps_and_by_time():
 @pytest.fixture(scope="module")
 def tiny_teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "gpt2-tiny"
-    cfg = compose("causal_teacher", [
+    cfg = compose_config("causal_teacher", [
         "tokenizer=bpe:512", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=64",
         "model.dropout=0.0", "data.max_docs=60", "data.seq_len=32", "train.steps=40", "train.batch_size=8",
         "train.lr=5e-3", "train.warmup_steps=4", "train.eval_batches=4", "train.max_time_s=null",
@@ -522,3 +523,21 @@ def test_causal_pipeline_end_to_end(tiny_teacher_dir, tmp_path):
         len(generate(model, tok, ["Markets\n\n"], max_new_tokens=4, do_sample=True, stop_at_newline=False))
         == 1
     )
+
+
+def test_default_causal_settings_pass_their_checks(tmp_path):
+    from elm.causal.pipeline import check_settings
+    from elm.causal.settings import check_evaluate_settings, check_minillm_settings, check_teacher_settings
+
+    check_teacher_settings(compose_config("causal_teacher", []))
+    check_evaluate_settings(compose_config("causal_eval", [f"model={tmp_path}"]))
+    check_minillm_settings(compose_config("causal_minillm", [f"student={tmp_path}", f"teacher.name={tmp_path}"]))
+    check_settings(compose_config("causal_pipeline", []))
+    for prompts in ("dolly", "jsonl"):  # the other prompt sources' defaults (jsonl needs a file)
+        jsonl = tmp_path / "p.jsonl"
+        jsonl.write_text('{"prompt": "a", "response": "b"}\n')
+        over = [f"prompts={prompts}", f"student={tmp_path}", f"teacher.name={tmp_path}", f"prompts.source={jsonl}"]
+        check_minillm_settings(compose_config("causal_minillm", over if prompts == "jsonl" else over[:3]))
+    with pytest.raises(ValueError, match="minillm.single_step=1 must be true or false"):
+        check_minillm_settings(compose_config("causal_minillm", [f"student={tmp_path}", f"teacher.name={tmp_path}",
+                                                                 "minillm.single_step=1"]))  # fmt: skip

@@ -205,7 +205,7 @@ def _rows(ids):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="retrain overrides"):
+    with pytest.raises(ValueError, match="retrain settings"):
         compose_config("retrain", [], {"retrain": {"no_such_key": 1}})
     with pytest.raises(ValueError, match="retrain_overrides"):
         compose_config("retrain", ["teacher=no_such_teacher"])

@@ -251,9 +251,9 @@ def run_evaluate(cfg, run_dir: str | Path) -> dict[str, Any]:
     from ..utils.io import atomic_write_json
     from ..utils.runtime import resolve_device, seed_everything
     from .common import load_causal_lm, set_threads
+    from .settings import check_evaluate_settings
 
-    if not cfg.get("model"):
-        raise ValueError("nothing to evaluate: pass model=<exported model dir>")
+    check_evaluate_settings(cfg)  # before the model loads
     seed_everything(cfg.seed)
     set_threads(cfg.get("threads"))
     device = resolve_device(cfg.device)

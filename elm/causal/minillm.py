@@ -466,11 +466,9 @@ def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=No
     from ..utils.runtime import resolve_device, seed_everything
     from .common import load_causal_lm
     from .prompts import load_prompts
+    from .settings import check_minillm_settings
 
-    if not cfg.get("student") or not cfg.teacher.get("name"):
-        raise ValueError(
-            "pass student=<exported causal student dir> and teacher.name=<causal teacher dir or name>"
-        )
+    check_minillm_settings(cfg)  # before a model loads
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
     set_threads(cfg.get("threads"))

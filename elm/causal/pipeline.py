@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..space import ArchConfig
 from ..utils.io import atomic_write_json, atomic_write_text
-from .teacher_train import compose, default_teacher, read_info
+from .settings import check_pipeline_settings
+from .teacher_train import default_teacher, read_info
 
 log = logging.getLogger("elm.causal")
 DONE_FILE = "DONE"
@@ -59,6 +60,35 @@ def data_overrides(cfg: DictConfig) -> list[str]:
     d = cfg.data
     return [f"data.source={d.source}", f"data.seq_len={d.seq_len}", f"data.val_fraction={d.val_fraction}",
             f"data.max_docs={_value(d.get('max_docs'))}", f"seed={cfg.seed}"]  # fmt: skip
+
+
+def teacher_overrides(cfg: DictConfig) -> list[str]:
+    """``elm.causal.teacher_train`` overrides of the local teacher (``teacher.name: null``)."""
+    return [*data_overrides(cfg), f"threads={_value(cfg.get('threads'))}", f"progress={cfg.progress}",
+            f"device={cfg.device}", *cfg.teacher.train_overrides]  # fmt: skip
+
+
+def _shared(cfg: DictConfig, teacher: str) -> list[str]:
+    return [f"teacher.name={teacher}", "teacher.causal=true", *data_overrides(cfg), f"device={cfg.device}",
+            f"precision={cfg.precision}", "logger=none", "progress=false"]  # fmt: skip
+
+
+def search_overrides(cfg: DictConfig, teacher: str) -> list[str]:
+    """``elm.search`` overrides (without the run dir and ``resume``)."""
+    return ["space.causal=true", *_shared(cfg, teacher), *cfg.search.overrides]
+
+
+def retrain_overrides(cfg: DictConfig, teacher: str) -> list[str]:
+    """``elm.retrain`` overrides shared by both students (without arch, run dir and ``resume``)."""
+    return [*_shared(cfg, teacher), *cfg.retrain.overrides]
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every pipeline setting and every sub-command's composed config, before anything trains."""
+    teacher = str(cfg.teacher.name) if cfg.teacher.get("name") else "local-teacher"
+    subs = {"causal_teacher": teacher_overrides(cfg), "search": search_overrides(cfg, teacher),
+            "retrain": retrain_overrides(cfg, teacher)}  # fmt: skip
+    check_pipeline_settings(cfg, subs)
 
 
 def run_stage(
@@ -98,8 +128,7 @@ def _done(path: Path) -> bool:
 def stage_teacher(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.teacher.get("name"):
         return {"path": str(cfg.teacher.name), "trained_here": False, "info": read_info(cfg.teacher.name)}
-    overrides = [*data_overrides(cfg), f"threads={_value(cfg.get('threads'))}", f"progress={cfg.progress}",
-                 f"device={cfg.device}", *cfg.teacher.train_overrides]  # fmt: skip
+    overrides = teacher_overrides(cfg)
     path = default_teacher(overrides, train_if_missing=True)
     return {"path": path, "trained_here": True, "overrides": overrides, "info": read_info(path)}
 
@@ -108,9 +137,7 @@ def stage_search(cfg: DictConfig, run_dir: Path, teacher: str) -> tuple[Path, fl
     out = run_dir / "search"
     if _done(out):
         return out, 0.0
-    overrides = ["space.causal=true", f"teacher.name={teacher}", "teacher.causal=true", *data_overrides(cfg),
-                 f"device={cfg.device}", f"precision={cfg.precision}", "logger=none", "progress=false",
-                 *cfg.search.overrides, "resume=true", f"hydra.run.dir={out}"]  # fmt: skip
+    overrides = [*search_overrides(cfg, teacher), "resume=true", f"hydra.run.dir={out}"]
     return out, run_stage("search", "elm.search", overrides, run_dir, cfg.get("threads"))
 
 
@@ -141,11 +168,8 @@ def stage_retrain(cfg: DictConfig, run_dir: Path, name: str, arch_path: Path, te
     out = run_dir / f"retrain_{name}"
     if _done(out):
         return out, 0.0
-    overrides = [f"arch={arch_path}", f"teacher.name={teacher}", "teacher.causal=true", *data_overrides(cfg),
-                 f"device={cfg.device}", f"precision={cfg.precision}", "logger=none", "progress=false",
-                 *cfg.retrain.overrides, "resume=true", f"hydra.run.dir={out}"]  # fmt: skip
-    if search_dir is not None:
-        overrides.insert(1, f"search_dir={search_dir}")
+    init = [f"search_dir={search_dir}"] if search_dir is not None else []
+    overrides = [f"arch={arch_path}", *init, *retrain_overrides(cfg, teacher), "resume=true", f"hydra.run.dir={out}"]
     return out, run_stage(f"retrain_{name}", "elm.retrain", overrides, run_dir, cfg.get("threads"))
 
 
@@ -296,6 +320,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from .common import set_threads
     from .prompts import load_prompts
 
+    check_settings(cfg)  # before the teacher trains
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.get("threads"))
@@ -393,4 +418,4 @@ if __name__ == "__main__":
     sys.exit(_main())
 
 
-__all__ = ["run_pipeline", "compose"]
+__all__ = ["run_pipeline"]

@@ -45,8 +45,10 @@ from ..data.collate import CLMCollator, make_loader
 from ..teacher import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_write_json, replace_dir
 from ..utils.runtime import autocast, resolve_device, seed_everything
+from ..utils.settings import compose_config
 from .common import StepBudget, move, set_threads
 from .evaluate import perplexity
+from .settings import check_teacher_settings
 
 INFO_FILE = "teacher_info.json"
 EOS = "<|endoftext|>"
@@ -253,6 +255,7 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
 
     Returns the ``teacher_info.json`` dict with ``out_dir`` (and ``reused: true`` when reused).
     """
+    check_teacher_settings(cfg)  # before the tokenizer trains or the corpus loads
     out = teacher_dir(cfg)
     settings = _settings(cfg)
     info = read_info(out)
@@ -321,27 +324,13 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     return {**info, "out_dir": str(out)}
 
 
-def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with overrides, inside or outside a Hydra app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..utils.cli import CONFIG_DIR
-
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
 def default_teacher(overrides: list[str] | tuple[str, ...] = (), train_if_missing: bool = True) -> str:
     """Directory of the causal teacher of ``configs/causal_teacher.yaml`` (+ overrides).
 
     Trains it first (``train_teacher``) when it is not there and ``train_if_missing``; else
     raises ``FileNotFoundError`` naming the command that builds it.
     """
-    cfg = compose("causal_teacher", overrides)
+    cfg = compose_config("causal_teacher", list(overrides), what="teacher.train_overrides")
     out = teacher_dir(cfg)
     info = read_info(out)
     if info is not None and info.get("settings") == _settings(cfg):

@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig
 from ..supernet import SpaceConfig
-from ..utils.cli import CONFIG_DIR
 from ..utils.io import atomic_write_json
 from ..utils.runtime import resolve_device
+from ..utils.settings import compose_config
 from .baselines import layer_params, random_arch, uniform_arch
 from .latency import measure_side_by_side
 from .report import KD_SUFFIX, task_label, write_comparison
@@ -56,28 +55,6 @@ log = logging.getLogger("elm.compare")
 RESULT_KEYS = ("metrics", "mean", "std", "per_seed", "train_size", "eval_size", "time_s", "params", "lr", "lr_sweep")
 MODELS = ("searched", "scratch", "uniform", "random", "teacher_slice", "teacher")
 DONE_FILE = "DONE"
-
-
-def compose_config(name: str, overrides: list[str], merge: Any = None) -> DictConfig:
-    """``configs/<name>.yaml`` with Hydra ``overrides`` (group choices too), then ``merge`` on top."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside `python -m elm.compare`: same config dir
-            cfg = compose(config_name=name, overrides=list(overrides))
-        else:
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                cfg = compose(config_name=name, overrides=list(overrides))
-        if merge:
-            cfg = OmegaConf.merge(cfg, merge)
-    except OmegaConfBaseException as err:  # unknown key, bad type: name the section
-        raise ValueError(f"{name} overrides: {err}".splitlines()[0]) from None
-    except Exception as err:  # hydra's override parse / missing group errors
-        if type(err).__module__.startswith("hydra"):
-            raise ValueError(f"{name}_overrides: {err}".splitlines()[0]) from None
-        raise
-    return cfg
 
 
 def describe(arch: ArchConfig) -> str:

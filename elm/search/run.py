@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..utils.fingerprint import check_fingerprint, fingerprint
 from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
+from ..utils.settings import to_dataclass
 from . import plots
 from .analysis import CKAConfig, PCAConfig
 from .choose import (
@@ -42,22 +42,13 @@ log = logging.getLogger("elm.search")
 DONE_FILE = "DONE"
 
 
-def _dataclass(cls, node: Any, group: str):
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{group} has unknown key(s) {unknown}; valid: {sorted(names)}")
-    return cls(**data)
-
-
 def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank, _ = dist_info()
     seed_everything(cfg.seed)
-    space = _dataclass(SpaceConfig, cfg.space, "space")
-    pca, cka = _dataclass(PCAConfig, cfg.pca, "pca"), _dataclass(CKAConfig, cfg.cka, "cka")
+    space = to_dataclass(SpaceConfig, cfg.space, "space")
+    pca, cka = to_dataclass(PCAConfig, cfg.pca, "pca"), to_dataclass(CKAConfig, cfg.cka, "cka")
     s = cfg.search
     check_search_settings(cfg, space.num_layers)  # before the teacher and the data load
     device = resolve_device(cfg.device)
