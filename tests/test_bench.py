@@ -30,3 +30,21 @@ def test_mlm_step_flops_by_hand() -> None:
 
 def test_matmul_peak_is_positive() -> None:
     assert cases.matmul_peak(CPU, n=64, repeats=1) > 0
+
+
+def test_search_step_case_counts_real_flops(monkeypatch) -> None:
+    """The search-step case counts FLOPs on one real SearchTrainer step and reports a fraction of
+    the same-precision matmul peak; the bf16 case says when bf16 is not native."""
+    import re
+
+    from elm.bench import search_step
+    from elm.utils.precision import resolve_precision
+
+    monkeypatch.setenv("ELM_CPU_BF16", "0")
+    prec = resolve_precision("bf16", CPU, master=True)
+    line = search_step.search_step_utilisation(CPU, prec, steps=1, repeats=1)
+    gflop = float(re.search(r"\(([\d.]+) GFLOP/step", line).group(1))
+    fraction = float(re.search(r"fraction\s+([\d.]+)", line).group(1))
+    # teacher forward (6 x 384-wide layers) + 36 candidates' forward and backward at 8 x 128 tokens
+    assert 20 < gflop < 500 and 0 < fraction < 1.5, line
+    assert "skipped: no native bf16" in search_step.bf16_vs_fp32(CPU)

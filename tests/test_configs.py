@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 from elm.search.analysis import CKAConfig, PCAConfig
 from elm.search.choose import check_budgets, layer_param_range, resolve_budgets
-from elm.search.run import _dataclass
 from elm.space import ArchConfig
 from elm.supernet import SpaceConfig
+from elm.utils.settings import to_dataclass
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -27,7 +27,7 @@ def compose_search(*overrides: str):
 
 
 def space_of(cfg) -> SpaceConfig:
-    return _dataclass(SpaceConfig, cfg.space, "space").validate()  # what run_search does
+    return to_dataclass(SpaceConfig, cfg.space, "space").validate()  # what run_search does
 
 
 def test_the_paper_sizes_and_the_smoke_run_have_experiment_files() -> None:
@@ -41,7 +41,7 @@ def test_experiment_composes_into_a_valid_feasible_search(name: str) -> None:
     cfg = compose_search(f"+experiment={name}")
     OmegaConf.resolve(cfg)  # interpolations (pca.unit: ${space.ffn_unit}) resolve
     space = space_of(cfg)
-    pca, cka = _dataclass(PCAConfig, cfg.pca, "pca"), _dataclass(CKAConfig, cfg.cka, "cka")
+    pca, cka = to_dataclass(PCAConfig, cfg.pca, "pca"), to_dataclass(CKAConfig, cfg.cka, "cka")
     assert pca.unit == space.ffn_unit
     assert cfg.data.seq_len >= 8 and cfg.search.batch_size >= 1 and cfg.search.epochs >= 1
     # experiments pin absolute layer-parameter budgets (a fraction would depend on the teacher)

@@ -618,3 +618,38 @@ def test_nan_loss_is_caught_named_and_the_last_good_checkpoint_kept(
     state = torch.load(tmp_path / STATE_FILE, map_location="cpu", weights_only=False)
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["supernet"].values() if v.is_floating_point())
+
+
+def test_search_bf16_master_weights_match_fp32(teacher, corpus, tmp_path, monkeypatch) -> None:
+    """precision=bf16 on a CPU with native bf16 (forced: ELM_CPU_BF16=1; emulated, so slow, where
+    the CPU lacks it) trains on a bf16 replica with fp32 master weights across growth and pruning:
+    the candidates' validation losses (fp32 scoring) are within 1% of an fp32 run's."""
+    monkeypatch.setenv("ELM_CPU_BF16", "1")
+    low = make_trainer(teacher, corpus, tmp_path / "bf16", precision="bf16")  # seeds 0: same init, same dropout
+    assert low.prec.mode == "master" and low.master is not None
+    history = {"bf16": low.fit()}
+    monkeypatch.setenv("ELM_CPU_BF16", "0")
+    ref = make_trainer(teacher, corpus, tmp_path / "fp32", precision="bf16")
+    assert ref.prec.mode == "fp32" and ref.master is None
+    history["fp32"] = ref.fit()
+    assert [len(r["growth"]) for r in history["bf16"]] == [len(r["growth"]) for r in history["fp32"]]
+    end = {k: t.validate()["loss"] for k, t in (("bf16", low), ("fp32", ref))}
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    assert mean(end["bf16"]) == pytest.approx(mean(end["fp32"]), rel=0.01)
+    assert end["bf16"] != end["fp32"]  # the bf16 run did compute in bf16
+    assert all(p.dtype == torch.float32 for p in low.supernet.parameters())  # the master (saved, extracted) is fp32
+
+
+def test_attention_dropout_is_its_own_setting() -> None:
+    """space.attention_dropout (null = space.dropout) sets only the dropout on attention
+    probabilities; on CPU SDPA with it falls back to its math path (3.4x slower, docs/benchmarks.md)."""
+    torch.manual_seed(0)
+    net = Supernet(make_space(dropout=0.1, attention_dropout=0.0), vocab_size=50, max_positions=16,
+                   teacher_hidden_size=HIDDEN, teacher_layers=4)  # fmt: skip
+    for *_, cand in net.candidates():
+        assert cand.attention.attn_dropout == 0.0 and cand.attention.dropout.p == 0.1
+    same = Supernet(make_space(dropout=0.1), vocab_size=50, max_positions=16, teacher_hidden_size=HIDDEN,
+                    teacher_layers=4)  # fmt: skip
+    assert all(c.attention.attn_dropout == 0.1 for *_, c in same.candidates())
+    with pytest.raises(ArchError, match="space.attention_dropout must be a number in \\[0, 1\\) or null, got 1.5"):
+        make_space(attention_dropout=1.5).validate()

@@ -1,7 +1,8 @@
 """``python -m elm.bench [--quick] [--device cpu|cuda] [--only NAME ...]``: print every ratio.
 
 Cases: ELM vs HF BERT MLM train step, supernet active path vs standalone, exported model vs HF
-inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak.
+inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak
+(MLM step and the real search step), and the search step in bf16 vs fp32 where bf16 is native.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import platform
 import torch
 
 from ..utils.cli import fail_cleanly
-from ..utils.runtime import autocast, resolve_device
-from . import cases
+from ..utils.precision import resolve_precision
+from ..utils.runtime import resolve_device
+from . import cases, search_step
+
+CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16")
 
 
 def device_name(device: torch.device) -> str:
@@ -31,11 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="subset of: mlm inference supernet analysis")  # fmt: skip
+                        help=f"subset of: {' '.join(CASES)}")  # fmt: skip
     args = parser.parse_args(argv)  # argparse: a bad flag is one usage line and exit 2
-    unknown = sorted(set(args.only or []) - {"mlm", "inference", "supernet", "analysis"})
+    unknown = sorted(set(args.only or []) - set(CASES))
     if unknown:
-        parser.error(f"--only {' '.join(unknown)}: unknown case(s); valid: mlm inference supernet analysis")
+        parser.error(f"--only {' '.join(unknown)}: unknown case(s); valid: {' '.join(CASES)}")
     with fail_cleanly("bench"):
         run(args)
 
@@ -43,9 +47,11 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     reps = 2 if args.quick else 5
-    ctx = lambda: autocast(device, args.precision)  # noqa: E731
-    want = set(args.only or ["mlm", "inference", "supernet", "analysis"])
-    print(f"# elm.bench on {device_name(device)}, torch {torch.__version__}, precision {args.precision}")
+    prec = resolve_precision(args.precision, device, master=True, stage="bench")
+    ctx = prec.autocast  # the HF-vs-ELM cases: autocast on CUDA, else the precision's dtype as is
+    want = set(args.only or CASES)
+    print(f"# elm.bench on {device_name(device)}, torch {torch.__version__}, precision {args.precision} "
+          f"(runs as {prec.mode})")  # fmt: skip
     if "mlm" in want:
         mlm = cases.mlm_step_vs_hf(device, ctx, repeats=reps)
         print(mlm.line(), flush=True)
@@ -60,6 +66,12 @@ def run(args: argparse.Namespace) -> None:
             cases.analysis_share(device, ctx, repeats=max(2, reps - 2), teacher_name=args.teacher).line(),
             flush=True,
         )
+    if "search" in want:
+        print(search_step.search_step_utilisation(device, prec, repeats=max(1, reps - 3), teacher_name=args.teacher),
+              flush=True)  # fmt: skip
+    if "bf16" in want:
+        result = search_step.bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher)
+        print(result if isinstance(result, str) else result.line(), flush=True)
 
 
 if __name__ == "__main__":

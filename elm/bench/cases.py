@@ -212,9 +212,10 @@ def analysis_share(
                   "<= 5% of an epoch")  # fmt: skip
 
 
-def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
-    """Measured dense matmul throughput (FLOP/s) on this device in the training precision."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device, n: int = 2048, repeats: int = 5, dtype: torch.dtype | None = None) -> float:
+    """Measured dense matmul throughput (FLOP/s) on this device in ``dtype`` (default: bf16 on
+    CUDA, fp32 elsewhere)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []

@@ -41,7 +41,9 @@ def check_data(d: DictConfig) -> None:
     check_number("data.max_docs", d.get("max_docs"), 2, none=True)
     source = str(d.source)
     if source != "bbc" and not source.startswith("hf:") and not Path(source).expanduser().exists():
-        raise ValueError(f"data.source={source!r} is not 'bbc', an hf:<name> spec, or an existing file/folder")
+        raise ValueError(
+            f"data.source={source!r} is not 'bbc', an hf:<name> spec, or an existing file/folder"
+        )
 
 
 def check_prompts(p: DictConfig) -> None:
@@ -50,7 +52,9 @@ def check_prompts(p: DictConfig) -> None:
     if source not in ("bbc",) and not source.startswith("hf:"):
         path = Path(source).expanduser()
         if not path.is_file() or path.suffix != ".jsonl":
-            raise ValueError(f"prompts.source={source!r} is not 'bbc', 'hf:<name>' or an existing .jsonl file")
+            raise ValueError(
+                f"prompts.source={source!r} is not 'bbc', 'hf:<name>' or an existing .jsonl file"
+            )
     if not isinstance(p.template, str):
         raise ValueError(f"prompts.template={p.template!r} must be a string")
     try:
@@ -112,7 +116,9 @@ def check_teacher_settings(cfg: DictConfig) -> None:
     if spec.startswith("bpe:"):
         size = spec[4:]
         if not size.isdigit() or int(size) < 300:
-            raise ValueError(f"tokenizer={spec!r}: bpe:<size> needs a whole number >= 300 (256 bytes + merges)")
+            raise ValueError(
+                f"tokenizer={spec!r}: bpe:<size> needs a whole number >= 300 (256 bytes + merges)"
+            )
     m = cfg.model
     for key in ("n_layer", "n_embd", "n_head", "n_positions"):
         check_number(f"model.{key}", m[key], 1)
@@ -138,7 +144,9 @@ def check_minillm_settings(cfg: DictConfig) -> None:
     from ..teacher import resolve_model_path
 
     if not cfg.get("student") or not cfg.teacher.get("name"):
-        raise ValueError("pass student=<exported causal student dir> and teacher.name=<causal teacher dir or name>")
+        raise ValueError(
+            "pass student=<exported causal student dir> and teacher.name=<causal teacher dir or name>"
+        )
     if not Path(str(cfg.student)).expanduser().is_dir():
         raise ValueError(f"student={cfg.student!r} is not a directory; pass an exported causal student dir")
     resolve_model_path(str(cfg.teacher.name))  # a path that does not exist, or a hub name while offline
@@ -203,7 +211,9 @@ def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]
     if cfg.teacher.get("name"):
         width = _teacher_width(str(cfg.teacher.name))
     else:
-        tcfg = compose_config("causal_teacher", sub_overrides["causal_teacher"], what="teacher.train_overrides")
+        tcfg = compose_config(
+            "causal_teacher", sub_overrides["causal_teacher"], what="teacher.train_overrides"
+        )
         with _named("teacher.train_overrides"):
             check_teacher_settings(tcfg)
         width = tcfg.model.n_embd

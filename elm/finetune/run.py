@@ -50,6 +50,7 @@ from ..data.tasks import TaskData, compute_metrics, load_task
 from ..teacher import load_tokenizer, resolve_model_path
 from ..utils.io import atomic_write_json, check_weight_files
 from ..utils.logging import RunLogger
+from ..utils.precision import resolve_precision
 from ..utils.preempt import Preempted, Preemption
 from ..utils.runtime import any_rank, dist_info, resolve_device, seed_everything
 from .checkpoint import (
@@ -209,7 +210,7 @@ def _training_args(cfg: DictConfig, out_dir: Path, seed: int, device_type: str, 
         seed=seed,
         data_seed=seed,
         use_cpu=device_type == "cpu",
-        bf16=device_type == "cuda" and cfg.precision == "bf16",
+        bf16=resolve_precision(cfg.precision, device_type, stage="finetune").bf16,  # HF: autocast
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )

@@ -52,9 +52,11 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from ..data.collate import CLMCollator, MLMCollator, make_loader
 from ..distill.losses import forward_kl, normalised_mse, rkd_loss, rkd_sequences
 from ..utils.io import atomic_torch_save
+from ..utils.master import Bf16Master, bf16_teacher
 from ..utils.optim import configure_optimizer
+from ..utils.precision import resolve_precision
 from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import autocast, barrier, dist_info, gather_objects, reduce_sum
+from ..utils.runtime import barrier, dist_info, gather_objects, reduce_sum
 
 STATE_FILE = "retrain_state.pt"
 SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
@@ -136,6 +138,11 @@ class RetrainTrainer:
             torch.manual_seed(seed * 1000 + self.rank)  # ranks draw different dropout masks
         # what the loop calls; torch.compile goes outside DDP (its DDPOptimizer splits graphs at buckets)
         self.forward_model = torch.compile(self.ddp) if compile else self.ddp
+        # bf16 on a CPU with native bf16: compute on a bf16 replica, fp32 master weights (elm.utils.master)
+        self.prec = resolve_precision(precision, self.device, master=self.world == 1 and not compile, stage="retrain")
+        self.master = Bf16Master(model) if self.prec.mode == "master" else None
+        if self.master is not None:
+            self.forward_model, self.teacher = self.master.compute, bf16_teacher(self.teacher)
         self.optimizer = configure_optimizer(model, lr, weight_decay)
         total = epochs * self.steps_per_epoch
         warmup_steps = min(warmup_steps, total)
@@ -208,7 +215,7 @@ class RetrainTrainer:
         mean over the batch's :meth:`units`."""
         w, mask = self.weights, batch["attention_mask"]
         need_teacher = w["hidden"] > 0 or w["point"] > 0 or (w["kd"] > 0 and self.has_logits)
-        with autocast(self.device, self.precision):
+        with self.prec.autocast():
             out = self.forward_model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
                                      output_hidden_states=need_teacher)  # fmt: skip
             t = self.teacher(batch["input_ids"], mask) if need_teacher else None
@@ -223,7 +230,7 @@ class RetrainTrainer:
                          for li, target in enumerate(targets)]  # fmt: skip
             terms["point"] = torch.stack(per_layer).mean()
         if w["kd"] > 0 and self.has_logits:
-            terms["kd"] = self.temperature**2 * self.logit_kd(out.logits, t, batch)
+            terms["kd"] = self.temperature**2 * self.logit_kd(out.logits.float(), t, batch)
         terms["total"] = sum(w[k] * v for k, v in terms.items())
         return terms
 
@@ -236,7 +243,7 @@ class RetrainTrainer:
         vocab = student_logits.shape[-1]
         if self.causal:
             return forward_kl(
-                student_logits, t.logits[..., :vocab], batch["attention_mask"], self.temperature
+                student_logits, t.logits[..., :vocab].float(), batch["attention_mask"], self.temperature
             )
         selected = batch["labels"] != -100
         if student_logits.dim() == 3:  # config.mlm_masked_only=False: [B, T, V]
@@ -244,7 +251,7 @@ class RetrainTrainer:
         if self.teacher_head is not None:
             teacher_logits = self.teacher_head(t.hidden_states[-1][selected].float())
         else:
-            teacher_logits = t.logits[selected]
+            teacher_logits = t.logits[selected].float()
         return forward_kl(student_logits[None], teacher_logits[None, :, :vocab], None, self.temperature)
 
     # ---- loop ------------------------------------------------------------------------------
@@ -264,6 +271,8 @@ class RetrainTrainer:
                 present = [self.weights[k] * v for k, v in zip(keys, shares) if v is not None]
                 loss = sum(present) if len(present) == len(keys) else sum(present, self.zero_loss())
                 (self.world * loss).backward()
+                if self.master is not None:
+                    self.master.gradients_to_master()
             for i, v in enumerate(shares):
                 parts[i] += v.detach() if v is not None else 0.0
         parts[-1] = float(self.preemption.requested)
@@ -277,12 +286,14 @@ class RetrainTrainer:
                                      f"{self.run_dir / STATE_FILE})")  # fmt: skip
         nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
+        if self.master is not None:
+            self.master.refresh()
         self.scheduler.step()
         self.step += 1
         return values, bool(parts[-1] > 0)
 
     def train_epoch(self) -> dict[str, float]:
-        self.model.train()
+        (self.model if self.master is None else self.master.compute).train()
         first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
         sums: dict[str, float] = dict(self.epoch_sums)
         tokens, start = 0, time.perf_counter()
@@ -313,7 +324,8 @@ class RetrainTrainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Student LM loss on the validation split (fixed masks) and its perplexity exp(loss)."""
-        self.model.eval()
+        model = self.model if self.master is None else self.master.compute
+        model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # sum of token losses, tokens
         for full in self.val_batches():
             for a in range(0, len(full["input_ids"]), self.micro_batch):  # training's memory footprint
@@ -321,11 +333,11 @@ class RetrainTrainer:
                 n = self.units(batch)["lm"]
                 if n == 0:
                     continue
-                with autocast(self.device, self.precision):
-                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     labels=batch["labels"])  # fmt: skip
+                with self.prec.autocast():
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"])  # fmt: skip
                 sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
-        self.model.train()
+        model.train()
         total, count = reduce_sum(sums.to(self.device)).tolist()
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count)}
@@ -376,6 +388,8 @@ class RetrainTrainer:
             raise ValueError(f"retrain_state.pt was written with other settings {diff} (saved, now); "
                              f"resume with the same retrain.* settings or use a new run dir")  # fmt: skip
         self.model.load_state_dict(state["model"])
+        if self.master is not None:
+            self.master.refresh()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]

@@ -36,9 +36,11 @@ from ..supernet.teacher_weights import InheritError
 from ..utils.fingerprint import check_fingerprint
 from ..utils.io import atomic_torch_save
 from ..utils.logging import RunLogger
+from ..utils.master import Bf16Master, bf16_teacher
 from ..utils.optim import configure_optimizer
+from ..utils.precision import resolve_precision
 from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import autocast, broadcast_object, dist_info, reduce_mean
+from ..utils.runtime import broadcast_object, dist_info, reduce_mean
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level, prune_heads
 from .score import paired_intervals
 
@@ -89,7 +91,9 @@ class BlockwiseDistiller(nn.Module):
         return main + self.point * nmse if self.point else main
 
     def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, input_ids=None, chain=None) -> torch.Tensor:
-        outputs = self.supernet.blockwise(hidden, mask, chain=chain)
+        dtype = next(self.supernet.layers.parameters()).dtype  # bf16 in a Bf16Master replica
+        inputs = hidden if hidden[0].dtype == dtype else tuple(h.to(dtype) for h in hidden)
+        outputs = self.supernet.blockwise(inputs, mask, chain=chain)  # targets stay in the teachers' fp32
         losses = []
         for li, outs in enumerate(outputs):
             target = self.targets(hidden, li + 1, mask)
@@ -179,6 +183,11 @@ class SearchTrainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.distiller, device_ids=ids)
+        # bf16 on a CPU with native bf16: train steps on a bf16 replica, fp32 master weights
+        # (elm.utils.master); validation scores, PCA/CKA and the choice stay fp32
+        self.prec = resolve_precision(precision, self.device, master=self.world == 1, stage="search")
+        self.master = Bf16Master(self.distiller) if self.prec.mode == "master" else None
+        self.teacher_low = bf16_teacher(teacher) if self.master is not None else None
         self.trained_parameters = [p for p in self.distiller.parameters() if p.requires_grad]
         self.optimizer = configure_optimizer(self.distiller, lr, weight_decay)
         total = self.epochs * self.steps_per_epoch
@@ -242,15 +251,15 @@ class SearchTrainer:
         return plan
 
     # ---- losses ----------------------------------------------------------------------------
-    def teacher_states(self, batch):
-        with autocast(self.device, self.precision):
-            hidden = self.teacher(batch["input_ids"], batch["attention_mask"]).hidden_states
+    def teacher_states(self, batch, teacher=None):
+        with self.prec.autocast():
+            hidden = (teacher or self.teacher)(batch["input_ids"], batch["attention_mask"]).hidden_states
         return tuple(h.float() for h in hidden)
 
-    def candidate_losses(self, batch, module: nn.Module | None = None, chain=None) -> torch.Tensor:
+    def candidate_losses(self, batch, module: nn.Module | None = None, chain=None, teacher=None) -> torch.Tensor:
         """Block loss of every candidate (order of ``self.distiller.keys``) on one batch."""
-        hidden = self.teacher_states(batch)
-        with autocast(self.device, self.precision):
+        hidden = self.teacher_states(batch, teacher)
+        with self.prec.autocast():
             return (module or self.distiller)(hidden, batch["attention_mask"], batch["input_ids"], chain)
 
     # ---- one epoch -------------------------------------------------------------------------
@@ -262,6 +271,9 @@ class SearchTrainer:
         bar = tqdm(self.train_batches(self.epoch, first), total=self.steps_per_epoch, initial=first,
                    disable=not self.progress, desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
         keys = self.distiller.keys
+        if self.master is not None:  # init, a loaded state, growth and pruning changed the fp32 supernet
+            self.master.rebuild()
+        module, teacher = (self.ddp, None) if self.master is None else (self.master.compute, self.teacher_low)
         for micro_batches in bar:
             self.optimizer.zero_grad(set_to_none=True)
             step_losses = torch.zeros(len(keys), device=self.device)
@@ -269,7 +281,7 @@ class SearchTrainer:
             for i, batch in enumerate(micro_batches):
                 sync = i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
                 with contextlib.nullcontext() if sync or self.ddp is self.distiller else self.ddp.no_sync():
-                    losses = self.candidate_losses(batch, self.ddp, chain)
+                    losses = self.candidate_losses(batch, module, chain, teacher)
                     if not torch.isfinite(losses).all():
                         bad = [k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)]
                         raise FloatingPointError(
@@ -277,10 +289,14 @@ class SearchTrainer:
                             f"in candidates {bad}; the last good checkpoint is kept in {self.run_dir / STATE_FILE}"
                         )
                     (losses.sum() / len(micro_batches)).backward()
+                    if self.master is not None:
+                        self.master.gradients_to_master()
                 step_losses += losses.detach() / len(micro_batches)
                 tokens += int(batch["attention_mask"].sum()) * self.world
             nn.utils.clip_grad_norm_(self.trained_parameters, self.grad_clip)
             self.optimizer.step()
+            if self.master is not None:
+                self.master.refresh()
             self.scheduler.step()
             self.step += 1
             sums = step_losses if sums is None else sums + step_losses

@@ -61,7 +61,8 @@ class ElasticAttention(nn.Module):
     Q=V or K=V are shared, else 3), exactly the layout of ``ElmAttention.qkv``.
     """
 
-    def __init__(self, dim: int, max_heads: int, head_dim: int, share: str, dropout: float, eps: float):
+    def __init__(self, dim: int, max_heads: int, head_dim: int, share: str, dropout: float, eps: float,
+                 attention_dropout: float | None = None):  # fmt: skip
         super().__init__()
         self.dim, self.max_heads, self.head_dim, self.share = dim, max_heads, head_dim, share
         self.projections = 3 if share == "none" else 2
@@ -69,7 +70,7 @@ class ElasticAttention(nn.Module):
         self.out = ElasticLinear(max_heads * head_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = dropout
+        self.attn_dropout = dropout if attention_dropout is None else attention_dropout
         self.active_heads = max_heads
         self.capture = False  # when True, keep the per-head context of the last call (for CKA)
         self.last_context: torch.Tensor | None = None
@@ -177,6 +178,7 @@ class CandidateBlock(nn.Module):
         bottleneck_size: int | None = None,
         dropout: float = 0.1,
         eps: float = 1e-12,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.block, self.hidden_size, self.share = block, hidden_size, share
@@ -188,7 +190,8 @@ class CandidateBlock(nn.Module):
             self.bottleneck_out = ElasticLinear(width, hidden_size)
             self.norm_out = nn.LayerNorm(hidden_size, eps=eps)
             self.dropout = nn.Dropout(dropout)
-        self.attention = ElasticAttention(width, max_heads, head_dim, share, dropout, eps)
+        self.attention = ElasticAttention(width, max_heads, head_dim, share, dropout, eps,
+                                          dropout if attention_dropout is None else attention_dropout)  # fmt: skip
         self.ffns = nn.ModuleList(ElasticFFN(width, ffn_max, ffn_init, block, dropout, eps) for _ in range(num_ffn))
         self.layer_config().validate(hidden_size)
 

@@ -56,7 +56,9 @@ def extract(supernet: Supernet, model_cls: type = ElmModel, choice: list[int] | 
         supernet.set_active(choice)
     arch = supernet.active_arch()
     config_kwargs.setdefault("hidden_dropout_prob", supernet.space.dropout)
-    config_kwargs.setdefault("attention_probs_dropout_prob", supernet.space.dropout)
+    space = supernet.space
+    attention = space.dropout if space.attention_dropout is None else space.attention_dropout
+    config_kwargs.setdefault("attention_probs_dropout_prob", attention)
     config_kwargs.setdefault("pad_token_id", supernet.pad_token_id)
     model = model_cls(config_from_arch(arch, **config_kwargs))
     backbone = model if isinstance(model, ElmModel) else model.elm

@@ -58,6 +58,7 @@ class SpaceConfig:
     ffn_unit: int = 132
     ffn_max: int = 792
     dropout: float = 0.1
+    attention_dropout: float | None = None  # on attention probabilities; None = dropout (see the class doc)
     layer_map: list[int] | None = None  # teacher hidden-state index per student layer boundary
 
     def heads_of(self, block: str) -> int:
@@ -92,6 +93,9 @@ class SpaceConfig:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ArchError(f"space.dropout must be a number in [0, 1), got {self.dropout!r}")
+        attn = self.attention_dropout
+        if attn is not None and (isinstance(attn, bool) or not isinstance(attn, int | float) or not 0 <= attn < 1):
+            raise ArchError(f"space.attention_dropout must be a number in [0, 1) or null, got {attn!r}")
         if self.ffn_init > self.ffn_max:
             raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
         if "mobilebert" in self.blocks and self.bottleneck_size > self.hidden_size:
@@ -185,6 +189,7 @@ class Supernet(nn.Module):
             num_ffn=s.mobilebert_num_ffn if mobile else 1,
             bottleneck_size=s.bottleneck_size if mobile else None,
             dropout=s.dropout,
+            attention_dropout=s.dropout if s.attention_dropout is None else s.attention_dropout,
         )
 
     # ---- search-time path -----------------------------------------------------------------

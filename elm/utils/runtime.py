@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from typing import Any
@@ -34,12 +33,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA when ``precision=bf16``; full precision elsewhere (CPU bf16 is slower)."""
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={precision!r} is unknown; valid: bf16, fp32")
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast where ``precision=bf16`` has native bf16 (CUDA, CPUs with AVX512-BF16/AMX);
+    full precision elsewhere (``elm.utils.precision``)."""
+    from .precision import resolve_precision
+
+    return resolve_precision(precision, device).autocast()
 
 
 def dist_info() -> tuple[int, int]:

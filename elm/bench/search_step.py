@@ -1,0 +1,90 @@
+"""Bench cases of the real search step (``SearchTrainer.train_epoch`` on the default space and
+teacher): its achieved FLOP/s against the matmul peak of the same precision, and the bf16 /
+fp32 step-time ratio where the hardware has native bf16 (``elm.utils.precision``).
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one real step (teacher
+forward + every candidate's forward and backward: the matmuls and attention the step runs), so
+the count follows the space and the chaining without a hand formula.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..utils.precision import Precision, resolve_precision
+from .cases import Result, _sync, matmul_peak
+
+
+def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, teacher_name: str | None = None):
+    """A default-space ``SearchTrainer`` on random token rows (the default search's batch and length)."""
+    from datasets import Dataset
+
+    from ..search.trainer import SearchTrainer
+    from ..supernet import SpaceConfig
+    from ..teacher import load_teacher
+
+    teacher = load_teacher(teacher_name, device=device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, len(teacher.tokenizer), (8 * batch + 64, seq), generator=g)
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    space = SpaceConfig().resolve(teacher.hidden_size)
+    return SearchTrainer(teacher, space, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
+                         batch_size=batch, eval_batches=1, analysis_batch_size=8, device=device, precision=precision,
+                         run_dir=tempfile.mkdtemp(prefix="elm-bench-"), progress=False, chain_prob=0.5)  # fmt: skip
+
+
+def _step_seconds(trainer, steps: int, repeats: int) -> float:
+    trainer.steps_per_epoch = steps
+    times = []
+    for _ in range(repeats):
+        trainer.step, trainer.epoch = 0, 0
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        trainer.train_epoch()
+        _sync(trainer.device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def step_flops(trainer) -> float:
+    """Matmul/attention FLOPs of one real search step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer.steps_per_epoch, trainer.step, trainer.epoch = 1, 0, 0
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_epoch()
+    return float(counter.get_total_flops())
+
+
+def search_step_utilisation(device, prec: Precision, steps: int = 3, repeats: int = 2,
+                            teacher_name: str | None = None) -> str:  # fmt: skip
+    """Achieved FLOP/s of the search step vs the matmul peak in the precision the step runs in."""
+    trainer = search_trainer(device, prec.requested, teacher_name=teacher_name)
+    flops = step_flops(trainer)
+    seconds = _step_seconds(trainer, steps, repeats)
+    dtype = torch.bfloat16 if prec.bf16 else torch.float32
+    peak = matmul_peak(device, dtype=dtype)
+    achieved = flops / seconds
+    return (f"{'search step FLOP/s (' + ('bf16' if prec.bf16 else 'fp32') + ')':<34} achieved "
+            f"{achieved / 1e9:8.1f} GFLOP/s  matmul peak {peak / 1e9:8.1f} GFLOP/s  fraction {achieved / peak:5.2f}  "
+            f"({flops / 1e9:.1f} GFLOP/step, {seconds * 1e3:.0f} ms/step; target >= 0.50)")  # fmt: skip
+
+
+def bf16_vs_fp32(device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None) -> Result | str:
+    """The search step in bf16 (as ``precision=bf16`` runs it here) vs fp32, side by side."""
+    prec = resolve_precision("bf16", device, master=True, stage="bench")
+    if not prec.bf16:
+        return f"{'search step bf16 vs fp32':<34} skipped: no native bf16 on this {device.type} (bf16 runs as fp32)"
+    fp32 = search_trainer(device, "fp32", teacher_name=teacher_name)
+    bf16 = search_trainer(device, "bf16", teacher_name=teacher_name)
+    a = b = 0.0
+    for _ in range(repeats):  # interleaved, so load drifts hit both
+        a += _step_seconds(fp32, steps, 1)
+        b += _step_seconds(bf16, steps, 1)
+    mode = "autocast" if prec.mode == "autocast" else "bf16 replica + fp32 master"
+    return Result(f"search step ({mode})", "fp32", "bf16", 1e3 * a / repeats, 1e3 * b / repeats,
+                  ">= 1.7x (fp32 / bf16)")  # fmt: skip
