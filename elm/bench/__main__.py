@@ -2,7 +2,8 @@
 
 Cases: ELM vs HF BERT MLM train step, supernet active path vs standalone, exported model vs HF
 inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak
-(MLM step and the real search step), and the search step in bf16 vs fp32 where bf16 is native.
+(MLM step and the real search step), the search step in bf16 vs fp32 where bf16 is native, and
+the ONNX export under onnxruntime vs PyTorch eager (batch 1 and 32, CPU).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 from ..utils.cli import fail_cleanly
 from ..utils.precision import resolve_precision
 from ..utils.runtime import resolve_device
-from . import cases, search_step
+from . import cases, deploy, search_step
 
-CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16")
+CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx")
 
 
 def device_name(device: torch.device) -> str:
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> None:
     if "bf16" in want:
         result = search_step.bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher)
         print(result if isinstance(result, str) else result.line(), flush=True)
+    if "onnx" in want and device.type == "cpu":  # onnxruntime's CPU provider
+        for batch in (1, 32):
+            result = deploy.onnx_vs_eager(batch, repeats=reps + 2)
+            print(result if isinstance(result, str) else result.line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Bench case of the deployable student: the ONNX export (``elm.retrain.onnx``) run by
+onnxruntime vs the same model in PyTorch eager, batch 1 and 32, the inference case's shape."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from ..modeling import ElmModel, config_from_arch
+from .cases import Result, bert_arch, mlm_batch, time_pair
+
+_EXPORTS: dict[tuple[int, int, int], tuple] = {}  # one export per shape and run: (model, session)
+
+
+def onnx_vs_eager(batch: int, layers: int = 4, hidden: int = 256, heads: int = 4, seq: int = 128,
+                  repeats: int = 7, warmup: int = 2) -> Result | str:  # fmt: skip
+    """onnxruntime (CPU provider) / PyTorch eager latency of one forward (``ratio < 1``: ONNX faster)."""
+    from ..retrain.onnx import ONNX_PACKAGES, check_packages, export_onnx
+
+    try:
+        check_packages()
+    except ValueError:
+        return f"{'ONNX vs eager b' + str(batch):<34} skipped: pip install {' '.join(ONNX_PACKAGES)}"
+    import onnxruntime as ort
+
+    key = (layers, hidden, heads)
+    if key not in _EXPORTS:
+        torch.manual_seed(0)
+        model = ElmModel(config_from_arch(bert_arch(layers, hidden, heads, seq=seq))).eval()
+        out = tempfile.mkdtemp(prefix="elm-bench-onnx-")
+        model.save_pretrained(out)
+        path = export_onnx(out)["path"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same cores as PyTorch
+        _EXPORTS[key] = (model, ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+    model, session = _EXPORTS[key]
+    ids, mask, _ = mlm_batch(model.config.vocab_size, batch, seq, torch.device("cpu"))
+    mask[batch // 2 :, seq // 2 :] = 0  # half the rows padded: the mask is a real input
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+
+    def eager() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+
+    a, b = time_pair(lambda: session.run(None, feed), eager, repeats, warmup, torch.device("cpu"))
+    return Result(f"ONNX vs eager b{batch}x{seq}", "onnxruntime", "PyTorch", a, b, "< 1.0x (ONNX / eager)")
