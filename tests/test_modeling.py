@@ -363,3 +363,33 @@ def test_generate_greedy_matches_manual_loop_and_left_padding():
     for step, (both, alone_a, alone_b) in enumerate(zip(out.logits, out_a.logits, out_b.logits, strict=True)):
         torch.testing.assert_close(both[0], alone_a[0], atol=1e-5, rtol=1e-5, msg=f"step {step}")
         torch.testing.assert_close(both[1], alone_b[0], atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def test_a_traced_model_keeps_the_attention_mask():
+    """torch.jit.trace on an all-ones mask (the legacy ONNX exporter traces the same way) must not
+    record the no-mask shortcut: the traced model then handles padded batches like eager."""
+    from elm.modeling import ElmModel
+
+    arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=100, max_positions=32,
+                      layers=[LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=48)]).validate()  # fmt: skip
+    torch.manual_seed(0)
+    model = ElmModel(config_from_arch(arch)).eval()
+    ids = torch.randint(1, 100, (2, 12))
+    ones = torch.ones_like(ids)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    forward = Hidden()
+    with torch.no_grad():
+        traced = torch.jit.trace(forward, (ids, ones), check_trace=False)
+        padded = ones.clone()
+        padded[1, 6:] = 0
+        want, got = forward(ids, padded), traced(ids, padded)
+        assert torch.allclose(got[1, :6], want[1, :6], atol=1e-5)
+        assert not torch.allclose(got[1, :6], forward(ids, ones)[1, :6], atol=1e-3)  # the mask mattered

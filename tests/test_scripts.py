@@ -65,3 +65,29 @@ def test_pipeline_commands_compose(tmp_path) -> None:
     assert compare["task_finetune"] == {"sst2": {"data": {"max_train": 4000}}}
     kd = compare["task_distill"]
     assert kd["enabled"] and kd["models"] == ["searched"] and not kd["augment"]["enabled"]
+
+
+def test_console_scripts_are_installed_and_reach_the_commands(tmp_path):
+    """Every ``[project.scripts]`` entry is on PATH after ``pip install -e .`` (the README's setup)
+    and points at a callable; two real calls, from another directory, take the commands' paths."""
+    import importlib
+    import shutil
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"elm-search", "elm-retrain", "elm-finetune", "elm-compare", "elm-distill-task"} <= set(scripts)
+    bindir = Path(sys.executable).parent
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+        assert shutil.which(name) or (bindir / name).is_file(), f"{name} is not installed; run pip install -e ."
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    proc = subprocess.run(["elm-retrain", "retrain.epoch=2", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("[elm.retrain] error:")
+    assert "retrain.epoch" in proc.stderr
+    proc = subprocess.run(["elm-bench", "--only", "nothing"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown case(s)" in proc.stderr

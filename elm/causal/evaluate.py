@@ -283,8 +283,13 @@ def _main() -> None:
     main()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-causal-evaluate`` / ``python -m elm.causal.evaluate``."""
     from ..utils.cli import guard_run_dir
 
     guard_run_dir("causal.evaluate")  # before Hydra writes into the run dir
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    cli()

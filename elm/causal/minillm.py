@@ -522,8 +522,13 @@ def _main() -> None:
     main()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-causal-minillm`` / ``python -m elm.causal.minillm``."""
     from ..utils.cli import guard_run_dir
 
     guard_run_dir("causal.minillm")  # before Hydra writes into the run dir
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -411,11 +411,16 @@ def _main() -> None:
     main()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-causal-pipeline`` / ``python -m elm.causal.pipeline``."""
     from ..utils.cli import guard_run_dir
 
     guard_run_dir("causal.pipeline")  # before Hydra writes into the run dir
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    cli()
 
 
 __all__ = ["run_pipeline"]

@@ -365,8 +365,13 @@ def _main() -> None:
     main()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-causal-teacher`` / ``python -m elm.causal.teacher_train``."""
     from ..utils.cli import guard_run_dir
 
     guard_run_dir("causal.teacher_train")  # before Hydra writes into the run dir
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,6 +25,11 @@ def main(cfg: DictConfig) -> None:
         print(f"[elm.compare] table in {run_dir}/comparison.md ({summary['time_s']:.0f} s)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-compare`` / ``python -m elm.compare``."""
     guard_run_dir("compare")  # before Hydra writes into the run dir
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -35,7 +35,12 @@ def main(cfg: DictConfig) -> None:
         shutdown_distributed()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-distill-task`` / ``python -m elm.distill_task``."""
     teacher_shorthand()  # teacher=<dir> as well as teacher=minilm / teacher.name=<dir>
     guard_run_dir("distill_task")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

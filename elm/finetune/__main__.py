@@ -35,6 +35,11 @@ def main(cfg: DictConfig) -> None:
         shutdown_distributed()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-finetune`` / ``python -m elm.finetune``."""
     guard_run_dir("finetune")  # before Hydra writes into the run dir
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -37,13 +37,23 @@ AUTO_MAP = {
 }
 
 
+def _recording() -> bool:
+    """Whether a graph is being recorded (compile, export or trace), not run eagerly."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+    return torch.compiler.is_compiling() or exporting or torch.jit.is_tracing()
+
+
 def attention_bias(attention_mask: torch.Tensor | None, causal: bool, seq_len: int) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, T] (True = may attend), or None when SDPA needs none.
 
     Every token may attend to itself, so rows of padding never become all-masked (NaN). The
-    all-ones shortcut is skipped under ``torch.compile`` (a data-dependent branch breaks the graph).
+    all-ones shortcut is skipped while anything records a graph (``torch.compile``,
+    ``torch.export`` / the dynamo ONNX exporter, ``torch.jit.trace`` and the legacy ONNX exporter):
+    a recorded branch would drop the mask input for every later, padded batch.
     """
-    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
+    if attention_mask is None:
+        return None
+    if not _recording() and bool(attention_mask.all()):
         return None
     keep = attention_mask[:, None, None, :].bool()
     eye = torch.eye(seq_len, dtype=torch.bool, device=keep.device)

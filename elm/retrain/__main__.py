@@ -26,6 +26,11 @@ def main(cfg: DictConfig) -> None:
         print(f"[elm.retrain] model in {result['model_dir']}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-retrain`` / ``python -m elm.retrain``."""
     guard_run_dir("retrain")  # before Hydra writes into the run dir
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

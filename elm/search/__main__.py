@@ -28,6 +28,11 @@ def main(cfg: DictConfig) -> None:
         print(f"[elm.search] outputs in {HydraConfig.get().runtime.output_dir}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``elm-search`` / ``python -m elm.search``."""
     guard_run_dir("search")  # before Hydra writes into the run dir
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

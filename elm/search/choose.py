@@ -23,7 +23,7 @@ from typing import Any
 from ..space import ArchConfig, LayerConfig
 from ..supernet import SpaceConfig, Supernet
 from ..utils.io import atomic_write_json
-from .select import evolutionary_select, pareto_front, select_under_budget
+from .selection import evolutionary_select, pareto_front, select_under_budget
 
 
 def teacher_layer_parameters(teacher) -> int:

@@ -10,7 +10,7 @@
         log losses (with paired intervals), PCA scores, widths, heads, CKA levels, diversity
     score every candidate on validation batches -> exact budgeted choice (DP)   [project decision]
 
-The math lives in ``pca.py``, ``cka.py``, ``select.py`` and ``elm.distill.losses``; this file only
+The math lives in ``pca.py``, ``cka.py``, ``selection.py`` and ``elm.distill.losses``; this file only
 orders the steps, keeps the state resumable and writes the run's outputs.
 """
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from elm.search.select import brute_force_select, evolutionary_select, pareto_front, select_under_budget
+from elm.search.selection import brute_force_select, evolutionary_select, pareto_front, select_under_budget
 
 
 def _random_case(rng: random.Random):
