@@ -89,6 +89,8 @@ def gpt2_tokenizer_path() -> str:
 
     from transformers import GPT2Tokenizer
 
+    from .utils.io import usual_permissions
+
     eos = "<|endoftext|>"
     tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges), pad_token=eos, model_max_length=1024)
     if len(tokenizer) != 50257:
@@ -97,6 +99,7 @@ def gpt2_tokenizer_path() -> str:
     tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer-", dir=target.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
+        usual_permissions(tmp)
         os.replace(tmp, target)  # atomic; fails if another process won the race (then use theirs)
     except OSError:
         if not (target / "tokenizer_config.json").is_file():

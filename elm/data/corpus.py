@@ -43,6 +43,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from elm.teacher import elm_cache_dir, hub_offline, load_tokenizer
+from elm.utils.io import usual_permissions
 
 CACHE_VERSION = 2
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -423,6 +424,7 @@ def load_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_root))
     try:
         splits.save_to_disk(str(tmp))
+        usual_permissions(tmp)
         os.replace(tmp, target)
     except OSError:
         if not (target / "dataset_dict.json").is_file():

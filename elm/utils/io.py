@@ -12,6 +12,17 @@ from typing import Any
 import torch
 
 
+def usual_permissions(path: str | Path) -> Path:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (0600/0700) the mode a plain
+    ``open``/``mkdir`` would have had under the process umask (usually 0644/0755), so that exports
+    and run outputs are readable by others as users expect."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def _discard_on_error(tmp: str) -> None:
     """A failed write (full disk, interrupt) leaves no orphan temp file beside the good one."""
     try:
@@ -27,6 +38,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         _discard_on_error(tmp)
@@ -45,6 +57,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         _discard_on_error(tmp)
@@ -57,6 +70,7 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     final_dir = Path(final_dir)
     if final_dir.exists():
         shutil.rmtree(final_dir)
+    usual_permissions(tmp_dir)
     os.replace(tmp_dir, final_dir)
     return final_dir
 
