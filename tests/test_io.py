@@ -25,3 +25,17 @@ def test_outputs_follow_the_umask(tmp_path: Path, umask: int, file_mode: int, di
         os.umask(old)
     assert [stat.S_IMODE(f.stat().st_mode) for f in files] == [file_mode, file_mode]
     assert stat.S_IMODE(export.stat().st_mode) == dir_mode
+
+
+def test_wandb_mode_from_the_environment_wins(tmp_path: Path, monkeypatch) -> None:
+    from elm.utils.logging import RunLogger, read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = RunLogger(tmp_path, mode="offline")  # the config asks for offline; the environment says no
+    logger.log({"step": 1, "loss": 0.5})
+    logger.finish()
+    assert logger.run is None and not (tmp_path / "wandb").exists()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE='sometimes' is unknown; valid: online, offline, disabled"):
+        RunLogger(tmp_path)

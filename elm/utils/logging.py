@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,18 @@ from typing import Any
 class RunLogger:
     """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to wandb.
 
-    ``mode``: wandb's ``online`` | ``offline`` | ``disabled``. Only rank 0 should create one.
+    ``mode``: wandb's ``online`` | ``offline`` | ``disabled``; the ``WANDB_MODE`` environment
+    variable, when set, wins (as wandb's own documentation promises users: ``WANDB_MODE=disabled``
+    turns every stage's wandb off). Only rank 0 should create one.
     """
 
     def __init__(self, run_dir: str | Path, mode: str = "offline", project: str = "elm",
                  name: str | None = None, config: dict | None = None) -> None:  # fmt: skip
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        env = {"dryrun": "offline", "run": "online"}.get(env, env)
+        if env and env not in ("online", "offline", "disabled"):
+            raise ValueError(f"WANDB_MODE={env!r} is unknown; valid: online, offline, disabled")
+        mode = env or mode
         if mode not in ("online", "offline", "disabled"):
             raise ValueError(f"logger.mode={mode!r} is unknown; valid: online, offline, disabled")
         self.path = Path(run_dir) / "metrics.jsonl"
