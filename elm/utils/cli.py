@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the wheel; ./configs links here
 
 
 # the stages with a data-parallel implementation; the others refuse torchrun before any work
