@@ -4,6 +4,7 @@ from it (CLI and Python API), resume, export round trip through the Auto classes
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -136,6 +138,12 @@ def test_cli_retrain_and_export_round_trip(search_dir, tmp_path):
     done = json.loads((run / "DONE").read_text())
     assert done["params"] == params and done["model_dir"] == str(model_dir)
     assert f"{done['val_loss']:.4f}" in card
+    meta = yaml.safe_load(card.split("---")[1])  # Hugging Face front matter a hub page can read
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "fill-mask" and "knowledge-distillation" in meta["tags"]
+    ppl = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert ppl["type"] == "perplexity" and ppl["value"] == pytest.approx(math.exp(done["val_loss"]), rel=1e-3)
+    assert str(search_dir) not in card and str(tmp_path) not in card and "/tmp/" not in card  # no local paths
 
 
 def test_resume_continues_from_the_checkpoint(search_dir, tmp_path, monkeypatch):

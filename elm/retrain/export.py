@@ -54,8 +54,50 @@ def architecture_table(arch: ArchConfig) -> list[str]:
     return rows
 
 
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged default teacher is
+
+
+def public_name(name: Any) -> str:
+    """A name fit for a published card: hub ids and built-in sources as they are, a local path
+    reduced to its last part (``local:<name>``), so no machine's paths leak into a card."""
+    text = str(name or "-")
+    if text.startswith("all-MiniLM-L6-v2 (package"):
+        return MINILM_HUB_ID
+    if text in ("-", "bbc") or text.startswith("hf:"):
+        return text
+    is_path = text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
+    return f"local:{Path(text).name}" if is_path else text
+
+
+def front_matter(arch: ArchConfig, info: dict[str, Any]) -> list[str]:
+    """Hugging Face model-card metadata: license, base model, datasets, task, tags, model-index."""
+    import yaml
+
+    teacher = public_name((info.get("teacher") or {}).get("name"))
+    source = public_name((info.get("data") or {}).get("source"))
+    task = "text-generation" if arch.causal else "fill-mask"
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        # a student distilled from the teacher inherits its terms: known for the packaged MiniLM
+        "license": "apache-2.0" if teacher == MINILM_HUB_ID else "other",
+        "pipeline_tag": task,
+        "tags": ["elm", "neural-architecture-search", "knowledge-distillation"],
+    }
+    if "/" in teacher and not teacher.startswith("local:"):
+        meta["base_model"] = teacher
+    if source.startswith("hf:"):
+        meta["datasets"] = [source[3:].split(":")[0]]
+    scores = info.get("eval") or {}
+    if isinstance(scores.get("val_ppl"), int | float):
+        dataset = {"name": "BBC News" if source == "bbc" else source, "type": source, "split": "validation"}
+        metric = {"type": "perplexity", "value": round(float(scores["val_ppl"]), 4), "name": "validation perplexity"}
+        meta["model-index"] = [{"name": "elm-student", "results": [{"task": {"type": task}, "dataset": dataset,
+                                                                   "metrics": [metric]}]}]  # fmt: skip
+    return ["---", *yaml.safe_dump(meta, sort_keys=False).strip().splitlines(), "---"]
+
+
 def model_card(model, info: dict[str, Any]) -> str:
-    """The README.md of an export (Markdown with Hugging Face front matter)."""
+    """The README.md of an export (Markdown with Hugging Face front matter, no local paths)."""
     arch = arch_from_config(model.config)
     counts = parameter_counts(model)
     kind = "causal LM" if arch.causal else "masked LM"
@@ -63,11 +105,7 @@ def model_card(model, info: dict[str, Any]) -> str:
     data, training, scores = info.get("data") or {}, info.get("training") or {}, info.get("eval") or {}
     layers = sum(layer.num_parameters(arch.hidden_size) for layer in arch.layers)
     lines = [
-        "---",
-        "library_name: transformers",
-        f"pipeline_tag: {'text-generation' if arch.causal else 'fill-mask'}",
-        "tags: [elm, neural-architecture-search, knowledge-distillation]",
-        "---",
+        *front_matter(arch, info),
         "",
         f"# ELM {kind}: {arch.num_layers} layers, {counts['backbone'] / 1e6:.2f}M parameters",
         "",
@@ -91,17 +129,17 @@ def model_card(model, info: dict[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"- Teacher: `{teacher.get('name', '-')}` ({_fmt(teacher.get('num_layers'))} layers, hidden "
+        f"- Teacher: `{public_name(teacher.get('name'))}` ({_fmt(teacher.get('num_layers'))} layers, hidden "
         f"{_fmt(teacher.get('hidden_size'))}); student layer l is distilled towards teacher hidden state "
         f"`layer_map[l + 1]`, layer_map = {teacher.get('layer_map', '-')}.",
     ]
     if init:
-        lines.append(f"- Initialised from the trained supernet in `{init.get('search_dir')}` "
+        lines.append(f"- Initialised from the trained supernet of search run `{public_name(init.get('search_dir'))}` "
                      f"(candidates {', '.join(init.get('candidates', []))}).")  # fmt: skip
     else:
         lines.append("- Initialised at random (no search state given).")
     lines += [
-        f"- Data: `{data.get('source', '-')}`, blocks of {_fmt(data.get('seq_len'))} tokens, "
+        f"- Data: `{public_name(data.get('source'))}`, blocks of {_fmt(data.get('seq_len'))} tokens, "
         f"{_fmt(data.get('train_blocks'))} training / {_fmt(data.get('val_blocks'))} validation blocks.",
         f"- Objective: weights {training.get('weights', '-')} (LM loss, relational hidden-state KD, "
         + (f"logit KD at temperature {_fmt(training.get('temperature'), 2)})."
