@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from transformers import EvalPrediction
+from transformers import EvalPrediction, pipeline
 
 from elm import ArchConfig, ElmForMaskedLM, ElmForSequenceClassification, LayerConfig, config_from_arch
 from elm.finetune import count_parameters, run_finetune, trainer_metrics
@@ -65,7 +65,7 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 def test_cli_finetunes_bbc_over_two_seeds(model_dir, tokenizer, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "elm.finetune", f"model={model_dir}", "task=bbc", *TINY,
-                           "seeds=[0,1]", "train.max_steps=3", f"hydra.run.dir={out}"],
+                           "seeds=[0,1]", "train.max_steps=3", "train.save_model=true", f"hydra.run.dir={out}"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[elm.finetune] bbc: accuracy" in proc.stdout
@@ -84,6 +84,9 @@ def test_cli_finetunes_bbc_over_two_seeds(model_dir, tokenizer, tmp_path):
     assert res["backbone_params"] == arch.num_parameters()
     assert res["params"] == arch.num_parameters("cls", num_labels=5) == count_parameters(str(model_dir), 5)[0]
     assert res["time_s"] > 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    classify = pipeline("text-classification", model=str(out / "seed0" / "model"))  # names, not LABEL_k
+    assert classify.model.config.id2label == dict(enumerate(res["label_names"]))
+    assert classify("Shares rose after the central bank cut rates.")[0]["label"] in res["label_names"]
 
 
 def test_trainer_loss_decreases(model_dir, tmp_path):

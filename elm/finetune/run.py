@@ -243,6 +243,9 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         transformers.logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # causal models pool the last real token
+    if task.label_names and len(task.label_names) == task.num_labels:  # pipelines print names, not LABEL_k
+        model.config.id2label = dict(enumerate(map(str, task.label_names)))
+        model.config.label2id = {name: i for i, name in model.config.id2label.items()}
 
     marker = read_marker(Path(resume_from)) if resume_from is not None else None
     callback = CheckpointCallback(preemption or Preemption(), save=save_steps(cfg.train) > 0, rank=rank,
