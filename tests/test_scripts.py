@@ -92,3 +92,10 @@ def test_console_scripts_are_installed_and_reach_the_commands(tmp_path):
     assert "retrain.epoch" in proc.stderr
     proc = subprocess.run(["elm-bench", "--only", "nothing"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown case(s)" in proc.stderr
+    proc = subprocess.run(["elm-search", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m elm.search")
+    assert "  steps_per_epoch: 25       # null = one full pass" in proc.stdout  # the config's own comments
+    assert not (tmp_path / "outputs").exists()  # --help runs nothing
+    proc = subprocess.run(["elm-search", "-sc", "query=bash"], cwd=tmp_path, env={**env, "COMP_LINE": "elm-search space=ti"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and "space=tiny" in proc.stdout.split()  # shell completion (no stdlib shadowing)

@@ -105,12 +105,34 @@ def check_overrides(stage: str, argv: list[str] | None = None) -> None:
         _refuse(stage, " ".join(lines[:3]) or type(err).__name__)
 
 
+def command_help(stage: str) -> str:
+    """``--help`` of a command: its usage line and every setting with its one-line comment, read
+    from the config file itself (so it cannot drift from what runs), plus the config groups."""
+    config = STAGE_CONFIGS[stage]
+    lines = (CONFIG_DIR / f"{config}.yaml").read_text().splitlines()
+    usage = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("#") else f"python -m elm.{stage}"
+    body = lines[1:] if lines and lines[0].startswith("#") else lines
+    if "hydra:" in body:  # Hydra's own run-dir settings close every config
+        body = body[: body.index("hydra:")]
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    return "\n".join([
+        f"usage: {usage}", "",
+        f"Every setting below is a Hydra override: key=value (e.g. seed=1), group=option (a file of "
+        f"{CONFIG_DIR}/<group>/), +experiment=<name>. Config file: {CONFIG_DIR / (config + '.yaml')}",
+        f"Config groups: {', '.join(groups)}. Hydra's own help: --hydra-help; shell completion: -sc install=bash",
+        "", *(line.rstrip() for line in body), "",
+    ]).rstrip() + "\n"  # fmt: skip
+
+
 def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
     """Before Hydra writes anything into ``hydra.run.dir``: refuse a dir that cannot be written or
     holds finished work (one line, exit 2), check the overrides (:func:`check_overrides`), and on
     ``resume=true`` send Hydra's own files to ``.hydra/resume-<time>`` so the finished or
     interrupted run's ``.hydra/config.yaml`` stays the record of what it ran."""
     argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv[1:]) and stage in STAGE_CONFIGS:
+        print(command_help(stage), end="")
+        sys.exit(0)
     run_dir = _override(argv[1:], "hydra.run.dir")
     if not run_dir or "${" in run_dir:
         check_overrides(stage, argv)
