@@ -69,6 +69,8 @@ def test_cli_finetunes_bbc_over_two_seeds(model_dir, tokenizer, tmp_path):
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[elm.finetune] bbc: accuracy" in proc.stdout
+    log_lines = (out / "__main__.log").read_text().splitlines()  # the run dir keeps the result, timed
+    assert any(ln.startswith("[20") and "[elm.finetune] bbc: accuracy" in ln for ln in log_lines)
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] and res["task"] == "bbc" and res["model"] == str(model_dir)
     assert res["metrics"] == ["accuracy", "f1_macro"] and res["num_labels"] == 5

@@ -269,16 +269,16 @@ def _main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ..utils.cli import CONFIG_DIR, fail_cleanly
+    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_eval")
     def main(cfg) -> None:
         with fail_cleanly("causal.evaluate"):
             r = run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
-            print(f"[elm.causal.evaluate] perplexity {r['perplexity']['ppl']:.2f} "
+            say(f"[elm.causal.evaluate] perplexity {r['perplexity']['ppl']:.2f} "
                   f"({r['perplexity']['tokens']} tokens), ROUGE-L {100 * r['rouge_l']['f']:.2f} "
                   f"({r['rouge_l']['examples']} prompts); {r['results_path']}")  # fmt: skip
-            print(json.dumps(r["samples"][:2], indent=1))
+            say(json.dumps(r["samples"][:2], indent=1))
 
     main()
 

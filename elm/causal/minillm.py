@@ -505,7 +505,7 @@ def _main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ..utils.cli import CONFIG_DIR, fail_cleanly
+    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_minillm")
     def main(cfg: DictConfig) -> None:
@@ -513,10 +513,10 @@ def _main() -> None:
             t0 = time.perf_counter()
             r = run_minillm(cfg, HydraConfig.get().runtime.output_dir)
             b, a = r["val_before"], r["val_after"]
-            print(f"[elm.causal.minillm] {r['objective']}: {r['steps']} steps in {r['train_time_s']:.0f} s; validation "
+            say(f"[elm.causal.minillm] {r['objective']}: {r['steps']} steps in {r['train_time_s']:.0f} s; validation "
                   f"reverse KL {b['reverse_kl']:.4f} -> {a['reverse_kl']:.4f}, forward KL {b['forward_kl']:.4f} -> "
                   f"{a['forward_kl']:.4f}, reference NLL {b['nll']:.4f} -> {a['nll']:.4f}")  # fmt: skip
-            print(f"[elm.causal.minillm] model in {r['model_dir']} ({time.perf_counter() - t0:.0f} s)")
+            say(f"[elm.causal.minillm] model in {r['model_dir']} ({time.perf_counter() - t0:.0f} s)")
             log.debug(json.dumps(r["history"][-1:]))
 
     main()

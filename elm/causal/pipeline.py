@@ -393,7 +393,7 @@ def _main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ..utils.cli import CONFIG_DIR, fail_cleanly
+    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_pipeline")
     def main(cfg: DictConfig) -> None:
@@ -403,8 +403,8 @@ def _main() -> None:
                 summary = run_pipeline(cfg, run_dir)
             except StageError as err:
                 raise ValueError(str(err)) from None
-            print((run_dir / "causal_comparison.md").read_text().split("## Notes")[0].rstrip())
-            print(
+            say((run_dir / "causal_comparison.md").read_text().split("## Notes")[0].rstrip())
+            say(
                 f"[elm.causal.pipeline] {summary['timings_s']['total']:.0f} s; report {run_dir / 'causal_comparison.md'}"
             )
 

@@ -345,21 +345,21 @@ def _main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ..utils.cli import CONFIG_DIR, fail_cleanly
+    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_teacher")
     def main(cfg: DictConfig) -> None:
         with fail_cleanly("causal.teacher_train"):
             info = train_teacher(cfg, HydraConfig.get().runtime.output_dir)
             if info.get("reused"):
-                print(
+                say(
                     f"[elm.causal.teacher_train] reusing {info['out_dir']} (same settings; force=true retrains)"
                 )
             else:
                 t = info["training"]
-                print(f"[elm.causal.teacher_train] {info['params'] / 1e6:.2f}M params, {t['steps']} steps "
+                say(f"[elm.causal.teacher_train] {info['params'] / 1e6:.2f}M params, {t['steps']} steps "
                       f"({t['tokens']:,} tokens, {t['train_time_s']:.0f} s{', time-limited' if t['time_limited'] else ''})")  # fmt: skip
-            print(f"[elm.causal.teacher_train] validation perplexity {info['val_ppl']:.2f} "
+            say(f"[elm.causal.teacher_train] validation perplexity {info['val_ppl']:.2f} "
                   f"(untrained {info['val_ppl_init']:.1f}); teacher in {info['out_dir']}")  # fmt: skip
 
     main()

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, say
 from .run import run_compare
 
 
@@ -21,8 +21,8 @@ def main(cfg: DictConfig) -> None:
             scores = ", ".join(f"{t}: {r['mean']['score'] * 100:.1f} ± {r['std']['score'] * 100:.1f}"
                                for t, r in row["tasks"].items())  # fmt: skip
             val = f"val loss {row['val_loss']:.3f}, " if row.get("val_loss") is not None else ""
-            print(f"[elm.compare] {row['model']:<16} {row['params'] / 1e6:6.2f}M params, {val}{scores}")
-        print(f"[elm.compare] table in {run_dir}/comparison.md ({summary['time_s']:.0f} s)")
+            say(f"[elm.compare] {row['model']:<16} {row['params'] / 1e6:6.2f}M params, {val}{scores}")
+        say(f"[elm.compare] table in {run_dir}/comparison.md ({summary['time_s']:.0f} s)")
 
 
 def cli() -> None:

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, teacher_shorthand
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, say, teacher_shorthand
 from ..utils.runtime import dist_info, shutdown_distributed
 from .run import run_distill_task
 
@@ -28,10 +28,10 @@ def main(cfg: DictConfig) -> None:
             scores = ", ".join(f"{m} {results['mean'][m]:.4f} ± {results['std'][m]:.4f}" for m in results["metrics"])
             teacher = d["teacher"].get("metrics") or {}
             told = ", ".join(f"{m} {v:.4f}" for m, v in teacher.items() if m in results["metrics"])
-            print(f"[elm.distill_task] {results['task']}: student {scores} ({len(results['seeds'])} seed(s), "
+            say(f"[elm.distill_task] {results['task']}: student {scores} ({len(results['seeds'])} seed(s), "
                   f"{results['params'] / 1e6:.2f}M params, {d['train_rows']} training rows, "
                   f"{results['time_s']:.0f} s); teacher {told or d['teacher']['path']}")  # fmt: skip
-            print(f"[elm.distill_task] results in {run_dir}/results.json")
+            say(f"[elm.distill_task] results in {run_dir}/results.json")
         shutdown_distributed()
 
 

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, say
 from ..utils.runtime import dist_info, shutdown_distributed
 from .run import run_finetune
 
@@ -29,9 +29,9 @@ def main(cfg: DictConfig) -> None:
             scores = ", ".join(
                 f"{m} {results['mean'][m]:.4f} ± {results['std'][m]:.4f}" for m in results["metrics"]
             )
-            print(f"[elm.finetune] {results['task']}: {scores} ({len(results['seeds'])} seed(s), "
+            say(f"[elm.finetune] {results['task']}: {scores} ({len(results['seeds'])} seed(s), "
                   f"{results['params'] / 1e6:.2f}M params, {results['time_s']:.0f} s)")  # fmt: skip
-            print(f"[elm.finetune] results in {run_dir}/results.json")
+            say(f"[elm.finetune] results in {run_dir}/results.json")
         shutdown_distributed()
 
 

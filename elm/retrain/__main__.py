@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, say
 from ..utils.runtime import dist_info, init_distributed, shutdown_distributed
 from .run import run_retrain
 
@@ -21,9 +21,9 @@ def main(cfg: DictConfig) -> None:
         shutdown_distributed()
         if dist_info()[0] != 0:
             return
-        print(f"[elm.retrain] {result['params'] / 1e6:.2f}M params, val loss {result['val_loss']:.4f} "
+        say(f"[elm.retrain] {result['params'] / 1e6:.2f}M params, val loss {result['val_loss']:.4f} "
               f"(perplexity {result['val_ppl']:.2f}), {result['train_time_s']:.0f} s of training")  # fmt: skip
-        print(f"[elm.retrain] model in {result['model_dir']}")
+        say(f"[elm.retrain] model in {result['model_dir']}")
 
 
 def cli() -> None:

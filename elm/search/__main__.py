@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir
+from ..utils.cli import CONFIG_DIR, fail_cleanly, guard_run_dir, say
 from ..utils.runtime import dist_info, init_distributed, shutdown_distributed
 from .run import run_search
 
@@ -22,10 +22,10 @@ def main(cfg: DictConfig) -> None:
         if dist_info()[0] != 0:
             return
         for name, point in summary["chosen"].items():
-            print(f"[elm.search] {name}: {point['params'] / 1e6:.2f}M params "
+            say(f"[elm.search] {name}: {point['params'] / 1e6:.2f}M params "
                   f"(layers {point['layer_params'] / 1e6:.2f}M), score {point['score']:.4f}, "
                   f"blocks {point['candidates']}")  # fmt: skip
-        print(f"[elm.search] outputs in {HydraConfig.get().runtime.output_dir}")
+        say(f"[elm.search] outputs in {HydraConfig.get().runtime.output_dir}")
 
 
 def cli() -> None:

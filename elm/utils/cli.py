@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 import time
@@ -72,6 +73,12 @@ STAGE_CONFIGS = {"search": "search", "retrain": "retrain", "finetune": "finetune
                  "causal.evaluate": "causal_eval", "causal.teacher_train": "causal_teacher", "teacher": "causal_teacher"}  # fmt: skip
 
 
+def say(message: str) -> None:
+    """A command's result line: on the console as it is and, with time and level, in the run
+    dir's ``<job>.log`` (Hydra's job logging, ``configs/hydra/job_logging/elm.yaml``)."""
+    logging.getLogger("elm.cli").info(message)
+
+
 def _refuse(stage: str, message: str) -> None:
     print(f"[elm.{stage}] error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -114,7 +121,7 @@ def command_help(stage: str) -> str:
     body = lines[1:] if lines and lines[0].startswith("#") else lines
     if "hydra:" in body:  # Hydra's own run-dir settings close every config
         body = body[: body.index("hydra:")]
-    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
     return "\n".join([
         f"usage: {usage}", "",
         f"Every setting below is a Hydra override: key=value (e.g. seed=1), group=option (a file of "
