@@ -393,3 +393,35 @@ def test_a_traced_model_keeps_the_attention_mask():
         want, got = forward(ids, padded), traced(ids, padded)
         assert torch.allclose(got[1, :6], want[1, :6], atol=1e-5)
         assert not torch.allclose(got[1, :6], forward(ids, ones)[1, :6], atol=1e-3)  # the mask mattered
+
+
+def test_gradient_checkpointing_and_resize_token_embeddings(tmp_path):
+    """The usual transformers methods: gradient_checkpointing_enable() gives the same loss and
+    gradients; resize_token_embeddings() resizes the tied decoder's bias too and survives a save."""
+    from transformers import AutoModelForMaskedLM
+
+    arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=100, max_positions=32,
+                      layers=[LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=48)] * 2).validate()  # fmt: skip
+    torch.manual_seed(0)
+    model = ElmForMaskedLM(config_from_arch(arch, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    ids = torch.randint(0, 100, (2, 10))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    assert model.elm.gradient_checkpointing
+    checkpointed = loss_and_grads()
+    assert torch.equal(plain[0], checkpointed[0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[1], checkpointed[1]))
+
+    model.eval().resize_token_embeddings(110, mean_resizing=False)
+    assert model.config.vocab_size == 110 and model.lm_head.bias.shape == (110,)
+    assert model(input_ids=torch.randint(0, 110, (2, 10)), return_full_logits=True).logits.shape == (2, 10, 110)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.elm.embeddings.word.weight, model.elm.embeddings.word.weight)

@@ -198,7 +198,7 @@ class ElmPreTrainedModel(PreTrainedModel):
     config_class = ElmConfig
     config: ElmConfig
     base_model_prefix = "elm"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # ElmModel checkpoints each layer (gradient_checkpointing_enable())
     _supports_sdpa = True
     # Losses are batch means and ignore ``num_items_in_batch``; without this the Trainer (which sees
     # ``**kwargs`` in forward) would skip dividing by the gradient-accumulation steps.
@@ -219,6 +219,23 @@ class ElmPreTrainedModel(PreTrainedModel):
         if isinstance(module, ElmLMHead):
             nn.init.zeros_(module.bias)
 
+    def get_output_embeddings(self):
+        """None: the LM head's decoder *is* the word-embedding matrix (``ElmLMHead`` reads it), so
+        there is no second matrix to tie or resize."""
+        return None
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize of the word embeddings, plus the LM head's per-token bias (new
+        tokens get bias 0), so the model stays whole at the new vocabulary size."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        head = getattr(self, "lm_head", None)
+        if isinstance(head, ElmLMHead) and head.bias.shape[0] != embeddings.num_embeddings:
+            old, n = head.bias.data, embeddings.num_embeddings
+            bias = old.new_zeros(n)
+            bias[: min(n, old.shape[0])] = old[:n]
+            head.bias = nn.Parameter(bias)
+        return embeddings
+
 
 class ElmModel(ElmPreTrainedModel):
     """Embeddings + layers; returns the last hidden state (and all of them on request)."""
@@ -227,6 +244,7 @@ class ElmModel(ElmPreTrainedModel):
         super().__init__(config)
         self.embeddings = ElmEmbeddings(config)
         self.layers = nn.ModuleList(ElmLayer(config, layer) for layer in config.layers)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -251,8 +269,13 @@ class ElmModel(ElmPreTrainedModel):
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         mask = attention_bias(attention_mask, self.config.causal, x.shape[1])
         hidden, attentions = (x,), ()
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x, probs = layer(x, mask, self.config.causal, output_attentions)
+            if checkpointed:  # activations recomputed in the backward: memory for compute
+                x, probs = self._gradient_checkpointing_func(layer.__call__, x, mask, self.config.causal,
+                                                             output_attentions)  # fmt: skip
+            else:
+                x, probs = layer(x, mask, self.config.causal, output_attentions)
             hidden += (x,)
             attentions += (probs,)
         out = BaseModelOutput(
