@@ -425,3 +425,34 @@ def test_gradient_checkpointing_and_resize_token_embeddings(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.elm.embeddings.word.weight, model.elm.embeddings.word.weight)
+
+
+def test_kv_cache_generation_matches_uncached():
+    """ElmForCausalLM with a KV cache: greedy generations equal the uncached ones on a left-padded
+    batch (shared attention, MobileBERT block), each step after the prompt encodes one token, and
+    incremental logits equal the full forward's."""
+    from elm.modeling import ElmForCausalLM
+
+    arch = ArchConfig(hidden_size=64, embedding_size=32, vocab_size=200, max_positions=128, causal=True, type_vocab_size=0,
+                      layers=[LayerConfig("bert", num_heads=2, head_dim=32, ffn_dim=96, share="qv"),
+                              LayerConfig("mobilebert", num_heads=2, head_dim=16, ffn_dim=48, num_ffn=2,
+                                          bottleneck_size=32, share="kv")]).validate()  # fmt: skip
+    torch.manual_seed(0)
+    model = ElmForCausalLM(config_from_arch(arch, pad_token_id=0, eos_token_id=1, bos_token_id=1)).eval()
+    ids = torch.randint(2, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :7] = 0, 0  # left padding
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+    hook.remove()
+    assert lengths == [12] + [1] * 9  # the prompt once, then one new token per step
+    assert torch.equal(cached, model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        first = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=positions[:, :8], use_cache=True)
+        rest = model(input_ids=ids[:, 8:], attention_mask=mask, position_ids=positions[:, 8:], cache=first.cache,
+                     logits_to_keep=0)  # fmt: skip
+    assert torch.allclose(rest.logits, full[:, 8:], atol=1e-5)

@@ -3,7 +3,8 @@
 Cases: ELM vs HF BERT MLM train step, supernet active path vs standalone, exported model vs HF
 inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak
 (MLM step and the real search step), the search step in bf16 vs fp32 where bf16 is native, and
-the ONNX export under onnxruntime vs PyTorch eager (batch 1 and 32, CPU).
+the ONNX export under onnxruntime vs PyTorch eager (batch 1 and 32, CPU), and causal generation
+with the KV cache vs without.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..utils.precision import resolve_precision
 from ..utils.runtime import resolve_device
 from . import cases, deploy, search_step
 
-CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx")
+CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx", "generate")
 
 
 def device_name(device: torch.device) -> str:
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> None:
     if "bf16" in want:
         result = search_step.bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher)
         print(result if isinstance(result, str) else result.line(), flush=True)
+    if "generate" in want and device.type == "cpu":
+        print(deploy.generation_cache(repeats=max(1, reps - 2)).line(), flush=True)
     if "onnx" in want and device.type == "cpu":  # onnxruntime's CPU provider
         for batch in (1, 32):
             result = deploy.onnx_vs_eager(batch, repeats=reps + 2)

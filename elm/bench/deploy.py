@@ -45,3 +45,24 @@ def onnx_vs_eager(batch: int, layers: int = 4, hidden: int = 256, heads: int = 4
 
     a, b = time_pair(lambda: session.run(None, feed), eager, repeats, warmup, torch.device("cpu"))
     return Result(f"ONNX vs eager b{batch}x{seq}", "onnxruntime", "PyTorch", a, b, "< 1.0x (ONNX / eager)")
+
+
+def generation_cache(layers: int = 4, hidden: int = 256, heads: int = 4, new_tokens: int = 128, prompt: int = 16,
+                     repeats: int = 3) -> Result:  # fmt: skip
+    """Greedy ``generate`` of ``new_tokens`` tokens by a causal ``ElmForCausalLM`` with the KV cache
+    vs without it (ratio = cached / uncached: < 1 is the cache's speed-up)."""
+    from ..modeling import ElmForCausalLM
+
+    arch = bert_arch(layers, hidden, heads, seq=prompt + new_tokens)
+    arch.causal, arch.type_vocab_size = True, 0
+    torch.manual_seed(0)
+    model = ElmForCausalLM(config_from_arch(arch.validate(), pad_token_id=0)).eval()
+    ids = torch.randint(1, arch.vocab_size, (1, prompt))
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def run(cache: bool):
+        return lambda: model.generate(input_ids=ids, use_cache=cache, **kw)
+
+    a, b = time_pair(run(True), run(False), repeats, 1, torch.device("cpu"))
+    return Result(f"generate {new_tokens} tokens ({layers}L/{hidden}H)", "KV cache", "no cache", a, b,
+                  "< 1.0x (cached / uncached)")  # fmt: skip

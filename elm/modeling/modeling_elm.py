@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import (
-    BaseModelOutput,
-    CausalLMOutput,
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
@@ -60,6 +60,22 @@ def attention_bias(attention_mask: torch.Tensor | None, causal: bool, seq_len: i
     if causal:
         keep = keep & torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep.device).tril()
     return keep | eye
+
+
+def cached_attention_bias(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
+                          batch: int, device) -> torch.Tensor | None:  # fmt: skip
+    """Boolean mask [B, 1, q, past + q] of causal attention with ``past_len`` cached tokens: query i
+    (absolute position past + i) sees the unpadded keys up to itself, and always itself."""
+    keys = past_len + query_len
+    if attention_mask is None and query_len == 1:
+        return None  # one new token may see every cached one
+    query_pos = past_len + torch.arange(query_len, device=device)[:, None]
+    keep = torch.arange(keys, device=device)[None, :] <= query_pos  # [q, K]
+    if attention_mask is not None:
+        keep = keep[None, None] & attention_mask[:, None, None, -keys:].bool()
+    else:
+        keep = keep[None, None].expand(batch, 1, query_len, keys)
+    return keep | (torch.arange(keys, device=device)[None, :] == query_pos)[None, None]
 
 
 def attend(
@@ -110,8 +126,10 @@ class ElmAttention(nn.Module):
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, mask, causal: bool, output_attentions: bool = False):
+    def forward(self, x, mask, causal: bool, output_attentions: bool = False, cache=None, layer_idx: int = 0):
         q, k, v = split_qkv(self.qkv(x), self.share, self.num_heads, self.head_dim)
+        if cache is not None:  # keys/values of the earlier tokens (Q=V: the cached values are the past queries)
+            k, v = cache.update(k, v, layer_idx)
         drop = self.attn_dropout if self.training else 0.0
         ctx, probs = attend(q, k, v, mask, causal, drop, output_attentions)
         ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
@@ -151,9 +169,13 @@ class ElmLayer(nn.Module):
             ElmFFN(config, width, layer["ffn_dim"], self.block) for _ in range(layer.get("num_ffn", 1))
         )
 
-    def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False):
+    def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False, cache=None,
+                layer_idx: int = 0):  # fmt: skip
         h = self.norm_in(self.bottleneck_in(x)) if self.block == "mobilebert" else x
-        h, probs = self.attention(h, mask, causal, output_attentions)
+        if cache is None:  # (the supernet's candidates share this function; their attention has no cache)
+            h, probs = self.attention(h, mask, causal, output_attentions)
+        else:
+            h, probs = self.attention(h, mask, causal, output_attentions, cache, layer_idx)
         for ffn in self.ffns:
             h = ffn(h)
         if self.block == "mobilebert":
@@ -262,24 +284,40 @@ class ElmModel(ElmPreTrainedModel):
         output_hidden_states=None,
         output_attentions=None,
         return_dict=None,
+        cache=None,
+        use_cache=None,
         **kwargs,
     ):
         output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
         output_attentions = bool(output_attentions or self.config.output_attentions)
+        causal = self.config.causal
+        cache = cache if cache is not None else kwargs.get("past_key_values")  # (the name before transformers 5.24)
+        if use_cache and cache is None and causal:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        cache = cache if causal else None  # a KV cache only makes sense left to right
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None and past:
+            position_ids = past + torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        mask = attention_bias(attention_mask, self.config.causal, x.shape[1])
+        if past:  # the mask carries causality: SDPA's is_causal aligns top-left, wrong for q < k
+            mask = cached_attention_bias(attention_mask, x.shape[1], past, x.shape[0], x.device)
+            causal = False
+        else:
+            mask = attention_bias(attention_mask, causal, x.shape[1])
         hidden, attentions = (x,), ()
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if checkpointed:  # activations recomputed in the backward: memory for compute
-                x, probs = self._gradient_checkpointing_func(layer.__call__, x, mask, self.config.causal,
-                                                             output_attentions)  # fmt: skip
+                x, probs = self._gradient_checkpointing_func(layer.__call__, x, mask, causal, output_attentions)
             else:
-                x, probs = layer(x, mask, self.config.causal, output_attentions)
+                x, probs = layer(x, mask, causal, output_attentions, cache, index)
             hidden += (x,)
             attentions += (probs,)
-        out = BaseModelOutput(
+        out = BaseModelOutputWithPast(
             last_hidden_state=x,
+            cache=cache if use_cache or past else None,
             hidden_states=hidden if output_hidden_states else None,
             attentions=attentions if output_attentions else None,
         )
@@ -341,27 +379,35 @@ class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
         self.lm_head = ElmLMHead(config)
         self.post_init()
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # no KV cache: the whole (short) prefix is re-encoded each step; positions count only
-        # real tokens so that left-padded batches match unpadded prompts (as in HF GPT-2)
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
+        """With a KV cache only the new tokens are encoded; positions count real tokens only, so
+        left-padded batches match unpadded prompts (as in HF GPT-2)."""
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        return {"input_ids": input_ids[:, past:], "attention_mask": attention_mask, "position_ids": position_ids,
+                "cache": cache, "use_cache": use_cache}  # fmt: skip
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,
-                **kwargs):  # fmt: skip
-        out = self.elm(input_ids, attention_mask, token_type_ids, position_ids,
-                       output_hidden_states, output_attentions)  # fmt: skip
-        logits = self.lm_head(out.last_hidden_state, self.elm.embeddings.word.weight)
+                cache=None, use_cache=None, logits_to_keep: int = 0, **kwargs):  # fmt: skip
+        """``cache`` / ``use_cache``: a transformers ``Cache`` of the earlier tokens' keys and
+        values (``generate`` makes one); ``logits_to_keep`` > 0: vocabulary logits only for the last
+        that many positions (generation needs one)."""
+        out = self.elm(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                       output_attentions, cache=cache, use_cache=use_cache, **kwargs)  # fmt: skip
+        h = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h, self.elm.embeddings.word.weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        result = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                attentions=out.attentions)  # fmt: skip
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
         return result if return_dict is not False else result.to_tuple()
 
 

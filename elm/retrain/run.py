@@ -134,8 +134,11 @@ def retrain(
     data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
                        val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
     model_cls = ElmForCausalLM if arch.causal else ElmForMaskedLM
+    tok = teacher.tokenizer
     config_kwargs = dict(hidden_dropout_prob=r.dropout, attention_probs_dropout_prob=r.dropout,
-                         pad_token_id=teacher.tokenizer.pad_token_id or 0)  # fmt: skip
+                         pad_token_id=tok.pad_token_id or 0)  # fmt: skip
+    if arch.causal:  # generate() and pipeline("text-generation") stop at eos without being told
+        config_kwargs.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     init, target = None, None
     if search_dir is not None:
         search_state = load_search_state(search_dir)
