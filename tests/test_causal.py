@@ -294,18 +294,20 @@ def test_minillm_with_teacher_mixed_sampling_reduces_reverse_kl(tokenizer, promp
 
 
 def test_cached_next_token_logits_match_full_recompute(tokenizer):
-    """The teacher's KV-cached steps (left-padded batch) give the logits of a full forward."""
+    """The KV-cached steps of the teacher (HF GPT-2) and of the ELM student (left-padded batch)
+    give the logits of a full forward."""
     from elm.causal.minillm import LastLogits, left_pad, logits
 
-    teacher = tiny_teacher(tokenizer)
-    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], tokenizer.pad_token_id, "cpu")
-    step = LastLogits(teacher)
-    assert step.cached and not LastLogits(tiny_student(len(tokenizer))).cached
-    for new in ([11, 12], [13, 14], [15, 16]):
-        got = step(ids, mask)
-        torch.testing.assert_close(got, logits(teacher, ids, mask)[:, -1], atol=1e-5, rtol=1e-4)
-        ids = torch.cat([ids, torch.tensor(new)[:, None]], 1)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    for model in (tiny_teacher(tokenizer), tiny_student(len(tokenizer)).eval()):
+        ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], tokenizer.pad_token_id, "cpu")
+        step = LastLogits(model)
+        for new in ([11, 12], [13, 14], [15, 16]):
+            with torch.no_grad():
+                got, want = step(ids, mask), logits(model, ids, mask)[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            ids = torch.cat([ids, torch.tensor(new)[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        assert step.past is not None and step.past.get_seq_length() == ids.shape[1] - 1  # it did cache
 
 
 def test_rollouts_stop_at_stop_tokens(tokenizer):

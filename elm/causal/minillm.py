@@ -126,23 +126,17 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 class LastLogits:
-    """Next-token logits of a growing batch of sequences, with the model's KV cache when it has one.
-
-    Hugging Face causal LMs (the teacher) keep ``past_key_values`` and encode only the new tokens;
-    ELM students (no KV cache) re-encode the whole, short, prefix each step.
-    """
+    """Next-token logits of a growing batch of sequences with the model's KV cache: the teacher
+    (any Hugging Face causal LM) and the ELM student both encode only the new tokens each step."""
 
     def __init__(self, model) -> None:
         import inspect
 
         self.model, self.past, self.seen = model, None, 0
-        self.cached = not (hasattr(model, "elm") and hasattr(model, "lm_head"))
         # transformers >= 5.x names the cache argument `cache` (older: `past_key_values`)
         self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self.cached:
-            return logits(self.model, ids, mask, last_only=True)
         pos = positions(mask)
         out = self.model(input_ids=ids[:, self.seen :], attention_mask=mask, position_ids=pos[:, self.seen :],
                          use_cache=True, logits_to_keep=1, **{self.key: self.past})  # fmt: skip
