@@ -456,3 +456,26 @@ def test_kv_cache_generation_matches_uncached():
         rest = model(input_ids=ids[:, 8:], attention_mask=mask, position_ids=positions[:, 8:], cache=first.cache,
                      logits_to_keep=0)  # fmt: skip
     assert torch.allclose(rest.logits, full[:, 8:], atol=1e-5)
+
+
+def test_eager_and_sdpa_attention_agree(tmp_path):
+    """attn_implementation="eager" (explicit softmax, e.g. for attention maps or custom kernels)
+    and the default SDPA give the same outputs, set at load time or switched afterwards."""
+    from transformers import AutoModel
+
+    from elm.modeling import ElmModel
+
+    arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=100, max_positions=32,
+                      layers=[LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=48, share="kv")]).validate()  # fmt: skip
+    torch.manual_seed(0)
+    ElmModel(config_from_arch(arch)).save_pretrained(tmp_path)
+    ids, mask = torch.randint(1, 100, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    sdpa = AutoModel.from_pretrained(tmp_path).eval()
+    eager = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        want = sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(eager(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-5)
+        sdpa.set_attn_implementation("eager")
+        assert torch.allclose(sdpa(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-5)

@@ -125,13 +125,16 @@ class ElmAttention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.config = config  # read at call time: set_attn_implementation("eager" | "sdpa") switches the kernel
 
     def forward(self, x, mask, causal: bool, output_attentions: bool = False, cache=None, layer_idx: int = 0):
         q, k, v = split_qkv(self.qkv(x), self.share, self.num_heads, self.head_dim)
         if cache is not None:  # keys/values of the earlier tokens (Q=V: the cached values are the past queries)
             k, v = cache.update(k, v, layer_idx)
         drop = self.attn_dropout if self.training else 0.0
-        ctx, probs = attend(q, k, v, mask, causal, drop, output_attentions)
+        eager = getattr(self.config, "_attn_implementation", None) == "eager"
+        ctx, probs = attend(q, k, v, mask, causal, drop, output_attentions or eager)
+        probs = probs if output_attentions else None
         ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.norm(x + self.dropout(self.out(ctx))), probs
 
