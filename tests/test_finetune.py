@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -89,6 +90,11 @@ def test_cli_finetunes_bbc_over_two_seeds(model_dir, tokenizer, tmp_path):
     classify = pipeline("text-classification", model=str(out / "seed0" / "model"))  # names, not LABEL_k
     assert classify.model.config.id2label == dict(enumerate(res["label_names"]))
     assert classify("Shares rose after the central bank cut rates.")[0]["label"] in res["label_names"]
+    card = (out / "seed0" / "model" / "README.md").read_text()  # a card every saved model gets
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "text-classification" and str(model_dir) not in card
+    accuracy = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert accuracy["type"] == "accuracy" and accuracy["value"] == round(res["per_seed"][0]["metrics"]["accuracy"], 4)
 
 
 def test_trainer_loss_decreases(model_dir, tmp_path):

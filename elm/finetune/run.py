@@ -53,6 +53,7 @@ from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision
 from ..utils.preempt import Preempted, Preemption
 from ..utils.runtime import any_rank, dist_info, resolve_device, seed_everything
+from .card import write_classifier_card
 from .checkpoint import (
     RESULTS_FILE,
     CheckpointCallback,
@@ -283,6 +284,7 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         trainer.save_model(str(out_dir / "model"))  # every rank calls it; rank 0 writes
         if rank == 0:
             tokenizer.save_pretrained(str(out_dir / "model"))
+            write_classifier_card(out_dir / "model", model_path, task, seed, scores, int(trainer.state.global_step))
     return {
         "seed": seed,
         "metrics": scores,
