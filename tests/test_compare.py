@@ -70,7 +70,7 @@ def check_in_space(arch: ArchConfig, space: SpaceConfig) -> None:
     assert arch.num_layers == space.num_layers and arch.hidden_size == space.hidden_size
     for la in arch.layers:
         assert la.block in space.blocks and la.share in space.shares and la.ffn_dim in widths
-        assert la.head_dim == space.head_dim
+        assert la.head_dim == space.head_dim_of(la.block)
         if la.block == "mobilebert":
             assert 1 <= la.num_heads <= space.mobilebert_heads
             assert (la.bottleneck_size, la.num_ffn) == (space.bottleneck_size, space.mobilebert_num_ffn)
@@ -98,6 +98,20 @@ def test_random_arch_respects_the_budget_and_the_space():
     )
     assert budget - 60_000 <= layer_params(narrow) <= budget
     check_in_space(narrow, SPACE)
+
+
+def test_random_arch_draws_mobilebert_heads_of_their_own_width():
+    """+experiment=elm_small's space: MobileBERT heads 33 wide beside 44-wide BERT heads. The
+    baseline drew every head at space.head_dim (44 for MobileBERT too: outside the space)."""
+    space = SpaceConfig(hidden_size=528, head_dim=44, bert_heads=12, mobilebert_heads=4, mobilebert_head_dim=33,
+                        ffn_init=132, ffn_unit=132, ffn_max=792)  # fmt: skip
+    like = ArchConfig(hidden_size=528, embedding_size=128, vocab_size=30522, max_positions=512,
+                      layers=[LayerConfig("bert", num_heads=6, head_dim=44, ffn_dim=264)] * 6).validate()  # fmt: skip
+    archs = [random_arch(space, 6_000_000, np.random.default_rng(s), like=like) for s in range(20)]
+    mobile = [la for a in archs for la in a.layers if la.block == "mobilebert"]
+    assert mobile and all(la.head_dim == 33 for la in mobile)
+    for arch in archs:
+        check_in_space(arch, space)
     with pytest.raises(ValueError, match="no random architecture"):
         random_arch(SPACE, 10_000, np.random.default_rng(0), like=like, max_tries=5)
 

@@ -101,17 +101,15 @@ def _ffn_choices(space: SpaceConfig) -> list[int]:
     return list(range(space.ffn_init, space.ffn_max + 1, space.ffn_unit))
 
 
-def _max_heads(space: SpaceConfig, block: str) -> int:
-    return space.mobilebert_heads if block == "mobilebert" else space.bert_heads
-
-
 def _random_layer(space: SpaceConfig, rng: np.random.Generator) -> LayerConfig:
+    """A layer the searched space holds: the block's own head count and head width (a MobileBERT
+    block's ``mobilebert_head_dim`` when set), an FFN width the growth can reach."""
     block = str(rng.choice(space.blocks))
     mobile = block == "mobilebert"
     return LayerConfig(
         block=block,  # type: ignore[arg-type]
-        num_heads=int(rng.integers(1, _max_heads(space, block) + 1)),
-        head_dim=space.head_dim,
+        num_heads=int(rng.integers(1, space.heads_of(block) + 1)),
+        head_dim=space.head_dim_of(block),
         ffn_dim=int(rng.choice(_ffn_choices(space))),
         num_ffn=space.mobilebert_num_ffn if mobile else 1,
         bottleneck_size=space.bottleneck_size if mobile else None,
@@ -123,7 +121,7 @@ def _moves(space: SpaceConfig, layer: LayerConfig, sign: int) -> list[dict[str, 
     """One-step changes of a layer's heads or FFN width (sign -1 shrinks, +1 grows) within the space."""
     widths, moves = _ffn_choices(space), []
     heads = layer.num_heads + sign
-    if 1 <= heads <= _max_heads(space, layer.block):
+    if 1 <= heads <= space.heads_of(layer.block):
         moves.append({"num_heads": heads})
     i = widths.index(layer.ffn_dim) + sign if layer.ffn_dim in widths else -1
     if 0 <= i < len(widths):
