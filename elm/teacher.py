@@ -392,11 +392,3 @@ def check_seq_len(seq_len: int, max_positions: int, where: str = "data.seq_len")
         raise TeacherError(
             f"{where}={seq_len} exceeds the teacher's max positions {max_positions}; use {where}<={max_positions}"
         )
-
-
-if __name__ == "__main__":  # ``python -m elm.teacher``: train a local causal (GPT-2 style) teacher
-    from elm.causal.teacher_train import _main
-    from elm.utils.cli import guard_run_dir
-
-    guard_run_dir("teacher")
-    _main()

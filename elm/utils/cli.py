@@ -70,7 +70,7 @@ def finished_work(run_dir: Path) -> str | None:
 # each command's Hydra config (configs/<name>.yaml)
 STAGE_CONFIGS = {"search": "search", "retrain": "retrain", "finetune": "finetune", "distill_task": "distill_task",
                  "compare": "compare", "causal.pipeline": "causal_pipeline", "causal.minillm": "causal_minillm",
-                 "causal.evaluate": "causal_eval", "causal.teacher_train": "causal_teacher", "teacher": "causal_teacher"}  # fmt: skip
+                 "causal.evaluate": "causal_eval", "causal.teacher_train": "causal_teacher"}  # fmt: skip
 
 
 def say(message: str) -> None:
