@@ -28,12 +28,12 @@ def onnx_vs_eager(batch: int, layers: int = 4, hidden: int = 256, heads: int = 4
     if key not in _EXPORTS:
         torch.manual_seed(0)
         model = ElmModel(config_from_arch(bert_arch(layers, hidden, heads, seq=seq))).eval()
-        out = tempfile.mkdtemp(prefix="elm-bench-onnx-")
-        model.save_pretrained(out)
-        path = export_onnx(out)["path"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same cores as PyTorch
-        _EXPORTS[key] = (model, ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        with tempfile.TemporaryDirectory(prefix="elm-bench-onnx-") as out:  # the session keeps the graph
+            model.save_pretrained(out)
+            path = export_onnx(out)["path"]
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # the same cores as PyTorch
+            _EXPORTS[key] = (model, ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
     model, session = _EXPORTS[key]
     ids, mask, _ = mlm_batch(model.config.vocab_size, batch, seq, torch.device("cpu"))
     mask[batch // 2 :, seq // 2 :] = 0  # half the rows padded: the mask is a real input

@@ -9,6 +9,7 @@ the count follows the space and the chaining without a hand formula.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -64,8 +65,11 @@ def search_step_utilisation(device, prec: Precision, steps: int = 3, repeats: in
                             teacher_name: str | None = None) -> str:  # fmt: skip
     """Achieved FLOP/s of the search step vs the matmul peak in the precision the step runs in."""
     trainer = search_trainer(device, prec.requested, teacher_name=teacher_name)
-    flops = step_flops(trainer)
-    seconds = _step_seconds(trainer, steps, repeats)
+    try:
+        flops = step_flops(trainer)
+        seconds = _step_seconds(trainer, steps, repeats)
+    finally:
+        shutil.rmtree(trainer.run_dir, ignore_errors=True)
     dtype = torch.bfloat16 if prec.bf16 else torch.float32
     peak = matmul_peak(device, dtype=dtype)
     achieved = flops / seconds
@@ -82,9 +86,13 @@ def bf16_vs_fp32(device, steps: int = 3, repeats: int = 2, teacher_name: str | N
     fp32 = search_trainer(device, "fp32", teacher_name=teacher_name)
     bf16 = search_trainer(device, "bf16", teacher_name=teacher_name)
     a = b = 0.0
-    for _ in range(repeats):  # interleaved, so load drifts hit both
-        a += _step_seconds(fp32, steps, 1)
-        b += _step_seconds(bf16, steps, 1)
+    try:
+        for _ in range(repeats):  # interleaved, so load drifts hit both
+            a += _step_seconds(fp32, steps, 1)
+            b += _step_seconds(bf16, steps, 1)
+    finally:
+        for trainer in (fp32, bf16):
+            shutil.rmtree(trainer.run_dir, ignore_errors=True)
     mode = "autocast" if prec.mode == "autocast" else "bf16 replica + fp32 master"
     return Result(f"search step ({mode})", "fp32", "bf16", 1e3 * a / repeats, 1e3 * b / repeats,
                   ">= 1.7x (fp32 / bf16)")  # fmt: skip

@@ -17,10 +17,22 @@ def usual_permissions(path: str | Path) -> Path:
     ``open``/``mkdir`` would have had under the process umask (usually 0644/0755), so that exports
     and run outputs are readable by others as users expect."""
     path = Path(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it
+    back would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _discard_on_error(tmp: str) -> None:
