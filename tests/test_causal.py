@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from datasets import Dataset, DatasetDict
 from omegaconf import OmegaConf
 
@@ -371,8 +372,16 @@ def test_exported_student_generates_through_auto_model(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     student = tiny_student(len(tokenizer)).eval()
-    out = export_student(student, tokenizer, tmp_path / "student", {"objective": "none"})
+    info = {"objective": "reverse_kl", "teacher": str(tmp_path / "teacher"), "steps": 3,
+            "val_before": {"reverse_kl": 2.0, "forward_kl": 2.5, "nll": 5.0}, "val_after": {"reverse_kl": 1.5,
+            "forward_kl": 2.0, "nll": 4.5}}  # fmt: skip
+    out = export_student(student, tokenizer, tmp_path / "student", info)
     assert (out / "DONE").is_file() and json.loads((out / "arch.json").read_text())["causal"] is True
+    card = (out / "README.md").read_text()  # a model card, no local paths in it
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "text-generation" and str(tmp_path) not in card and "local:teacher" in card
+    assert meta["model-index"][0]["results"][0]["metrics"][0] == {"type": "reverse_kl", "value": 1.5,
+                                                                  "name": "validation reverse_kl (after)"}  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "ElmForCausalLM"
     prompts = ["Markets rally\n\n", "A much longer headline about rates\n\n"]

@@ -444,12 +444,40 @@ def export_student(model, tokenizer, out_dir: str | Path, info: dict[str, Any]) 
 
             arch_from_config(model.config).to_json(tmp / "arch.json")
         atomic_write_json(tmp / INFO_FILE, info)
+        (tmp / "README.md").write_text(student_card(info))
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_json(out_dir / "DONE", {"stage": "minillm", "objective": info.get("objective")})
     return out_dir
+
+
+def student_card(info: dict[str, Any]) -> str:
+    """README.md of a distilled causal student: front matter (text-generation, base model, model-index
+    with the validation reverse KL and reference NLL after distillation) and before/after numbers."""
+    import yaml
+
+    from ..retrain.export import public_name
+
+    teacher = public_name(info.get("teacher"))
+    before, after = info.get("val_before") or {}, info.get("val_after") or {}
+    meta: dict[str, Any] = {"library_name": "transformers", "license": "other", "pipeline_tag": "text-generation",
+                            "tags": ["elm", "knowledge-distillation", "minillm", str(info.get("objective", "-"))]}  # fmt: skip
+    if "/" in teacher and not teacher.startswith("local:"):
+        meta["base_model"] = teacher
+    metrics = [{"type": k, "value": round(float(after[k]), 4), "name": f"validation {k} (after)"}
+               for k in ("reverse_kl", "forward_kl", "nll") if isinstance(after.get(k), int | float)]  # fmt: skip
+    if metrics:
+        meta["model-index"] = [{"name": "elm-causal-student", "results": [
+            {"task": {"type": "text-generation"}, "dataset": {"name": "validation prompts", "type": "prompts"},
+             "metrics": metrics}]}]  # fmt: skip
+    rows = [f"| {k} | {before.get(k, float('nan')):.4f} | {after.get(k, float('nan')):.4f} |"
+            for k in ("reverse_kl", "forward_kl", "nll") if k in after]  # fmt: skip
+    return "\n".join(["---", *yaml.safe_dump(meta, sort_keys=False).strip().splitlines(), "---", "",
+                      f"# ELM causal student distilled from `{teacher}` ({info.get('objective', '-')})", "",
+                      f"{info.get('steps', '-')} steps of `elm.causal.minillm`; validation before and after:", "",
+                      "| metric | before | after |", "|---|---:|---:|", *rows, ""])  # fmt: skip
 
 
 def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=None) -> dict[str, Any]:
