@@ -94,6 +94,7 @@ CASES = [
     ("causal.evaluate", ["model={a_dir}", "eval.top_p=0"], "eval.top_p=0"),
     ("causal.evaluate", ["model={a_dir}", "eval.temperature=0"], "eval.temperature=0"),
     ("causal.evaluate", ["model={a_dir}", "eval.gen_batch_size=0"], "eval.gen_batch_size=0"),
+    ("causal.evaluate", ["model={a_dir}", "prompts=jsonl"], "prompts.source is not set"),
     ("causal.pipeline", ['retrain.overrides=["retrain.lr=-1"]'], "retrain.overrides: retrain.lr=-1"),
     ("causal.pipeline", ['search.overrides=["search.epochs=0"]'], "search.overrides: search.epochs=0"),
     ("causal.pipeline", ['teacher.train_overrides=["model.n_head=5"]'], "teacher.train_overrides: model.n_embd=192"),

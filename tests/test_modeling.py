@@ -456,6 +456,11 @@ def test_kv_cache_generation_matches_uncached():
         rest = model(input_ids=ids[:, 8:], attention_mask=mask, position_ids=positions[:, 8:], cache=first.cache,
                      logits_to_keep=0)  # fmt: skip
     assert torch.allclose(rest.logits, full[:, 8:], atol=1e-5)
+    with pytest.raises(ValueError, match=r"sequence length 129 \(128 cached \+ 1 new tokens\) exceeds max_position"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=120, min_new_tokens=120, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+    with pytest.raises(ValueError, match="take a DynamicCache"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
 
 
 def test_eager_and_sdpa_attention_agree(tmp_path):

@@ -23,6 +23,23 @@ RESPONSE_ENDS = ("eos", "newline", "none")
 BBC_FIELDS = ("title", "body", "topic", "response")  # elm.causal.prompts.bbc_rows
 
 
+def _plain(check):
+    """A ``???`` left unset (e.g. ``prompts.source`` of ``prompts=jsonl``) is a one-line ValueError."""
+    import functools
+
+    from omegaconf.errors import MissingMandatoryValue
+
+    @functools.wraps(check)
+    def wrapped(cfg, *args):
+        try:
+            return check(cfg, *args)
+        except MissingMandatoryValue as err:
+            key = getattr(err, "full_key", None) or "a required setting"
+            raise ValueError(f"{key} is not set (???); pass {key}=<value>") from None
+
+    return wrapped
+
+
 def check_common(cfg: DictConfig) -> None:
     """``seed``, ``threads``, ``precision``, ``progress`` and ``device``."""
     check_number("seed", cfg.seed, 0)
@@ -107,6 +124,7 @@ def check_eval_section(e: DictConfig) -> None:
     check_number("eval.top_p", e.top_p, 0, integer=False, strict=True, high=1)
 
 
+@_plain
 def check_teacher_settings(cfg: DictConfig) -> None:
     """Every setting of ``configs/causal_teacher.yaml`` (tokenizer, model, train, data)."""
     check_common(cfg)
@@ -139,6 +157,7 @@ def check_teacher_settings(cfg: DictConfig) -> None:
     check_number("train.log_every", t.get("log_every", 1), 1)
 
 
+@_plain
 def check_minillm_settings(cfg: DictConfig) -> None:
     """Every setting of ``configs/causal_minillm.yaml``."""
     from ..teacher import resolve_model_path
@@ -158,6 +177,7 @@ def check_minillm_settings(cfg: DictConfig) -> None:
         check_data(cfg.data)
 
 
+@_plain
 def check_evaluate_settings(cfg: DictConfig) -> None:
     """Every setting of ``configs/causal_eval.yaml``."""
     if not cfg.get("model"):
@@ -190,6 +210,7 @@ def _named(what: str) -> Iterator[None]:
         raise ValueError(f"{what}: {err}") from None
 
 
+@_plain
 def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]) -> None:
     """Every setting of ``configs/causal_pipeline.yaml`` and of the sub-commands it runs.
 
@@ -220,6 +241,7 @@ def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]
     scfg = compose_config("search", sub_overrides["search"], what="search.overrides")
     with _named("search.overrides"):
         space = to_dataclass(SpaceConfig, scfg.space, "space")
+        check_number("space.num_layers", space.num_layers, 1)
         if width is not None or space.hidden_size is not None:
             space.resolve(width or space.hidden_size).validate()
         check_search_settings(scfg, space.num_layers)

@@ -300,7 +300,16 @@ class ElmModel(ElmPreTrainedModel):
 
             cache = DynamicCache()
         cache = cache if causal else None  # a KV cache only makes sense left to right
+        if cache is not None:
+            from transformers import DynamicCache
+
+            if not isinstance(cache, DynamicCache):  # a static cache returns all its slots: the mask would not fit
+                raise ValueError(f"ELM models take a DynamicCache (generate's default), got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
+        if past and past + input_ids.shape[1] > self.config.max_position_embeddings:  # (past 0: the embeddings check)
+            raise ValueError(f"sequence length {past + input_ids.shape[1]} ({past} cached + {input_ids.shape[1]} new "
+                             f"tokens) exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                             "generate fewer tokens")  # fmt: skip
         if position_ids is None and past:
             position_ids = past + torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
@@ -310,7 +319,7 @@ class ElmModel(ElmPreTrainedModel):
         else:
             mask = attention_bias(attention_mask, causal, x.shape[1])
         hidden, attentions = (x,), ()
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.layers):
             if checkpointed:  # activations recomputed in the backward: memory for compute
                 x, probs = self._gradient_checkpointing_func(layer.__call__, x, mask, causal, output_attentions)
@@ -386,11 +395,15 @@ class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
         """With a KV cache only the new tokens are encoded; positions count real tokens only, so
         left-padded batches match unpadded prompts (as in HF GPT-2)."""
         past = cache.get_seq_length() if cache is not None else 0
+        new = kwargs.get("next_sequence_length") or input_ids.shape[1] - past  # the tokens not cached yet
         position_ids = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        return {"input_ids": input_ids[:, past:], "attention_mask": attention_mask, "position_ids": position_ids,
-                "cache": cache, "use_cache": use_cache}  # fmt: skip
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+        inputs = {"input_ids": input_ids[:, -new:], "attention_mask": attention_mask, "position_ids": position_ids,
+                  "cache": cache, "use_cache": use_cache}  # fmt: skip
+        if kwargs.get("logits_to_keep") is not None:  # generate asks for the last position only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,

@@ -80,9 +80,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     """Move a finished temp folder into place, replacing an older one."""
     final_dir = Path(final_dir)
+    usual_permissions(tmp_dir)  # before anything is removed: a failing chmod keeps the old folder
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    usual_permissions(tmp_dir)
     os.replace(tmp_dir, final_dir)
     return final_dir
 
