@@ -126,7 +126,7 @@ class RetrainTrainer:
             )
         self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
         self.eval_batches = eval_batches
-        self.device, self.precision = torch.device(device), precision
+        self.device = torch.device(device)
         self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
         self.has_logits = teacher_head is not None or teacher.has_lm_head
         self.ddp: nn.Module = model  # DistributedDataParallel(model) under torchrun

@@ -149,7 +149,7 @@ class SearchTrainer:
         self.pca = (pca or PCAConfig()).validate(space)
         self.cka = (cka or CKAConfig()).validate(space)
         self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
-        self.device, self.precision = torch.device(device), precision
+        self.device = torch.device(device)
         self.train_data, self.val_data = train, validation
         self.rank, self.world = dist_info()
         # batch_size is the global batch: split over ranks and accumulation micro-steps
