@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
 from ..teacher import load_tokenizer, resolve_model_path
+from ..utils.hub import push_model, reach_hub
 from ..utils.io import atomic_write_json, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision
@@ -64,7 +65,7 @@ from .checkpoint import (
     remove_checkpoints,
     train_loss,
 )
-from .settings import batch_sizes, check_finetune_settings, lr_sweep, save_steps
+from .settings import batch_sizes, check_finetune_settings, hub_seed, lr_sweep, save_steps
 
 log = logging.getLogger("elm.finetune")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
@@ -229,7 +230,7 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     collator and the training rows it prepared replace the plain ones.
     """
     import transformers
-    from transformers import AutoModelForSequenceClassification, Trainer
+    from transformers import AutoModelForSequenceClassification, PrinterCallback, Trainer
 
     device = resolve_device(cfg.device)
     rank = dist_info()[0]
@@ -264,6 +265,8 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         compute_metrics=trainer_metrics(task.metric),
         callbacks=[callback],
     )
+    if not cfg.progress:  # [decision] no bars means no per-step dicts either: the curve is in results.json
+        trainer.remove_callback(PrinterCallback)
     if resume_from is not None:
         log.info("seed %d: resuming from %s", seed, resume_from)
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
@@ -334,7 +337,9 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
     plan = on_rank0(lambda: plan_run(cfg, run_dir, seeds, model_path))  # refusals before any loading
     if plan["finished"] is not None:
         log.info("%s is complete: nothing to do", run_dir / RESULTS_FILE)
-        return plan["finished"]
+        return publish(cfg, run_dir, seeds, plan["finished"]) if rank == 0 else plan["finished"]
+    if rank == 0:
+        reach_hub(cfg.get("hub"))  # no network or a bad token: seconds, not after the training
     tokenizer = finetune_tokenizer(model_path, cfg.get("tokenizer"))
     task = prepare_task(cfg, tokenizer)
     check_compatible(config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
@@ -403,6 +408,20 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
     results["params"], results["backbone_params"] = count_parameters(model_path, task.num_labels)
     results["complete"] = True
     save()
+    return publish(cfg, run_dir, seeds, results) if writer else results
+
+
+def publish(cfg: DictConfig, run_dir: Path, seeds: list[int], results: dict[str, Any]) -> dict[str, Any]:
+    """Push ``hub.seed``'s saved model to ``hub.repo_id`` (rank 0, after results.json is complete: a
+    failed push loses nothing, and ``resume=true`` on the finished run pushes again)."""
+    seed = hub_seed(cfg, seeds)
+    if seed is None or (results.get("hub") or {}).get("repo_id") == cfg.hub.repo_id:
+        return results
+    record = next(r for r in results["per_seed"] if r["seed"] == seed)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, (int, float)))
+    results["hub"] = {**push_model(run_dir / f"seed{seed}" / "model", cfg.hub,
+                                   f"elm fine-tuned on {cfg.task} (seed {seed}): {scores}"), "seed": seed}  # fmt: skip
+    atomic_write_json(run_dir / RESULTS_FILE, results)
     return results
 
 

@@ -1,10 +1,11 @@
 """Every fine-tuning setting checked before any model or data loads: ``seeds``, ``train.*`` (the
-global batch over ranks, checkpoint frequency, the learning-rate sweep) and ``data.*``."""
+global batch over ranks, checkpoint frequency, the learning-rate sweep), ``data.*`` and ``hub.*``."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..utils.hub import check_hub_settings
 from ..utils.settings import check_number
 
 
@@ -62,7 +63,28 @@ def check_finetune_settings(cfg: DictConfig) -> list[int]:
     check_number("data.holdout", d.get("holdout"), 0, integer=False, strict=True, high=0.99, none=True)
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={cfg.precision!r} is unknown; valid: bf16, fp32")
+    hub_seed(cfg, seeds)
     return seeds
+
+
+def hub_seed(cfg: DictConfig, seeds: list[int]) -> int | None:
+    """The seed whose saved model ``hub.repo_id`` gets (None: no push), after the ``hub`` checks.
+
+    [decision] ``hub.seed`` null means the first seed, not the best on the validation split: a card
+    reporting the best of N seeds on the split that picked it would overstate the model.
+    """
+    hub = cfg.get("hub")
+    check_hub_settings(hub)
+    if hub is None or hub.get("repo_id") is None:
+        return None
+    if not cfg.train.save_model:
+        raise ValueError(f"hub.repo_id={hub.repo_id} pushes a saved model: set train.save_model=true")
+    seed = hub.get("seed")
+    if seed is None:
+        return seeds[0]
+    if seed not in seeds:
+        raise ValueError(f"hub.seed={seed!r} is not one of seeds={seeds}")
+    return int(seed)
 
 
 def lr_sweep(cfg: DictConfig) -> list[float]:

@@ -456,7 +456,11 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
             pooled = h[torch.arange(h.shape[0], device=h.device), last]
         else:
             pooled = h[:, 0]
-        logits = self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
+        # [decision] the head runs in its weights' dtype even under autocast: bf16 logits would round a
+        # regression score to 8 bits (constant predictions on a fresh head) for a few FLOPs saved
+        with torch.autocast(h.device.type, enabled=False):
+            pooled = pooled.to(self.pooler.weight.dtype)
+            logits = self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
         loss = None
         if labels is not None:
             if self.num_labels == 1:

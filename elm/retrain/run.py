@@ -19,6 +19,7 @@ from ..space import ArchConfig, ArchError
 from ..supernet import uniform_layer_map
 from ..teacher import DEFAULT_ALIASES, check_seq_len, check_vocab, load_teacher
 from ..utils.fingerprint import check_fingerprint, fingerprint
+from ..utils.hub import check_hub_settings, push_model, reach_hub
 from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
@@ -111,6 +112,9 @@ def retrain(
         raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
                          "or choose another hydra.run.dir")  # fmt: skip
     check_retrain_settings(cfg)
+    check_hub_settings(cfg.get("hub"))
+    if rank == 0:
+        reach_hub(cfg.get("hub"))  # no network or a bad token: seconds, not after the training
     run_dir.mkdir(parents=True, exist_ok=True)
     r = cfg.retrain
     arch = arch.validate()
@@ -225,4 +229,8 @@ def retrain(
             logger.finish()
     if rank == 0:
         atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
+        message = f"elm retrain: {result['params'] / 1e6:.2f}M params, val loss {result['val_loss']:.4f}"
+        result["hub"] = push_model(model_dir, cfg.get("hub"), message)  # after DONE: a failed push loses nothing
+        if result["hub"] is not None:
+            atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
     return result

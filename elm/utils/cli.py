@@ -21,6 +21,7 @@ DISTRIBUTED_STAGES = ("search", "retrain", "finetune", "distill_task")
 @contextlib.contextmanager
 def fail_cleanly(stage: str):
     """Turn expected user errors (bad values, missing files) into one line on stderr and exit 2."""
+    from .hub import HubError
     from .preempt import Preempted
     from .runtime import dist_info
 
@@ -32,7 +33,7 @@ def fail_cleanly(stage: str):
     except Preempted as stop:
         print(f"[elm.{stage}] {stop.message}", file=sys.stderr)
         sys.exit(143)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, HubError) as err:
         print(f"[elm.{stage}] error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # the machine, not elm: no permission, a full or read-only disk

@@ -1,0 +1,54 @@
+"""``elm.api``: the stages from Python with the commands' configs and checks (the quickstart
+notebook runs search → retrain → finetune through it end to end, tests/test_notebook.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import elm
+import elm.api
+from elm import ArchConfig, LayerConfig
+
+TINY_ARCH = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=100, max_positions=64,
+                       layers=[LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=32)])  # fmt: skip
+
+
+def test_settings_merge_over_the_commands_config():
+    cfg = elm.api._config(
+        "search", ("+experiment=smoke", "search.epochs=5"), {"search": {"lr": 0.01}, "seed": 3}
+    )
+    assert cfg.search.epochs == 5 and cfg.search.lr == 0.01 and cfg.seed == 3
+    assert cfg.space.hidden_size == 64  # the smoke experiment's tiny space
+
+
+@pytest.mark.parametrize("overrides, settings, needle", [
+    ((), {"search": {"epochz": 2}}, "epochz"),
+    (("search.nope=1",), {}, "elm.api.search settings"),
+    ((3,), {}, "overrides must be Hydra strings like 'search.epochs=2', got 3"),
+])  # fmt: skip
+def test_bad_settings_are_one_line_errors(overrides, settings, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        elm.api.search(*overrides, **settings)
+    assert "\n" not in str(err.value)
+
+
+def test_retrain_names_the_budgets_a_search_has(tmp_path):
+    (tmp_path / "arch.json").write_text(json.dumps(TINY_ARCH.to_dict()))
+    (tmp_path / "arch_small.json").write_text(json.dumps(TINY_ARCH.to_dict()))
+    with pytest.raises(ValueError, match="has no arch_huge.json; budgets there: small"):
+        elm.api.retrain(tmp_path, budget="huge", run_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="budget='small' needs a search"):
+        elm.api.retrain(tmp_path / "arch.json", budget="small", run_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="source=3 must be a path or an elm.api result"):
+        elm.api.retrain(3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_point_at_what_the_stage_wrote(tmp_path):
+    (tmp_path / "arch.json").write_text(json.dumps(TINY_ARCH.to_dict()))
+    (tmp_path / "pca_curves.png").write_bytes(b"")
+    found = elm.api.SearchResult(tmp_path, {"small": TINY_ARCH}, {})
+    assert found.arch == TINY_ARCH and found.plots == {"pca_curves": tmp_path / "pca_curves.png"}
+    assert elm.api._path(found, "x") == str(tmp_path) and hasattr(elm, "api")
