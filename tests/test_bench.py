@@ -47,4 +47,24 @@ def test_search_step_case_counts_real_flops(monkeypatch) -> None:
     fraction = float(re.search(r"fraction\s+([\d.]+)", line).group(1))
     # teacher forward (6 x 384-wide layers) + 36 candidates' forward and backward at 8 x 128 tokens
     assert 20 < gflop < 500 and 0 < fraction < 1.5, line
-    assert "skipped: no native bf16" in search_step.bf16_vs_fp32(CPU)
+    from elm.bench import bf16
+
+    for case in (bf16.search_bf16_vs_fp32, bf16.retrain_bf16_vs_fp32, bf16.mlm_bf16_vs_hf_fp32):
+        assert "skipped: no native bf16" in case(CPU)
+
+
+def test_bf16_mlm_case_times_the_master_step_against_hf_fp32(monkeypatch) -> None:
+    """Forced on (ELM_CPU_BF16=1, emulated where bf16 is not native): the bf16 column is the
+    replica + fp32 master step search and retrain run, and it trains the fp32 weights."""
+    from elm.bench import bf16
+
+    monkeypatch.setenv("ELM_CPU_BF16", "1")
+    result = bf16.mlm_bf16_vs_hf_fp32(CPU, layers=1, hidden=32, heads=2, batch=2, seq=16, repeats=1, warmup=0)
+    assert result.a == "BertForMaskedLM fp32" and result.b == "ElmForMaskedLM bf16"
+    assert result.a_ms > 0 and result.b_ms > 0 and "4.5x" in result.target
+
+    model = bf16.ElmForMaskedLM(bf16.config_from_arch(bf16.bert_arch(1, 32, 2, seq=16)))
+    before = [p.detach().clone() for p in model.parameters()]
+    bf16.master_step_fn(model, bf16.mlm_batch(model.config.vocab_size, 2, 16, CPU), CPU)()
+    assert all(p.dtype == bf16.torch.float32 for p in model.parameters())
+    assert any(not bf16.torch.equal(a, p) for a, p in zip(before, model.parameters()))

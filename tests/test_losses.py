@@ -7,12 +7,11 @@ from torch import nn
 from torch.distributions import Categorical, kl_divergence
 
 from elm.distill.losses import (
-    LOSSES,
+    HIDDEN_LOSSES,
     attention_relation_loss,
-    block_loss,
     cosine_diversity,
     forward_kl,
-    get_loss,
+    hidden_loss,
     kl_hidden_loss,
     mse_loss,
     relation_matrix,
@@ -190,11 +189,14 @@ def test_cosine_diversity():
 
 
 def test_registry():
-    assert set(LOSSES) == {"rkd", "mse", "kl", "attn"}
-    with pytest.raises(ValueError, match="valid"):
-        get_loss("cosine")
-    s, t = torch.randn(1, 4, 3, generator=_gen(27)), torch.randn(1, 4, 5, generator=_gen(28))
-    proj = nn.Linear(3, 5)
-    torch.testing.assert_close(block_loss("rkd", s, t, proj=proj), rkd_loss(s, t))
-    torch.testing.assert_close(block_loss("mse", s, t, proj=proj), mse_loss(s, t, proj))
-    torch.testing.assert_close(block_loss("kl", s, t, proj=proj), kl_hidden_loss(s, t, proj))
+    """One table: each distill.loss name's own term, the teacher side it prepares once, its units."""
+    assert list(HIDDEN_LOSSES) == ["rkd", "mse", "kl"]
+    with pytest.raises(ValueError, match="distill.loss='cosine' is unknown; valid: rkd, mse, kl"):
+        hidden_loss("cosine")
+    s, t = torch.randn(2, 5, 4, generator=_gen(27)), torch.randn(2, 5, 4, generator=_gen(28))
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    rkd, mse, kl = (HIDDEN_LOSSES[k] for k in ("rkd", "mse", "kl"))
+    torch.testing.assert_close(rkd.main(s, rkd.prepare(t, mask), mask), rkd_loss(s, t, mask))
+    torch.testing.assert_close(kl.main(s, kl.prepare(t, mask), mask), kl_hidden_loss(s, t, attention_mask=mask))
+    assert mse.main is None and mse.basis and kl.basis and not rkd.basis  # relations are width-free
+    assert int(rkd.count(mask)) == 1 and int(kl.count(mask)) == 7  # sequences with >= 2 pairs; valid tokens

@@ -257,3 +257,36 @@ def test_bf16_master_weights_match_fp32(search_dir, tmp_path):
     fp32, bf16 = results["0"][-1]["val_loss"], results["1"][-1]["val_loss"]
     assert bf16 == pytest.approx(fp32, rel=0.01)
     assert results["1"][0]["val_loss"] != results["0"][0]["val_loss"]  # it did run in bf16
+
+
+@pytest.mark.parametrize("loss, override", [("kl", None), ("rkd", "distill.loss=mse")])
+def test_retrain_distils_with_the_searchs_loss_unless_told(search_dir, tmp_path, monkeypatch, loss, override):
+    """distill.loss=null takes the loss the search trained its blocks with (here a search state that
+    says kl); distill.loss=mse leaves the point-wise term alone (no hidden term)."""
+    import elm.distill.losses as losses
+
+    searched = tmp_path / "search"
+    shutil.copytree(search_dir, searched)
+    state = torch.load(searched / "search_state.pt", map_location="cpu", weights_only=True)
+    state["loss"] = loss
+    torch.save(state, searched / "search_state.pt")
+    calls = {"kl": 0}
+    kl = losses.kl_hidden_loss
+
+    def counting_kl(*args, **kwargs):
+        calls["kl"] += 1
+        return kl(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "kl_hidden_loss", counting_kl)
+    arch = ArchConfig.from_json(searched / "arch.json")
+    result = retrain(compose_cfg(*([override] if override else [])), arch, tmp_path / "run", searched)
+    terms = [r["train"] for r in read_metrics(tmp_path / "run") if "train" in r]
+    card = (Path(result["model_dir"]) / "README.md").read_text()
+    assert f"hidden-state KD by `{'mse' if override else loss}`" in card
+    if override is None:
+        assert calls["kl"] > 0 and all("hidden" in t for t in terms)
+    else:
+        assert calls["kl"] == 0 and not any("hidden" in t for t in terms) and all("point" in t for t in terms)
+    with pytest.raises(ValueError, match="distill.loss='cos' is unknown; valid: rkd, mse, kl"):
+        retrain(compose_cfg("distill.loss=cos"), arch, tmp_path / "bad", searched)
+    assert not (tmp_path / "bad" / STATE_FILE).exists() and result["val_loss"] > 0

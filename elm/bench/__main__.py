@@ -17,7 +17,7 @@ import torch
 from ..utils.cli import fail_cleanly
 from ..utils.precision import resolve_precision
 from ..utils.runtime import resolve_device
-from . import cases, deploy, search_step
+from . import bf16, cases, deploy, search_step
 
 CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx", "generate")
 
@@ -72,8 +72,12 @@ def run(args: argparse.Namespace) -> None:
         print(search_step.search_step_utilisation(device, prec, repeats=max(1, reps - 3), teacher_name=args.teacher),
               flush=True)  # fmt: skip
     if "bf16" in want:
-        result = search_step.bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher)
-        print(result if isinstance(result, str) else result.line(), flush=True)
+        for result in (
+            bf16.mlm_bf16_vs_hf_fp32(device, repeats=reps),
+            bf16.search_bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher),
+            bf16.retrain_bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher),
+        ):
+            print(result if isinstance(result, str) else result.line(), flush=True)
     if "generate" in want and device.type == "cpu":
         print(deploy.generation_cache(repeats=max(1, reps - 2)).line(), flush=True)
     if "onnx" in want and device.type == "cpu":  # onnxruntime's CPU provider

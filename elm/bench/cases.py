@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..modeling import ElmForMaskedLM, ElmModel, config_from_arch
-from ..space import ArchConfig, LayerConfig
-from ..supernet import SpaceConfig, Supernet, extract
+from ..space import ArchConfig, LayerConfig, SpaceConfig
+from ..supernet import Supernet, extract
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Bench cases of the real search step (``SearchTrainer.train_epoch`` on the default space and
-teacher): its achieved FLOP/s against the matmul peak of the same precision, and the bf16 /
-fp32 step-time ratio where the hardware has native bf16 (``elm.utils.precision``).
+teacher): its achieved FLOP/s against the matmul peak of the same precision (the bf16 / fp32
+step-time ratios are in :mod:`elm.bench.bf16`).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one real step (teacher
 forward + every candidate's forward and backward: the matmuls and attention the step runs), so
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from ..utils.precision import Precision, resolve_precision
-from .cases import Result, _sync, matmul_peak
+from ..utils.precision import Precision
+from .cases import _sync, matmul_peak
 
 
 def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, teacher_name: str | None = None):
@@ -25,7 +25,7 @@ def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, te
     from datasets import Dataset
 
     from ..search.trainer import SearchTrainer
-    from ..supernet import SpaceConfig
+    from ..space import SpaceConfig
     from ..teacher import load_teacher
 
     teacher = load_teacher(teacher_name, device=device)
@@ -76,23 +76,3 @@ def search_step_utilisation(device, prec: Precision, steps: int = 3, repeats: in
     return (f"{'search step FLOP/s (' + ('bf16' if prec.bf16 else 'fp32') + ')':<34} achieved "
             f"{achieved / 1e9:8.1f} GFLOP/s  matmul peak {peak / 1e9:8.1f} GFLOP/s  fraction {achieved / peak:5.2f}  "
             f"({flops / 1e9:.1f} GFLOP/step, {seconds * 1e3:.0f} ms/step; target >= 0.50)")  # fmt: skip
-
-
-def bf16_vs_fp32(device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None) -> Result | str:
-    """The search step in bf16 (as ``precision=bf16`` runs it here) vs fp32, side by side."""
-    prec = resolve_precision("bf16", device, master=True, stage="bench")
-    if not prec.bf16:
-        return f"{'search step bf16 vs fp32':<34} skipped: no native bf16 on this {device.type} (bf16 runs as fp32)"
-    fp32 = search_trainer(device, "fp32", teacher_name=teacher_name)
-    bf16 = search_trainer(device, "bf16", teacher_name=teacher_name)
-    a = b = 0.0
-    try:
-        for _ in range(repeats):  # interleaved, so load drifts hit both
-            a += _step_seconds(fp32, steps, 1)
-            b += _step_seconds(bf16, steps, 1)
-    finally:
-        for trainer in (fp32, bf16):
-            shutil.rmtree(trainer.run_dir, ignore_errors=True)
-    mode = "autocast" if prec.mode == "autocast" else "bf16 replica + fp32 master"
-    return Result(f"search step ({mode})", "fp32", "bf16", 1e3 * a / repeats, 1e3 * b / repeats,
-                  ">= 1.7x (fp32 / bf16)")  # fmt: skip

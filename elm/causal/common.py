@@ -81,7 +81,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
 
     import elm  # noqa: F401  (registers ElmForCausalLM with the Auto classes)
 
-    from ..teacher import load_tokenizer, resolve_model_path
+    from ..utils.hub import load_tokenizer, resolve_model_path
 
     resolved = resolve_model_path(str(path))
     model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=Path(resolved).is_dir())

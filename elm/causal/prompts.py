@@ -36,7 +36,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from ..data.corpus import CorpusError, bbc_documents, bbc_group_key, read_jsonl_objects, split_documents
-from ..teacher import hub_offline
+from ..utils.hub import hub_offline
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\d£$])")
 DEFAULTS: dict[str, Any] = {

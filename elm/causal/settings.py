@@ -160,7 +160,7 @@ def check_teacher_settings(cfg: DictConfig) -> None:
 @_plain
 def check_minillm_settings(cfg: DictConfig) -> None:
     """Every setting of ``configs/causal_minillm.yaml``."""
-    from ..teacher import resolve_model_path
+    from ..utils.hub import resolve_model_path
 
     if not cfg.get("student") or not cfg.teacher.get("name"):
         raise ValueError(
@@ -192,7 +192,7 @@ def _teacher_width(name: str) -> int | None:
     """``hidden_size``/``n_embd`` of a local teacher dir (None for a hub name); a missing path is refused."""
     import json
 
-    from ..teacher import resolve_model_path
+    from ..utils.hub import resolve_model_path
 
     config = Path(resolve_model_path(name)) / "config.json"
     if not config.is_file():
@@ -220,7 +220,7 @@ def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]
     """
     from ..retrain.settings import check_retrain_settings
     from ..search.settings import check_search_settings
-    from ..supernet import SpaceConfig
+    from ..space import SpaceConfig
 
     check_common(cfg)
     check_data(cfg.data)

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import CLMCollator, make_loader
-from ..teacher import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
+from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_write_json, replace_dir
 from ..utils.runtime import autocast, resolve_device, seed_everything
 from ..utils.settings import compose_config

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..space import SpaceConfig
 from ..space.arch import ArchConfig, LayerConfig
-from ..supernet import SpaceConfig
 
 
 def layer_params(arch: ArchConfig) -> int:

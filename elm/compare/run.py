@@ -41,8 +41,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
-from ..space import ArchConfig
-from ..supernet import SpaceConfig
+from ..space import ArchConfig, SpaceConfig
 from ..utils.io import atomic_write_json
 from ..utils.runtime import resolve_device
 from ..utils.settings import compose_config
@@ -63,15 +62,17 @@ def describe(arch: ArchConfig) -> str:
     return f"{arch.num_layers}L: " + " + ".join(f"{n} {block}" for block, n in counts.items())
 
 
-def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, str]:
-    """Search dir, searched arch, its space and layer budget (with where the budget came from)."""
+def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, str, str]:
+    """Search dir, searched arch, its space, layer budget (with where the budget came from) and
+    the distillation loss the search trained its blocks with."""
     from ..retrain.init import check_search_dir, load_search_state
 
     if OmegaConf.is_missing(cfg, "search_dir") or cfg.search_dir is None:
         raise ValueError("search_dir=<search run dir> is required (a finished python -m elm.search run)")
     search_dir = check_search_dir(str(cfg.search_dir))
     arch = ArchConfig.from_json(search_dir / str(cfg.arch))
-    space = SpaceConfig(**load_search_state(search_dir)["space"]).validate()
+    state = load_search_state(search_dir)
+    space, loss = SpaceConfig(**state["space"]).validate(), str(state.get("loss", "rkd"))
     if cfg.budget is not None:
         budget, source = int(cfg.budget), "config"
     else:
@@ -84,7 +85,7 @@ def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, st
         raise ValueError(
             f"the searched arch has {layer_params(arch):,} layer params, above the budget {budget:,}"
         )
-    return search_dir, arch, space, budget, source
+    return search_dir, arch, space, budget, source, loss
 
 
 def candidate_archs(
@@ -245,7 +246,7 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
         raise ValueError("tasks is empty; give at least one fine-tuning task (e.g. tasks=[bbc])")
     if any(b < 1 for b in cfg.latency.batch_sizes) or cfg.latency.seq_len < 1 or cfg.latency.repeats < 1:
         raise ValueError("latency.batch_sizes, latency.seq_len and latency.repeats must be >= 1")
-    from ..teacher import load_tokenizer
+    from ..utils.hub import load_tokenizer
 
     tokenizer = load_tokenizer(retrain_cfg.teacher.name)
     if any(m in cfg.models for m in ("teacher", "teacher_slice")) and retrain_cfg.teacher.get("causal"):
@@ -293,10 +294,12 @@ def teacher_facts(teacher) -> dict[str, Any]:
 def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    search_dir, arch, space, budget, budget_source = load_search(cfg)
+    search_dir, arch, space, budget, budget_source, search_loss = load_search(cfg)
     retrain_cfg = compose_config("retrain", list(cfg.retrain_overrides), cfg.get("retrain"))
     if retrain_cfg.teacher_head.get("path") is None:  # one fitted teacher head for every row
         retrain_cfg.teacher_head.path = str(run_dir / "teacher_mlm_head.pt")
+    if retrain_cfg.distill.get("loss") is None:  # every row distils with the loss the search used
+        retrain_cfg.distill.loss = search_loss
     ft_cfg = compose_config("finetune", list(cfg.finetune_overrides), cfg.get("finetune"))
     ft_cfg.seeds = list(cfg.seeds)
     _check_inputs(cfg, retrain_cfg, ft_cfg)

@@ -52,7 +52,8 @@ def slice_arch(like: ArchConfig, target: int, teacher) -> ArchConfig:
 def teacher_slice(teacher, arch: ArchConfig, batches, model_cls, **config_kwargs):
     """A ``model_cls`` of ``arch`` (from :func:`slice_arch`) holding the teacher's most important heads
     and neurons, inherited on ``batches`` (corpus batches for the importance statistics)."""
-    from ..supernet import SpaceConfig, Supernet, extract
+    from ..space import SpaceConfig
+    from ..supernet import Supernet, extract
     from ..supernet.inherit import inherit_supernet
 
     layer = arch.layers[0]

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from elm.teacher import elm_cache_dir, hub_offline, load_tokenizer
+from elm.utils.hub import elm_cache_dir, hub_offline, load_tokenizer
 from elm.utils.io import usual_permissions
 
 CACHE_VERSION = 2

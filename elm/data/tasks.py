@@ -29,7 +29,7 @@ import numpy as np
 from datasets import Dataset
 
 from elm.data.corpus import bbc_documents, bbc_group_key, split_documents
-from elm.teacher import hub_offline
+from elm.utils.hub import hub_offline
 
 _TSV_SUFFIXES = (".tsv", ".csv")
 

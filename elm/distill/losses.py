@@ -16,6 +16,8 @@ Computation is in at least float32.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -297,37 +299,43 @@ def cosine_diversity(outputs: list[Tensor], mask: Tensor | None = None) -> float
     return float(sims[iu[0], iu[1]].mean())
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "rkd": rkd_loss,
-    "mse": mse_loss,
-    "kl": kl_hidden_loss,
-    "attn": attention_relation_loss,
+@dataclass(frozen=True)
+class HiddenLoss:
+    """A hidden-state distillation loss (``distill.loss``), as the search's blocks and the retrained
+    student both use it, against the teacher's state in the shared teacher -> student basis.
+
+    ``prepare(teacher_state, mask)`` is the teacher's side, computed once per layer boundary and
+    shared by every student state compared with it; ``main(student, prepared, mask)`` the mean over
+    ``units`` (``"sequences"`` with >= 2 token pairs, or valid ``"tokens"``): what a micro-batch's
+    term is weighted by when a global batch is split. ``main=None``: no term of its own (the
+    point-wise normalised MSE, weighted by ``distill.point``, is the whole loss). ``basis``: the loss
+    compares coordinates, so it needs both states in one basis (relations are width-free).
+    """
+
+    name: str
+    main: Callable[[Tensor, Any, Tensor], Tensor] | None
+    prepare: Callable[[Tensor, Tensor], Any]
+    units: str
+    basis: bool
+
+    def count(self, attention_mask: Tensor) -> Tensor:
+        """How many units a batch holds."""
+        return rkd_sequences(attention_mask).sum() if self.units == "sequences" else (attention_mask != 0).sum()
+
+
+def _as_is(teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    return teacher
+
+
+HIDDEN_LOSSES: dict[str, HiddenLoss] = {
+    "rkd": HiddenLoss("rkd", lambda s, t, m: rkd_loss(s, t), rkd_target, "sequences", basis=False),
+    "mse": HiddenLoss("mse", None, _as_is, "tokens", basis=True),
+    "kl": HiddenLoss("kl", lambda s, t, m: kl_hidden_loss(s, t, attention_mask=m), _as_is, "tokens", basis=True),
 }
 
 
-def get_loss(name: str) -> Callable[..., Tensor]:
-    """Look up ``distill.loss`` in :data:`LOSSES` (ValueError naming the valid names)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown distillation loss {name!r}; valid: {sorted(LOSSES)}")
-    return LOSSES[name]
-
-
-def block_loss(
-    name: str,
-    student: Tensor,
-    teacher: Tensor,
-    attention_mask: Tensor | None = None,
-    proj: nn.Module | None = None,
-    causal: bool = False,
-) -> Tensor:
-    """Hidden-state block loss by name, passing each loss the arguments it takes.
-
-    ``rkd`` ignores ``proj`` (relations are width-free); ``mse``/``kl`` use it; ``attn`` expects
-    attention maps as ``student``/``teacher``.
-    """
-    fn = get_loss(name)
-    if name == "rkd":
-        return fn(student, teacher, attention_mask=attention_mask, causal=causal)
-    if name in ("mse", "kl"):
-        return fn(student, teacher, proj=proj, attention_mask=attention_mask)
-    return fn(student, teacher, attention_mask=attention_mask)
+def hidden_loss(name: str) -> HiddenLoss:
+    """``distill.loss`` looked up in :data:`HIDDEN_LOSSES` (one ``ValueError`` line naming the valid ones)."""
+    if name not in HIDDEN_LOSSES:
+        raise ValueError(f"distill.loss={name!r} is unknown; valid: {', '.join(HIDDEN_LOSSES)}")
+    return HIDDEN_LOSSES[name]

@@ -43,8 +43,8 @@ from ..finetune.run import (
     resolve_model,
     run_finetune,
 )
-from ..teacher import load_tokenizer
 from ..utils.fingerprint import digest
+from ..utils.hub import load_tokenizer
 from ..utils.runtime import resolve_device
 from ..utils.settings import check_number
 from .teacher import task_teacher

@@ -47,8 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
-from ..teacher import load_tokenizer, resolve_model_path
-from ..utils.hub import push_model, reach_hub
+from ..utils.hub import load_tokenizer, push_model, reach_hub, resolve_model_path
 from ..utils.io import atomic_write_json, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision

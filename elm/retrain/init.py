@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ..search.trainer import STATE_FILE as SEARCH_STATE_FILE
-from ..space import ArchConfig
-from ..supernet import SpaceConfig, Supernet, extract
+from ..space import ArchConfig, SpaceConfig
+from ..supernet import Supernet, extract
 from ..supernet.basis import Basis
 from ..utils.io import load_checkpoint
 
@@ -54,39 +54,24 @@ def load_search_state(search_dir: str | Path) -> dict[str, Any]:
     """The ``search_state.pt`` dict of a finished search (on CPU)."""
     path = check_search_dir(search_dir) / SEARCH_STATE_FILE
     state = load_checkpoint(path, "cpu", "search state", "supernet")  # tensors only: no code runs
-    missing = {"supernet", "elastic", "space", "layer_map"} - set(state)
+    missing = {"supernet", "space", "layer_map"} - set(state)
     if missing:
         raise InitError(f"{path} lacks {sorted(missing)}; it was not written by elm.search")
     return state
 
 
-def restore_elastic(supernet: Supernet, elastic: dict[str, dict[str, int]]) -> None:
-    """Set every candidate's active heads and FFN width from the search state's ``elastic`` dict."""
-    for *_, key, cand in supernet.candidates():
-        if key not in elastic:
-            raise InitError(f"the search state has no elastic state for candidate {key}")
-        cand.attention.active_heads = elastic[key]["heads"]
-        for ffn in cand.ffns:
-            ffn.active_dim = elastic[key]["ffn"]
-
-
 def supernet_from_state(state: dict[str, Any], teacher) -> Supernet:
-    """Rebuild the searched supernet (same arguments as ``SearchTrainer``) with its trained weights."""
-    space = SpaceConfig(**state["space"])
-    supernet = Supernet(
-        space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,
-        teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,
-        type_vocab_size=0 if space.causal else 2, pad_token_id=teacher.tokenizer.pad_token_id or 0,
-    )  # fmt: skip
+    """Rebuild the searched supernet (``Supernet.for_teacher``, as the search built it) with its trained
+    weights and active widths."""
+    supernet = Supernet.for_teacher(SpaceConfig(**state["space"]), teacher)
     try:
-        supernet.load_state_dict(state["supernet"])
+        supernet.load_state_dict(supernet.with_elastic(state["supernet"], state.get("elastic")))
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise InitError(
             f"the search state does not fit a supernet for teacher {teacher.name!r} "
             f"(searched with another teacher?): {first}"
         ) from None
-    restore_elastic(supernet, state["elastic"])
     supernet.layer_map = list(state["layer_map"])
     return supernet
 

@@ -14,12 +14,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.corpus import load_corpus
+from ..distill.losses import hidden_loss
 from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
 from ..space import ArchConfig, ArchError
 from ..supernet import uniform_layer_map
-from ..teacher import DEFAULT_ALIASES, check_seq_len, check_vocab, load_teacher
+from ..teacher import check_seq_len, check_vocab, load_teacher
 from ..utils.fingerprint import check_fingerprint, fingerprint
-from ..utils.hub import check_hub_settings, push_model, reach_hub
+from ..utils.hub import DEFAULT_ALIASES, check_hub_settings, push_model, reach_hub
 from ..utils.io import atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
@@ -160,7 +161,9 @@ def retrain(
     if target is not None and layer_map != list(search_state["layer_map"]) and float(cfg.distill.get("point", 0)) > 0:
         raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {search_state['layer_map']}: the "
                         f"point-wise term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
-    if target is None and float(cfg.distill.get("point", 0)) > 0:  # no search: a basis fitted on the teacher's states
+    loss = cfg.distill.get("loss") or (str(search_state.get("loss", "rkd")) if search_dir is not None else "rkd")
+    needs_basis = float(cfg.distill.get("point", 0)) > 0 or (hidden_loss(loss).basis and float(cfg.distill.hidden) > 0)
+    if target is None and needs_basis:  # no search: a basis fitted on the teacher's states
         target = fit_point_target(teacher, data["train"], layer_map, arch.hidden_size, seed=cfg.seed)
 
     logger = None  # rank 0 writes metrics.jsonl / wandb
@@ -179,7 +182,7 @@ def retrain(
         trainer = RetrainTrainer(
             model, teacher, data["train"], data["validation"], layer_map=layer_map, teacher_head=head,
             weights={"lm": d.lm, "hidden": d.hidden, "point": d.get("point", 0.0), "kd": d.kd},
-            point_target=target, temperature=d.temperature,
+            point_target=target, temperature=d.temperature, loss=loss,
             epochs=r.epochs, steps_per_epoch=r.steps_per_epoch, batch_size=r.batch_size, lr=r.lr,
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, schedule=r.schedule,
             grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,
@@ -205,7 +208,7 @@ def retrain(
             "init": init,
             "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_blocks": len(data["train"]),
                      "val_blocks": len(data["validation"])},
-            "training": {**trainer.plan, "steps": trainer.step, "weights": trainer.weights,
+            "training": {**trainer.plan, "steps": trainer.step, "weights": trainer.weights, "loss": trainer.hidden.name,
                          "temperature": trainer.temperature,
                          "logit_kd": trainer.has_logits and trainer.weights["kd"] > 0, "tokens_seen": trainer.step * r.batch_size * cfg.data.seq_len,
                          "train_time_s": trainer.train_time_s, "teacher_head": head.meta if head else None},
@@ -230,7 +233,8 @@ def retrain(
     if rank == 0:
         atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
         message = f"elm retrain: {result['params'] / 1e6:.2f}M params, val loss {result['val_loss']:.4f}"
-        result["hub"] = push_model(model_dir, cfg.get("hub"), message)  # after DONE: a failed push loses nothing
-        if result["hub"] is not None:
+        pushed = push_model(model_dir, cfg.get("hub"), message)  # after DONE: a failed push loses nothing
+        if pushed is not None:
+            result["hub"] = pushed
             atomic_write_json(run_dir / DONE_FILE, {"stage": "retrain", **result})
     return result

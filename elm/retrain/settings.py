@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from ..distill.losses import hidden_loss
 from ..utils.settings import check_number
 from .trainer import SCHEDULES
 
@@ -31,6 +32,8 @@ def check_retrain_settings(cfg: DictConfig) -> None:
     for key in ("lm", "hidden", "point", "kd"):
         check_number(f"distill.{key}", cfg.distill[key], 0, integer=False)
     check_number("distill.temperature", cfg.distill.temperature, 0, integer=False, strict=True)
+    if cfg.distill.get("loss") is not None:
+        hidden_loss(cfg.distill.loss)
     h = cfg.teacher_head
     if not isinstance(h.fit, bool):
         raise ValueError(f"teacher_head.fit={h.fit!r} must be true or false")

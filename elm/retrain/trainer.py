@@ -4,15 +4,16 @@
         for step in 1..S:
             teacher(masked batch) -> hidden states (+ logits)                 (frozen)
             student(masked batch) -> hidden states, MLM/CLM loss, logits
-            loss = w_lm * LM + w_hidden * mean_l RKD(student h_l, teacher h_m[l])
+            loss = w_lm * LM + w_hidden * mean_l HIDDEN(student h_l, teacher h_m[l])   (RKD by default)
                    + w_point * mean_l NMSE(student h_l, basis(teacher h_m[l]))
                    + w_kd * T^2 * KL(p_teacher || p_student)
             AdamW step, gradient clipping, LR schedule (transformers)
         validation LM loss / perplexity; checkpoint (atomic)
 
-[project decision] Hidden-state loss = relational KD (``elm.distill.losses.rkd_loss``), the
-loss the search used, on the output of every student layer l against the teacher's hidden
-state ``layer_map[l + 1]``; being relational it needs no projection between widths. The
+[project decision] Hidden-state loss = the one the search used (``distill.loss``, looked up in
+``elm.distill.losses.HIDDEN_LOSSES``; relational KD by default), on the output of every student
+layer l against the teacher's hidden state ``layer_map[l + 1]`` in the shared basis; ``mse``
+leaves the point-wise term alone (``hidden`` is then 0). The
 point-wise term (``elm.distill.losses.normalised_mse``) compares the same states in the shared
 teacher -> student basis: the search's (so retraining continues in the coordinates the searched
 blocks were trained in), or one fitted on the teacher's states (the identity at the teacher's
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data.collate import CLMCollator, MLMCollator, make_loader
-from ..distill.losses import forward_kl, normalised_mse, rkd_loss, rkd_sequences
+from ..distill.losses import forward_kl, hidden_loss, normalised_mse
 from ..utils.io import atomic_torch_save
 from ..utils.master import Bf16Master, bf16_teacher
 from ..utils.optim import configure_optimizer
@@ -81,7 +82,8 @@ class RetrainTrainer:
     """
 
     def __init__(self, model, teacher, train, validation, *, layer_map: list[int], teacher_head=None,
-                 weights: dict[str, float] | None = None, point_target=None, temperature: float = 1.0, epochs: int = 2,
+                 weights: dict[str, float] | None = None, point_target=None, temperature: float = 1.0,
+                 loss: str = "rkd", epochs: int = 2,
                  steps_per_epoch: int | None = None, batch_size: int = 16, lr: float = 5e-4,
                  weight_decay: float = 0.01, warmup_steps: int = 30, schedule: str = "linear",
                  grad_clip: float = 1.0, eval_batches: int | None = 20, mlm_probability: float = 0.15,
@@ -107,6 +109,9 @@ class RetrainTrainer:
         self.train_data, self.val_data = train, validation
         self.layer_map, self.temperature = list(layer_map), temperature
         self.weights = {"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0, **(weights or {})}
+        self.hidden = hidden_loss(loss)  # distill.loss: the search's by default (elm.distill.losses)
+        if self.hidden.main is None:  # mse: the point-wise term is the hidden-state loss
+            self.weights["hidden"] = 0.0
         if self.weights["point"] > 0 and point_target is None:
             raise ValueError("distill.point > 0 needs a point_target (the shared basis and variances)")
         self.basis = self.variance = None
@@ -192,7 +197,7 @@ class RetrainTrainer:
         lm = int((labels[:, 1:] if self.causal else labels).ne(-100).sum())
         return {
             "lm": lm,
-            "hidden": int(rkd_sequences(mask).sum()),
+            "hidden": int(self.hidden.count(mask)),
             "point": int(mask.sum()),
             "kd": int(mask.sum()) if self.causal else lm,
         }
@@ -222,7 +227,8 @@ class RetrainTrainer:
         terms = {"lm": out.loss.float()}
         targets = [self.in_basis(t.hidden_states[m].float()) for m in self.layer_map[1:]] if need_teacher else []
         if w["hidden"] > 0:
-            per_layer = [rkd_loss(out.hidden_states[li + 1].float(), target, mask, causal=self.causal)
+            h = self.hidden
+            per_layer = [h.main(out.hidden_states[li + 1].float(), h.prepare(target, mask), mask)
                          for li, target in enumerate(targets)]  # fmt: skip
             terms["hidden"] = torch.stack(per_layer).mean()
         if w["point"] > 0:

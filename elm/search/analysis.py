@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..distill.losses import cosine_diversity
+from ..space import SpaceConfig
 from ..supernet import CandidateBlock, Supernet
-from ..supernet.supernet import SpaceConfig
 from .cka import head_cka_matrix, prune_by_cka
 from .pca import PCA_MODES, pca_score
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..space import ArchConfig, LayerConfig
-from ..supernet import SpaceConfig, Supernet
+from ..space import ArchConfig, LayerConfig, SpaceConfig
+from ..supernet import Supernet
 from ..utils.io import atomic_write_json
 from .selection import evolutionary_select, pareto_front, select_under_budget
 

@@ -15,8 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.corpus import load_corpus
-from ..space import ArchConfig
-from ..supernet import SpaceConfig
+from ..space import ArchConfig, SpaceConfig
 from ..teacher import load_teacher
 from ..utils.fingerprint import check_fingerprint, fingerprint
 from ..utils.io import atomic_write_json, load_checkpoint

@@ -29,8 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import sample_batches
-from ..distill.losses import kl_hidden_loss, normalised_mse, rkd_loss, rkd_target
-from ..supernet import SpaceConfig, Supernet
+from ..distill.losses import hidden_loss, normalised_mse
+from ..space import SpaceConfig
+from ..supernet import Supernet
 from ..supernet.inherit import inherit_supernet
 from ..supernet.teacher_weights import InheritError
 from ..utils.fingerprint import check_fingerprint
@@ -45,7 +46,6 @@ from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level
 from .score import paired_intervals
 
 STATE_FILE = "search_state.pt"
-LOSSES = ("rkd", "mse", "kl")
 EMBEDDINGS = "embeddings"  # the loss entry of the (shared) student embeddings
 log = logging.getLogger("elm.search")
 
@@ -70,6 +70,7 @@ class BlockwiseDistiller(nn.Module):
     def __init__(self, supernet: Supernet, loss: str, point: float, train_embeddings: bool) -> None:
         super().__init__()
         self.supernet, self.loss, self.point, self.train_embeddings = supernet, loss, point, train_embeddings
+        self.hidden = hidden_loss(loss)
         self.keys = [key for *_, key, _ in supernet.candidates()] + [EMBEDDINGS] * train_embeddings
 
     def targets(self, hidden, boundary: int, mask: torch.Tensor) -> dict[str, Any]:
@@ -78,16 +79,15 @@ class BlockwiseDistiller(nn.Module):
         net = self.supernet
         target = hidden[net.layer_map[boundary]]
         out = {"basis": net.to_student(target), "variance": net.target_variance[boundary]}
-        if self.loss == "rkd":  # relations of the state in the basis: what a student there can match
-            out["rkd"] = rkd_target(out["basis"], mask)
+        out["prepared"] = self.hidden.prepare(out["basis"], mask)  # e.g. rkd: the relations a student there can match
         return out
 
     def block_loss(self, out: torch.Tensor, target: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         """Loss of a student state against :meth:`targets`."""
         nmse = normalised_mse(out, target["basis"], target["variance"], mask)
-        if self.loss == "mse":
+        if self.hidden.main is None:  # mse: the point-wise term alone
             return nmse
-        main = rkd_loss(out, target["rkd"]) if self.loss == "rkd" else kl_hidden_loss(out, target["basis"], attention_mask=mask)
+        main = self.hidden.main(out, target["prepared"], mask)
         return main + self.point * nmse if self.point else main
 
     def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, input_ids=None, chain=None) -> torch.Tensor:
@@ -133,8 +133,7 @@ class SearchTrainer:
                  device: torch.device | str = "cpu", precision: str = "bf16",
                  run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True,
                  checkpoint_every: int | None = None, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-        if loss not in LOSSES:
-            raise ValueError(f"distill.loss={loss!r} is unknown; valid: {', '.join(LOSSES)}")
+        hidden_loss(loss)  # an unknown name is one line, before anything is built
         if isinstance(point, bool) or not isinstance(point, int | float) or point < 0:
             raise ValueError(f"distill.point={point!r} must be a number >= 0")
         if isinstance(chain_prob, bool) or not isinstance(chain_prob, int | float) or not 0 <= chain_prob <= 1:
@@ -169,11 +168,7 @@ class SearchTrainer:
         self.eval_batches, self.analysis_batch_size = eval_batches, analysis_batch_size
         self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
 
-        self.supernet = Supernet(
-            space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,
-            teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,
-            type_vocab_size=0 if space.causal else 2, pad_token_id=teacher.tokenizer.pad_token_id or 0,
-        ).to(self.device)  # fmt: skip
+        self.supernet = Supernet.for_teacher(space, teacher).to(self.device)
         self.inherit_report = self.initialise(inherit, inherit_batches)
         self.supernet.embeddings.requires_grad_(train_embeddings)
         self.distiller = BlockwiseDistiller(self.supernet, loss, self.point, train_embeddings)
@@ -396,20 +391,10 @@ class SearchTrainer:
         return self.history
 
     # ---- state -----------------------------------------------------------------------------
-    def elastic_state(self) -> dict[str, dict[str, int]]:
-        return {key: {"heads": c.attention.active_heads, "ffn": c.ffn_dim} for *_, key, c in self.supernet.candidates()}
-
-    def load_elastic_state(self, state: dict[str, dict[str, int]]) -> None:
-        for *_, key, cand in self.supernet.candidates():
-            cand.attention.active_heads = state[key]["heads"]
-            for ffn in cand.ffns:
-                ffn.active_dim = state[key]["ffn"]
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "supernet": self.supernet.state_dict(),
+            "supernet": self.supernet.state_dict(),  # active heads and FFN widths included (extra states)
             "inherit": self.inherit_report,
-            "elastic": self.elastic_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
@@ -436,9 +421,8 @@ class SearchTrainer:
         now = {"distill.point": self.point, "search.train_embeddings": self.distiller.train_embeddings,
                "search.chain_prob": self.chain_prob}  # fmt: skip
         check_fingerprint(saved, now, "the search state")  # what the trainer sees; run_search checks all settings
-        self.supernet.load_state_dict(state["supernet"])
+        self.supernet.load_state_dict(self.supernet.with_elastic(state["supernet"], state.get("elastic")))
         self.inherit_report = state.get("inherit", {})
-        self.load_elastic_state(state["elastic"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]

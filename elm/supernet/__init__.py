@@ -2,7 +2,7 @@
 
 from .elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear, uniform_layer_map
 from .extract import copy_candidate, extract
-from .supernet import SpaceConfig, Supernet
+from .supernet import SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
 
 __all__ = [
     "CandidateBlock",

@@ -75,6 +75,12 @@ class ElasticAttention(nn.Module):
         self.capture = False  # when True, keep the per-head context of the last call (for CKA)
         self.last_context: torch.Tensor | None = None
 
+    def get_extra_state(self) -> dict[str, int]:  # saved with the weights: pruning changes it
+        return {"active_heads": self.active_heads}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.active_heads = int(state["active_heads"])
+
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, n, d = self.active_heads, self.projections, self.head_dim
         w = self.qkv.weight.view(n, self.max_heads, d, self.dim)[:, :h].reshape(n * h * d, self.dim)
@@ -131,6 +137,12 @@ class ElasticFFN(nn.Module):
         self.register_buffer("unit_mean", torch.zeros(max_dim))
         with torch.no_grad():
             self.down.weight[:, active_dim:] = 0
+
+    def get_extra_state(self) -> dict[str, int]:  # saved with the weights: growth changes it
+        return {"active_dim": self.active_dim}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.active_dim = int(state["active_dim"])
 
     def forward(self, x):
         hidden = self.act(self.up(x, out_features=self.active_dim))

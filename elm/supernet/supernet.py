@@ -17,113 +17,13 @@ Two ways to run it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
-from ..space import BLOCK_TYPES, SHARE_MODES, ArchConfig, ArchError
+from ..space import ArchConfig, ArchError, SpaceConfig
 from .basis import Basis
 from .elastic import CandidateBlock, uniform_layer_map
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArchError(f"{name} must be a positive integer, got {value!r}")
-
-
-@dataclass
-class SpaceConfig:
-    """What the supernet may contain (mirrors ``configs/space/*.yaml``).
-
-    Candidates per layer = ``blocks`` x ``shares``. Defaults follow the method doc: FFN widths
-    start at 132 and move in units of 132 up to 792 [paper / W-PCA]; MobileBERT blocks narrow to
-    ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs.
-    """
-
-    num_layers: int = 6
-    hidden_size: int | None = None  # None = the teacher's (exact inheritance); narrower = a PCA basis
-    embedding_size: int = 128
-    causal: bool = False
-    blocks: list[str] = field(default_factory=lambda: ["bert", "mobilebert"])
-    shares: list[str] = field(default_factory=lambda: ["none", "qv", "kv"])
-    head_dim: int = 32
-    bert_heads: int = 8
-    mobilebert_heads: int = 4
-    mobilebert_head_dim: int | None = None  # None = head_dim (W-PCA: 12 x 44 in BERT, 4 x 33 in MobileBERT)
-    bottleneck_size: int = 128
-    mobilebert_num_ffn: int = 2
-    ffn_init: int = 132
-    ffn_unit: int = 132
-    ffn_max: int = 792
-    dropout: float = 0.1
-    attention_dropout: float | None = None  # on attention probabilities; None = dropout (see the class doc)
-    layer_map: list[int] | None = None  # teacher hidden-state index per student layer boundary
-
-    def heads_of(self, block: str) -> int:
-        """Maximum (stored) heads of a candidate of this block type."""
-        return self.mobilebert_heads if block == "mobilebert" else self.bert_heads
-
-    def head_dim_of(self, block: str) -> int:
-        """Head width of a candidate of this block type."""
-        return (self.mobilebert_head_dim or self.head_dim) if block == "mobilebert" else self.head_dim
-
-    def validate(self) -> SpaceConfig:
-        bad = [b for b in self.blocks if b not in BLOCK_TYPES]
-        if bad or not self.blocks:
-            raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {BLOCK_TYPES}")
-        bad = [s for s in self.shares if s not in SHARE_MODES]
-        if bad or not self.shares:
-            raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")
-        for name in ("blocks", "shares"):  # duplicates would give two candidates the same key
-            values = list(getattr(self, name))
-            if len(set(values)) != len(values):
-                raise ArchError(f"space.{name}={values} lists a value twice")
-        if self.hidden_size is None:
-            raise ArchError("space.hidden_size is not set; resolve it from the teacher first (SpaceConfig.resolve)")
-        for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "bert_heads",
-                     "mobilebert_heads", "bottleneck_size", "mobilebert_num_ffn", "ffn_init",
-                     "ffn_unit", "ffn_max"):  # fmt: skip
-            _positive_int(f"space.{name}", getattr(self, name))
-        if self.mobilebert_head_dim is not None:
-            _positive_int("space.mobilebert_head_dim", self.mobilebert_head_dim)
-        if not isinstance(self.causal, bool):
-            raise ArchError(f"space.causal must be true or false, got {self.causal!r}")
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-            raise ArchError(f"space.dropout must be a number in [0, 1), got {self.dropout!r}")
-        attn = self.attention_dropout
-        if attn is not None and (isinstance(attn, bool) or not isinstance(attn, int | float) or not 0 <= attn < 1):
-            raise ArchError(f"space.attention_dropout must be a number in [0, 1) or null, got {attn!r}")
-        if self.ffn_init > self.ffn_max:
-            raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
-        if "mobilebert" in self.blocks and self.bottleneck_size > self.hidden_size:
-            raise ArchError(
-                f"space.bottleneck_size={self.bottleneck_size} is larger than hidden_size={self.hidden_size}"
-            )
-        if self.layer_map is not None:
-            m = list(self.layer_map)
-            if (
-                len(m) != self.num_layers + 1
-                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in m)
-                or any(b < a for a, b in zip(m, m[1:]))
-            ):
-                raise ArchError(
-                    f"space.layer_map={m} must list {self.num_layers + 1} non-decreasing teacher hidden-state "
-                    f"indices (integers >= 0), one per student layer boundary"
-                )
-        return self
-
-    def resolve(self, teacher_hidden_size: int) -> SpaceConfig:
-        """Fill ``hidden_size: null`` with the teacher's width; refuse a student wider than its teacher."""
-        if self.hidden_size is None:
-            self.hidden_size = int(teacher_hidden_size)
-        elif not isinstance(self.hidden_size, bool) and isinstance(self.hidden_size, int) \
-                and self.hidden_size > teacher_hidden_size:  # fmt: skip
-            raise ArchError(f"space.hidden_size={self.hidden_size} is wider than the teacher ({teacher_hidden_size}); "
-                            f"use at most {teacher_hidden_size} (null = the teacher's width)")  # fmt: skip
-        return self
 
 
 class Supernet(nn.Module):
@@ -193,6 +93,28 @@ class Supernet(nn.Module):
         )
 
     # ---- search-time path -----------------------------------------------------------------
+    @classmethod
+    def for_teacher(cls, space: SpaceConfig, teacher) -> Supernet:
+        """The supernet of ``space`` for an ``elm.teacher.Teacher``: its vocabulary, positions, width,
+        depth and pad token (what search and retrain both build, so the two always agree)."""
+        return cls(space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,
+                   teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,
+                   type_vocab_size=0 if space.causal else 2, pad_token_id=teacher.tokenizer.pad_token_id or 0)  # fmt: skip
+
+    def with_elastic(self, state_dict: dict, elastic: dict[str, dict[str, int]] | None) -> dict:
+        """``state_dict`` with the active widths as module extra states. States written before the
+        widths lived in the modules carry them as ``elastic`` ({candidate key: {"heads", "ffn"}})."""
+        if elastic is None or any(k.endswith("_extra_state") for k in state_dict):
+            return state_dict
+        state = dict(state_dict)
+        for li, ci, key, cand in self.candidates():
+            if key not in elastic:
+                raise ArchError(f"the saved state has no elastic widths for candidate {key}")
+            state[f"layers.{li}.{ci}.attention._extra_state"] = {"active_heads": elastic[key]["heads"]}
+            for j in range(len(cand.ffns)):
+                state[f"layers.{li}.{ci}.ffns.{j}._extra_state"] = {"active_dim": elastic[key]["ffn"]}
+        return state
+
     def candidates(self):
         """Yield ``(layer, index, key, block)`` for every candidate; key is e.g. ``L3.mobilebert.qv``."""
         for li, layer in enumerate(self.layers):

