@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from ..distill.losses import forward_kl, reverse_kl
 from ..utils.io import atomic_write_json, replace_dir
+from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
 from .common import StepBudget, set_threads
 from .prompts import encode_pair, encode_prompt, end_ids
@@ -354,8 +355,7 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     val_examples = encode_examples(val_rows, tokenizer, m, response_end)
     before = validation_metrics(student, teacher, val_examples, pad_id, m.batch_size, device)
 
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=m.lr,
-                                  weight_decay=m.weight_decay)  # fmt: skip
+    optimizer = configure_optimizer(student, m.lr, m.weight_decay)  # decay on matrices, as every elm loop
     budget = StepBudget(m.steps, m.get("max_time_s"), warmup_steps=m.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor)
     generator = torch.Generator(device=device).manual_seed(seed)

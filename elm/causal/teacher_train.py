@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ..data.collate import CLMCollator, make_loader
 from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_write_json, replace_dir
+from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast, resolve_device, seed_everything
 from ..utils.settings import compose_config
 from .common import StepBudget, move, set_threads
@@ -145,14 +146,6 @@ def build_model(tokenizer, model_cfg: Any):
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     return GPT2LMHeadModel(config)
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorms), as in nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 def train_lm(model, train, validation, tokenizer, t: Any, *, seed: int = 0, device="cpu", precision: str = "bf16",
