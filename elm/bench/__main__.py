@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> None:
     if "bf16" in want:
         for result in (
             bf16.mlm_bf16_vs_hf_fp32(device, repeats=reps),
-            bf16.search_bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher),
-            bf16.retrain_bf16_vs_fp32(device, repeats=max(1, reps - 3), teacher_name=args.teacher),
+            *(bf16.step_bf16_vs_fp32(kind, device, repeats=max(1, reps - 3), teacher_name=args.teacher)
+              for kind in bf16.STEPS),
         ):
             print(result if isinstance(result, str) else result.line(), flush=True)
     if "generate" in want and device.type == "cpu":

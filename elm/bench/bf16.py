@@ -53,19 +53,6 @@ def _interleaved(make, steps: int, repeats: int) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def search_bf16_vs_fp32(
-    device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None
-) -> Result | str:
-    """The default-space search step (teacher + every candidate) in bf16 vs fp32."""
-    name = "search step bf16 vs fp32"
-    if skip := _skip(name, device):
-        return skip
-    a, b = _interleaved(lambda p: search_trainer(device, p, teacher_name=teacher_name), steps, repeats)
-    return Result(
-        "search step (bf16 replica + fp32 master)", "fp32", "bf16", 1e3 * a, 1e3 * b, ">= 1.7x (fp32 / bf16)"
-    )
-
-
 def retrain_trainer(
     device, precision: str, *, batch: int = 16, seq: int = 128, teacher_name: str | None = None
 ):
@@ -91,16 +78,21 @@ def retrain_trainer(
                           run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
 
 
-def retrain_bf16_vs_fp32(
-    device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None
+STEPS = {"search": search_trainer, "retrain": retrain_trainer}  # what each real step's trainer is built by
+
+
+def step_bf16_vs_fp32(
+    kind: str, device, steps: int = 3, repeats: int = 2, teacher_name: str | None = None
 ) -> Result | str:
-    """The retrain step (student + teacher forward, LM + RKD, backward, AdamW) in bf16 vs fp32."""
-    name = "retrain step bf16 vs fp32"
-    if skip := _skip(name, device):
+    """The real ``kind`` step (search: teacher + every candidate; retrain: student + teacher, LM + RKD)
+    with bf16 compute on fp32 master weights against the same step in fp32."""
+    if skip := _skip(f"{kind} step bf16 vs fp32", device):
         return skip
-    a, b = _interleaved(lambda p: retrain_trainer(device, p, teacher_name=teacher_name), steps, repeats)
-    return Result("retrain step (bf16 replica + fp32 master)", "fp32", "bf16", 1e3 * a, 1e3 * b,
-                  ">= 1.7x (fp32 / bf16)")  # fmt: skip
+    make = STEPS[kind]
+    a, b = _interleaved(lambda p: make(device, p, teacher_name=teacher_name), steps, repeats)
+    return Result(
+        f"{kind} step (bf16 replica + fp32 master)", "fp32", "bf16", 1e3 * a, 1e3 * b, ">= 1.7x (fp32 / bf16)"
+    )
 
 
 def master_step_fn(model, batch, device):
