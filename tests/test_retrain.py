@@ -228,7 +228,7 @@ def test_signal_mid_epoch_then_resume_matches(search_dir, tmp_path, signal_name)
 
 def test_compile_trains_like_eager(search_dir, tmp_path):
     """``compile=true`` (torch.compile, inductor on CPU) gives the eager run's losses."""
-    common = [*TINY, "retrain.epochs=1", "retrain.dropout=0", f"search_dir={search_dir}"]
+    common = [*TINY, "retrain.epochs=1", "retrain.dropout=0", "precision=fp32", f"search_dir={search_dir}"]
     losses = {}
     for flag in ("false", "true"):
         proc = run_cli("elm.retrain", *common, f"compile={flag}", f"hydra.run.dir={tmp_path / flag}")
