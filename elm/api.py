@@ -97,6 +97,18 @@ def _config(stage: str, overrides: tuple[str, ...], settings: dict[str, Any]):
     return compose_config(stage, list(overrides), merge=settings or None, what=f"elm.api.{stage} settings")
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that were passed (None: leave the config's value, or an override's)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _refuse(stage: str, overrides: tuple[str, ...], settings: dict[str, Any], keys: tuple[str, ...], why: str) -> None:
+    """One line for settings the function takes as arguments instead (they would be ignored)."""
+    given = [k for k in keys if k in settings or any(o.lstrip("+").split("=")[0] == k for o in overrides)]
+    if given:
+        raise ValueError(f"elm.api.{stage}: {', '.join(given)} is {why}")
+
+
 def _run_dir(stage: str, run_dir: str | Path | None) -> Path:
     if run_dir is not None:
         return Path(run_dir).expanduser()
@@ -136,6 +148,8 @@ def retrain(
     """
     from .retrain.run import retrain as run_retrain
 
+    _refuse("retrain", overrides, settings, ("arch", "search_dir"),
+            "the first argument here (a search, an arch.json or an ArchConfig)")  # fmt: skip
     cfg = _config("retrain", overrides, settings)
     out = _run_dir("retrain", run_dir)
     if isinstance(source, ArchConfig):
@@ -164,22 +178,23 @@ def _finetune_result(out: Path, results: dict[str, Any]) -> FinetuneResult:
                           results)  # fmt: skip
 
 
-def finetune(model: RetrainResult | str | Path, *overrides: str, task: str = "bbc",
+def finetune(model: RetrainResult | str | Path, *overrides: str, task: str | None = None,
              run_dir: str | Path | None = None, **settings: Any) -> FinetuneResult:  # fmt: skip
-    """``python -m elm.finetune``: fine-tune ``model`` on ``task`` once per seed and score it."""
+    """``python -m elm.finetune``: fine-tune ``model`` on ``task`` (None: the config's, or an override's)
+    once per seed and score it."""
     from .finetune.run import run_finetune
 
-    cfg = _config("finetune", overrides, {**settings, "model": _path(model, "model"), "task": task})
+    cfg = _config("finetune", overrides, {**settings, "model": _path(model, "model"), **_given(task=task)})
     out = _run_dir("finetune", run_dir)
     return _finetune_result(out, run_finetune(cfg, out))
 
 
-def distill_task(student: RetrainResult | str | Path, *overrides: str, task: str = "bbc",
+def distill_task(student: RetrainResult | str | Path, *overrides: str, task: str | None = None,
                  run_dir: str | Path | None = None, **settings: Any) -> FinetuneResult:  # fmt: skip
     """``python -m elm.distill_task``: the student distilled from the teacher fine-tuned on ``task``."""
     from .distill_task.run import run_distill_task
 
-    cfg = _config("distill_task", overrides, {**settings, "student": _path(student, "student"), "task": task})
+    cfg = _config("distill_task", overrides, {**settings, "student": _path(student, "student"), **_given(task=task)})
     out = _run_dir("distill_task", run_dir)
     return _finetune_result(out, run_distill_task(cfg, out))
 

@@ -43,7 +43,9 @@ class HubStandIn:
                 if self.path.startswith("/api/whoami-v2"):
                     if not self.headers.get("Authorization", "").startswith("Bearer "):
                         return self._reply(401, {"error": "Invalid credentials"})
-                    return self._reply(200, {"type": "user", "name": standin.user, "auth": {}})
+                    role = "read" if self.headers["Authorization"].endswith("hf_read") else "write"
+                    return self._reply(200, {"type": "user", "name": standin.user,
+                                             "auth": {"type": "access_token", "accessToken": {"role": role}}})
                 self._reply(404, {"error": f"not served by the stand-in: {self.path}"})
 
             def do_POST(self):

@@ -52,3 +52,26 @@ def test_results_point_at_what_the_stage_wrote(tmp_path):
     found = elm.api.SearchResult(tmp_path, {"small": TINY_ARCH}, {})
     assert found.arch == TINY_ARCH and found.plots == {"pca_curves": tmp_path / "pca_curves.png"}
     assert elm.api._path(found, "x") == str(tmp_path) and hasattr(elm, "api")
+
+
+def test_arguments_win_over_nothing_and_overrides_are_kept(monkeypatch, tmp_path):
+    """task=None leaves the config's task or an override's; a retrain's source is its first
+    argument, so arch/search_dir settings (which retrain would ignore) are refused."""
+    import elm.finetune.run as finetune_run
+
+    seen = {}
+
+    def fake_run(cfg, run_dir):  # the stage itself is tested in tests/test_finetune.py
+        seen["task"] = cfg.task
+        return {"task": cfg.task, "mean": {}, "std": {}}
+
+    monkeypatch.setattr(finetune_run, "run_finetune", fake_run)
+    elm.api.finetune(tmp_path, "task=sst2", run_dir=tmp_path / "a")
+    assert seen["task"] == "sst2"
+    elm.api.finetune(tmp_path, "task=sst2", task="glue/rte", run_dir=tmp_path / "b")
+    assert seen["task"] == "glue/rte"
+    elm.api.finetune(tmp_path, run_dir=tmp_path / "c")
+    assert seen["task"] == "bbc"  # finetune.yaml's default
+    for args, kwargs in ((("search_dir=/x",), {}), ((), {"arch": "a.json"})):
+        with pytest.raises(ValueError, match="is the first argument here"):
+            elm.api.retrain(TINY_ARCH, *args, run_dir=tmp_path / "r", **kwargs)

@@ -240,7 +240,9 @@ def test_bad_inputs_are_refused(tmp_path):
              (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "kd": {"temperature": 0}}}), {}, {},
               "kd.temperature=0"),
              (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "models": ["teacher"]}}), {}, {},
-              "the teacher is not distilled")]  # fmt: skip
+              "the teacher is not distilled"),
+             (ok, {"hub": {"repo_id": "me/m"}}, {}, "retrain.hub.repo_id is set, but elm.compare publishes nothing"),
+             (ok, {}, {"hub": {"repo_id": "me/m"}}, "finetune.hub.repo_id is set")]  # fmt: skip
     for cfg, retrain, finetune, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             _check_inputs(cfg, compose_config("retrain", [], retrain), compose_config("finetune", [], finetune))

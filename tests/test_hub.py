@@ -119,16 +119,19 @@ def test_finetune_pushes_the_chosen_seed_and_resume_pushes_again(model_dir, tmp_
     ("bad id", ["hub.repo_id=me/bad..name"], {}, "hub.repo_id='me/bad..name' is not a valid repo id"),
     ("no owner", ["hub.repo_id=model"], {}, "must be '<user or org>/<name>'"),
     ("unreachable", ["hub.repo_id=me/m"], {"url": "http://127.0.0.1:9"}, "cannot reach the hub"),
+    ("read-only token", ["hub.repo_id=me/m"], {"url": "standin", "token": "hf_read"}, "the token is read-only"),
 ])  # fmt: skip
 def test_retrain_refuses_a_push_it_cannot_make_before_training(
     arch_json, tmp_path, case, args, env_kw, needle
 ):
-    env = hub_env(tmp_path, env_kw.get("url"), env_kw.get("token", "hf_standin"))
-    if env_kw.get("offline"):
-        env["HF_HUB_OFFLINE"] = "1"
-    out = tmp_path / "run"
-    start = time.perf_counter()
-    proc = run("elm.retrain", f"arch={arch_json}", *RETRAIN, *args, f"hydra.run.dir={out}", env=env)
+    with HubStandIn(tmp_path / "hub") as hub:
+        url = hub.url if env_kw.get("url") == "standin" else env_kw.get("url")
+        env = hub_env(tmp_path, url, env_kw.get("token", "hf_standin"))
+        if env_kw.get("offline"):
+            env["HF_HUB_OFFLINE"] = "1"
+        out = tmp_path / "run"
+        start = time.perf_counter()
+        proc = run("elm.retrain", f"arch={arch_json}", *RETRAIN, *args, f"hydra.run.dir={out}", env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert (
@@ -174,3 +177,13 @@ def test_no_repo_id_means_no_checks_and_no_push(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="hub.private='yes' must be true or false"):
         monkeypatch.delenv("HF_HUB_OFFLINE")
         check_hub_settings(OmegaConf.create({"repo_id": "me/m", "private": "yes"}))
+
+
+def test_a_learning_rate_sweep_publishes_only_the_final_model(model_dir, tmp_path):
+    with HubStandIn(tmp_path / "hub") as hub:
+        out = tmp_path / "run"
+        proc = run("elm.finetune", f"model={model_dir}", *FINETUNE, "seeds=[0]", "train.lr_sweep=[1e-3,3e-3]",
+                   "hub.repo_id=elm-tester/swept", f"hydra.run.dir={out}", env=hub_env(tmp_path, hub.url))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert list(hub.repos) == ["elm-tester/swept"] and len(hub.repos["elm-tester/swept"]["commits"]) == 1
+    assert (out / "lr_sweep").is_dir() and json.loads((out / "results.json").read_text())["hub"]["seed"] == 0

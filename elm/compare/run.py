@@ -244,6 +244,10 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
         )
     if not cfg.tasks:
         raise ValueError("tasks is empty; give at least one fine-tuning task (e.g. tasks=[bbc])")
+    for what, sub in (("retrain", retrain_cfg), ("finetune", ft_cfg)):  # every row would push to one repo
+        if (sub.get("hub") or {}).get("repo_id") is not None:
+            raise ValueError(f"{what}.hub.repo_id is set, but elm.compare publishes nothing (every row would push to "
+                             f"one repo); drop it and push a chosen row with elm.retrain / elm.finetune")  # fmt: skip
     if any(b < 1 for b in cfg.latency.batch_sizes) or cfg.latency.seq_len < 1 or cfg.latency.repeats < 1:
         raise ValueError("latency.batch_sizes, latency.seq_len and latency.repeats must be >= 1")
     from ..utils.hub import load_tokenizer
@@ -298,8 +302,8 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     retrain_cfg = compose_config("retrain", list(cfg.retrain_overrides), cfg.get("retrain"))
     if retrain_cfg.teacher_head.get("path") is None:  # one fitted teacher head for every row
         retrain_cfg.teacher_head.path = str(run_dir / "teacher_mlm_head.pt")
-    if retrain_cfg.distill.get("loss") is None:  # every row distils with the loss the search used
-        retrain_cfg.distill.loss = search_loss
+    if retrain_cfg.distill.get("loss") is None and search_loss != "rkd":  # every row distils with the search's
+        retrain_cfg.distill.loss = search_loss  # loss (rkd stays null: rows finished before the key existed resume)
     ft_cfg = compose_config("finetune", list(cfg.finetune_overrides), cfg.get("finetune"))
     ft_cfg.seeds = list(cfg.seeds)
     _check_inputs(cfg, retrain_cfg, ft_cfg)

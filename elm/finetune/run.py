@@ -414,7 +414,8 @@ def publish(cfg: DictConfig, run_dir: Path, seeds: list[int], results: dict[str,
     """Push ``hub.seed``'s saved model to ``hub.repo_id`` (rank 0, after results.json is complete: a
     failed push loses nothing, and ``resume=true`` on the finished run pushes again)."""
     seed = hub_seed(cfg, seeds)
-    if seed is None or (results.get("hub") or {}).get("repo_id") == cfg.hub.repo_id:
+    pushed, revision = results.get("hub") or {}, cfg.hub.get("revision") or "main"
+    if seed is None or (pushed.get("repo_id"), pushed.get("seed"), pushed.get("revision")) == (cfg.hub.repo_id, seed, revision):
         return results
     record = next(r for r in results["per_seed"] if r["seed"] == seed)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, (int, float)))
@@ -437,6 +438,8 @@ def select_lr(cfg: DictConfig, run_dir: Path, sweep: list[float], seed: int,
     for rate in sweep:
         sub = cfg.copy()
         sub.train.lr, sub.train.lr_sweep, sub.seeds, sub.resume = rate, None, [seed], True
+        if sub.get("hub") is not None:  # sweep runs are never published
+            sub.hub.repo_id = None
         sub.data.holdout = float(cfg.train.get("lr_sweep_holdout", 0.2))
         result = run_finetune(sub, run_dir / "lr_sweep" / f"lr{rate:g}", distill)
         scores[f"{rate:g}"] = float(result["mean"]["score"])

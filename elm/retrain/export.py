@@ -142,7 +142,7 @@ def model_card(model, info: dict[str, Any]) -> str:
         f"- Data: `{public_name(data.get('source'))}`, blocks of {_fmt(data.get('seq_len'))} tokens, "
         f"{_fmt(data.get('train_blocks'))} training / {_fmt(data.get('val_blocks'))} validation blocks.",
         f"- Objective: weights {training.get('weights', '-')} (LM loss, hidden-state KD by "
-        f"`{training.get('loss', 'rkd')}` in the shared basis, point-wise NMSE, "
+        f"`{training.get('loss', 'rkd')}`, point-wise NMSE in the shared basis; a weight of 0 is off, "
         + (f"logit KD at temperature {_fmt(training.get('temperature'), 2)})."
            if training.get("logit_kd", True) else "logit KD off: the teacher has no LM head and none was fitted)."),
     ]  # fmt: skip

@@ -162,7 +162,9 @@ def retrain(
         raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {search_state['layer_map']}: the "
                         f"point-wise term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
     loss = cfg.distill.get("loss") or (str(search_state.get("loss", "rkd")) if search_dir is not None else "rkd")
-    needs_basis = float(cfg.distill.get("point", 0)) > 0 or (hidden_loss(loss).basis and float(cfg.distill.hidden) > 0)
+    hidden = hidden_loss(loss)
+    needs_basis = float(cfg.distill.get("point", 0)) > 0 or (
+        hidden.main is not None and hidden.basis and float(cfg.distill.hidden) > 0)
     if target is None and needs_basis:  # no search: a basis fitted on the teacher's states
         target = fit_point_target(teacher, data["train"], layer_map, arch.hidden_size, seed=cfg.seed)
 

@@ -111,6 +111,8 @@ class RetrainTrainer:
         self.weights = {"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0, **(weights or {})}
         self.hidden = hidden_loss(loss)  # distill.loss: the search's by default (elm.distill.losses)
         if self.hidden.main is None:  # mse: the point-wise term is the hidden-state loss
+            if self.weights["point"] <= 0:
+                raise ValueError(f"distill.loss={loss} distils through the point-wise term alone: set distill.point > 0")
             self.weights["hidden"] = 0.0
         if self.weights["point"] > 0 and point_target is None:
             raise ValueError("distill.point > 0 needs a point_target (the shared basis and variances)")

@@ -218,7 +218,7 @@ def check_hub_settings(hub: Any) -> None:
             f"hub.repo_id={repo_id!r} is not a valid repo id: {str(err).splitlines()[0]}"
         ) from None
     if not isinstance(hub.get("private", True), bool):
-        raise ValueError(f"hub.private={hub.private!r} must be true or false")
+        raise ValueError(f"hub.private={hub.get('private')!r} must be true or false")
     revision = hub.get("revision")
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise ValueError(f"hub.revision={revision!r} must be a branch name or null (main)")
@@ -231,7 +231,8 @@ def check_hub_settings(hub: Any) -> None:
 
 
 def reach_hub(hub: Any) -> str | None:
-    """Ask the hub who the token belongs to; the user name, or one ``ValueError`` line when unreachable."""
+    """Ask the hub who the token belongs to; the user name, or one ``ValueError`` line when the hub is
+    unreachable or the token cannot write."""
     repo_id = _repo_id(hub)
     if repo_id is None:
         return None
@@ -243,6 +244,9 @@ def reach_hub(hub: Any) -> str | None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"hub.repo_id={repo_id}: cannot reach the hub ({first}); "
                          "check the network and the token, or drop hub.repo_id") from None  # fmt: skip
+    if ((user.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+        raise ValueError(f"hub.repo_id={repo_id}: the token is read-only; use one with write access "
+                         "(or drop hub.repo_id)")  # fmt: skip
     return user.get("name")
 
 
@@ -254,6 +258,8 @@ def push_model(model_dir: str | Path, hub: Any, message: str) -> dict[str, Any] 
     from huggingface_hub import HfApi
 
     model_dir, revision = Path(model_dir), hub.get("revision")
+    if not (model_dir / "config.json").is_file():
+        raise HubError(f"hub.repo_id={repo_id}: {model_dir} holds no saved model (config.json); nothing was pushed")
     try:
         api = HfApi()
         api.create_repo(repo_id, private=bool(hub.get("private", True)), exist_ok=True)
