@@ -414,8 +414,10 @@ def publish(cfg: DictConfig, run_dir: Path, seeds: list[int], results: dict[str,
     """Push ``hub.seed``'s saved model to ``hub.repo_id`` (rank 0, after results.json is complete: a
     failed push loses nothing, and ``resume=true`` on the finished run pushes again)."""
     seed = hub_seed(cfg, seeds)
+    if seed is None:  # no hub settings, or no repo_id
+        return results
     pushed, revision = results.get("hub") or {}, cfg.hub.get("revision") or "main"
-    if seed is None or (pushed.get("repo_id"), pushed.get("seed"), pushed.get("revision")) == (cfg.hub.repo_id, seed, revision):
+    if (pushed.get("repo_id"), pushed.get("seed"), pushed.get("revision")) == (cfg.hub.repo_id, seed, revision):
         return results
     record = next(r for r in results["per_seed"] if r["seed"] == seed)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, (int, float)))
