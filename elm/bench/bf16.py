@@ -12,15 +12,14 @@ import contextlib
 import shutil
 import statistics
 import tempfile
-import time
 
 import torch
 
 from ..modeling import ElmForMaskedLM, config_from_arch
 from ..utils.master import Bf16Master
 from ..utils.precision import resolve_precision
-from .cases import Result, _sync, bert_arch, hf_bert, mlm_batch, time_pair, train_step_fn
-from .search_step import search_trainer
+from .cases import Result, bert_arch, hf_bert, mlm_batch, time_pair, train_step_fn
+from .search_step import epoch_seconds, search_trainer
 
 
 def _skip(name: str, device) -> str | None:
@@ -29,19 +28,10 @@ def _skip(name: str, device) -> str | None:
     return f"{name:<34} skipped: no native bf16 on this {device.type} (bf16 runs as fp32)"
 
 
-def _epoch_seconds(trainer, steps: int) -> float:
-    trainer.steps_per_epoch, trainer.step, trainer.epoch = steps, 0, 0
-    _sync(trainer.device)
-    t0 = time.perf_counter()
-    trainer.train_epoch()
-    _sync(trainer.device)
-    return time.perf_counter() - t0
-
-
 def _step_seconds(trainer, steps: int) -> float:
     """Seconds per step without the once-per-epoch work (the search's bf16 replica is rebuilt at
     each epoch start, once per 30+ steps in a real run): an epoch of ``steps + 1`` minus one of 1."""
-    return (_epoch_seconds(trainer, steps + 1) - _epoch_seconds(trainer, 1)) / steps
+    return (epoch_seconds(trainer, steps + 1) - epoch_seconds(trainer, 1)) / steps
 
 
 def _interleaved(make, steps: int, repeats: int) -> tuple[float, float]:
@@ -49,7 +39,7 @@ def _interleaved(make, steps: int, repeats: int) -> tuple[float, float]:
     fp32, bf16 = make("fp32"), make("bf16")
     a, b = [], []
     try:
-        _epoch_seconds(fp32, 1), _epoch_seconds(bf16, 1)  # warm-up: allocator, oneDNN kernels
+        epoch_seconds(fp32, 1), epoch_seconds(bf16, 1)  # warm-up: allocator, oneDNN kernels
         for _ in range(repeats):
             a.append(_step_seconds(fp32, steps))
             b.append(_step_seconds(bf16, steps))

@@ -38,17 +38,18 @@ def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, te
                          run_dir=tempfile.mkdtemp(prefix="elm-bench-"), progress=False, chain_prob=0.5)  # fmt: skip
 
 
+def epoch_seconds(trainer, steps: int) -> float:
+    """Wall seconds of one ``train_epoch`` of ``steps`` steps (the trainer's counters reset first)."""
+    trainer.steps_per_epoch, trainer.step, trainer.epoch = steps, 0, 0
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    trainer.train_epoch()
+    _sync(trainer.device)
+    return time.perf_counter() - t0
+
+
 def _step_seconds(trainer, steps: int, repeats: int) -> float:
-    trainer.steps_per_epoch = steps
-    times = []
-    for _ in range(repeats):
-        trainer.step, trainer.epoch = 0, 0
-        _sync(trainer.device)
-        t0 = time.perf_counter()
-        trainer.train_epoch()
-        _sync(trainer.device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+    return statistics.median(epoch_seconds(trainer, steps) / steps for _ in range(repeats))
 
 
 def step_flops(trainer) -> float:

@@ -196,6 +196,12 @@ class HubError(RuntimeError):
     """A push that failed after the model was saved; the message says how to retry."""
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception as one line (its type when it has no message)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _repo_id(hub: Any) -> str | None:
     return None if hub is None else hub.get("repo_id")
 
@@ -241,8 +247,7 @@ def reach_hub(hub: Any) -> str | None:
     try:
         user = HfApi().whoami()
     except Exception as err:  # no network, DNS, proxy, 401: all mean no push
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"hub.repo_id={repo_id}: cannot reach the hub ({first}); "
+        raise ValueError(f"hub.repo_id={repo_id}: cannot reach the hub ({_first_line(err)}); "
                          "check the network and the token, or drop hub.repo_id") from None  # fmt: skip
     if ((user.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
         raise ValueError(f"hub.repo_id={repo_id}: the token is read-only; use one with write access "
@@ -268,9 +273,8 @@ def push_model(model_dir: str | Path, hub: Any, message: str) -> dict[str, Any] 
         info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), commit_message=message,
                                  revision=revision)  # fmt: skip
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         retry = f"hf upload {repo_id} {model_dir} ." + (f" --revision {revision}" if revision else "")
-        raise HubError(f"push to hub.repo_id={repo_id} failed ({first}); the model is saved in {model_dir}: "
+        raise HubError(f"push to hub.repo_id={repo_id} failed ({_first_line(err)}); the model is saved in {model_dir}: "
                        f"retry with `{retry}`") from None  # fmt: skip
     log.info("pushed %s to %s", model_dir, info.commit_url)
     return {"repo_id": repo_id, "url": info.commit_url, "commit": info.oid, "revision": revision or "main"}
