@@ -484,3 +484,51 @@ def test_eager_and_sdpa_attention_agree(tmp_path):
         assert torch.allclose(eager(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-5)
         sdpa.set_attn_implementation("eager")
         assert torch.allclose(sdpa(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-5)
+
+
+# ---- CPU dropout from 64-bit random words (issue #15) ------------------------------------
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_is_bernoulli_and_seeded(p):
+    from elm.modeling.modeling_elm import keep_mask
+
+    torch.manual_seed(3)
+    a = keep_mask(torch.Size([64, 257, 33]), p, torch.device("cpu"))  # numel not a multiple of 4
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask(torch.Size([64, 257, 33]), p, torch.device("cpu")))
+    n = a.numel()
+    assert a.dtype == torch.bool and a.shape == (64, 257, 33)
+    # kept fraction within 5 standard deviations of 1 - p; neighbours (same 64-bit word) independent
+    assert abs(a.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    pairs = a.flatten()[: n // 2 * 2].view(-1, 2).float()
+    both = (pairs[:, 0] * pairs[:, 1]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n // 2))
+
+
+def test_cpu_dropout_matches_f_dropout_in_law_and_gradient():
+    from elm.modeling.modeling_elm import Dropout, apply_dropout
+
+    x = torch.randn(200, 300, requires_grad=True)
+    y = apply_dropout(x, 0.25)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.sum().backward()  # the gradient is the mask times 1 / (1 - p), as for F.dropout
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+    assert apply_dropout(x, 0.25, training=False) is x and apply_dropout(x, 0.0) is x
+    module = Dropout(0.25)
+    assert isinstance(module, torch.nn.Dropout) and not module.state_dict()
+    assert module.eval()(x) is x
+    assert torch.equal(apply_dropout(x, 1.0), F.dropout(x, 1.0))  # the edge goes to F.dropout
+
+
+def test_attention_dropout_on_cpu_runs_explicitly():
+    from elm.modeling.modeling_elm import attend
+
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.bfloat16) for _ in range(3))
+    torch.manual_seed(0)
+    out, probs = attend(q, k, v, None, False, 0.3, need_probs=False)
+    assert probs is None and out.dtype == torch.bfloat16
+    ref = (q.float() @ k.float().transpose(-1, -2) / 2).softmax(-1)
+    _, probs = attend(q, k, v, None, False, 0.0, need_probs=True)
+    assert probs.dtype == torch.bfloat16 and torch.allclose(probs.float(), ref, atol=1e-2)
+    torch.manual_seed(0)  # the same seed draws the same masks
+    assert torch.equal(out, attend(q, k, v, None, False, 0.3, need_probs=False)[0])

@@ -6,11 +6,14 @@ function on sliced weights; ``elm.supernet.extract`` copies them here and the ou
 
 Speed levers (small models are dominated by the vocabulary projection and by overheads):
 one fused projection for Q/K/V (two when Q=V or K=V are shared), attention through
-``scaled_dot_product_attention``, and MLM logits only at the masked positions when labels
-are given (``config.mlm_masked_only``).
+``scaled_dot_product_attention``, MLM logits only at the masked positions when labels
+are given (``config.mlm_masked_only``), and on CPU dropout masks cut from 64-bit random
+words (:func:`keep_mask`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,36 @@ def cached_attention_bias(attention_mask: torch.Tensor | None, query_len: int, p
     return keep | (torch.arange(keys, device=device)[None, :] == query_pos)[None, None]
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean dropout keep-mask, each element kept with probability 1 - p (resolution 2^-16).
+
+    [project decision, issue #15] CPU ``bernoulli_`` draws one random number per element: it was
+    28% of a bf16 search step, and the whole ``F.dropout`` (forward + backward) costs 3x what this
+    does. Here each full-range 64-bit draw of the global generator gives four 16-bit uniforms, so
+    ``torch.manual_seed`` and saved RNG states govern the masks as before.
+    """
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return words.view(torch.int16)[:numel].view(shape) >= round(p * 65536) - 32768
+
+
+def apply_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout`` with :func:`keep_mask` on CPU; elsewhere (CUDA's fused kernel) and while a graph
+    is recorded, ``F.dropout`` itself."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu" or not 0 < p < 1 or _recording():
+        return F.dropout(x, p, training)
+    return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`apply_dropout` (same attribute ``p``, same empty state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_dropout(x, self.p, self.training)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,8 +120,10 @@ def attend(
     dropout: float,
     need_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention on [B, h, T, d]; the explicit path only when probs are asked for."""
-    if not need_probs:
+    """Scaled dot-product attention on [B, h, T, d]; the explicit path when probs are asked for, and
+    for attention dropout on CPU (SDPA's own dropout falls back to its math path there, which also
+    runs bf16 inputs in fp32). The softmax kernel accumulates in fp32 for bf16 inputs too."""
+    if not need_probs and (dropout == 0 or q.device.type != "cpu" or _recording()):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None
         )
@@ -99,7 +134,8 @@ def attend(
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1)
-    return F.dropout(probs, dropout, training=dropout > 0) @ v, probs
+    out = apply_dropout(probs, dropout, training=dropout > 0) @ v
+    return out, probs if need_probs else None
 
 
 def split_qkv(qkv: torch.Tensor, share: str, num_heads: int, head_dim: int):
@@ -124,7 +160,7 @@ class ElmAttention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.config = config  # read at call time: set_attn_implementation("eager" | "sdpa") switches the kernel
 
     def forward(self, x, mask, causal: bool, output_attentions: bool = False, cache=None, layer_idx: int = 0):
@@ -145,7 +181,7 @@ class ElmFFN(nn.Module):
         self.up = nn.Linear(dim, ffn_dim)
         self.down = nn.Linear(ffn_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.act = ACTIVATIONS[block]
 
     def forward(self, x):
@@ -160,13 +196,16 @@ class ElmLayer(nn.Module):
         super().__init__()
         self.block = layer["block"]
         h = config.hidden_size
-        width = layer["bottleneck_size"] if self.block == "mobilebert" else h
-        if self.block == "mobilebert":
+        # the structure follows the fields (a bottleneck size means H -> B ... B -> H), so this file
+        # needs no block registry (it ships alone as remote code); only the activation is by name
+        self.bottleneck = layer.get("bottleneck_size") is not None
+        width = layer["bottleneck_size"] if self.bottleneck else h
+        if self.bottleneck:
             self.bottleneck_in = nn.Linear(h, width)
             self.norm_in = nn.LayerNorm(width, eps=config.layer_norm_eps)
             self.bottleneck_out = nn.Linear(width, h)
             self.norm_out = nn.LayerNorm(h, eps=config.layer_norm_eps)
-            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+            self.dropout = Dropout(config.hidden_dropout_prob)
         self.attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
         self.ffns = nn.ModuleList(
             ElmFFN(config, width, layer["ffn_dim"], self.block) for _ in range(layer.get("num_ffn", 1))
@@ -174,14 +213,14 @@ class ElmLayer(nn.Module):
 
     def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False, cache=None,
                 layer_idx: int = 0):  # fmt: skip
-        h = self.norm_in(self.bottleneck_in(x)) if self.block == "mobilebert" else x
+        h = self.norm_in(self.bottleneck_in(x)) if self.bottleneck else x
         if cache is None:  # (the supernet's candidates share this function; their attention has no cache)
             h, probs = self.attention(h, mask, causal, output_attentions)
         else:
             h, probs = self.attention(h, mask, causal, output_attentions, cache, layer_idx)
         for ffn in self.ffns:
             h = ffn(h)
-        if self.block == "mobilebert":
+        if self.bottleneck:
             h = self.norm_out(x + self.dropout(self.bottleneck_out(h)))
         return h, probs
 
@@ -199,7 +238,7 @@ class ElmEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, e) if config.type_vocab_size else None
         self.project = nn.Linear(e, h) if e != h else None
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None):
         t = input_ids.shape[1]
@@ -439,7 +478,7 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
         drop = (
             config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         )
-        self.dropout = nn.Dropout(drop)
+        self.dropout = Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

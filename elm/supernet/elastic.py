@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.modeling_elm import ACTIVATIONS, ElmLayer, attend, split_qkv
+from ..blocks import has_bottleneck
+from ..modeling.modeling_elm import ACTIVATIONS, Dropout, ElmLayer, attend, split_qkv
 from ..space import LayerConfig
 
 
@@ -69,7 +70,7 @@ class ElasticAttention(nn.Module):
         self.qkv = ElasticLinear(dim, self.projections * max_heads * head_dim)
         self.out = ElasticLinear(max_heads * head_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.attn_dropout = dropout if attention_dropout is None else attention_dropout
         self.active_heads = max_heads
         self.capture = False  # when True, keep the per-head context of the last call (for CKA)
@@ -125,7 +126,7 @@ class ElasticFFN(nn.Module):
         self.up = ElasticLinear(dim, max_dim)
         self.down = ElasticLinear(max_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.act = ACTIVATIONS[block]
         self.max_dim, self.active_dim = max_dim, active_dim
         self.capture = False  # when True, keep the intermediate activations of the last call (for PCA)
@@ -175,7 +176,8 @@ class ElasticFFN(nn.Module):
 
 
 class CandidateBlock(nn.Module):
-    """One candidate of a supernet layer: a BERT or MobileBERT block with elastic heads and FFN."""
+    """One candidate of a supernet layer: a block of a registered family (``elm.blocks``: BERT, or
+    MobileBERT behind its bottleneck) with elastic heads and FFN."""
 
     def __init__(
         self,
@@ -194,14 +196,15 @@ class CandidateBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.block, self.hidden_size, self.share = block, hidden_size, share
-        self.bottleneck_size = bottleneck_size if block == "mobilebert" else None
-        width = bottleneck_size if block == "mobilebert" else hidden_size
-        if block == "mobilebert":
+        self.bottleneck = has_bottleneck(block)  # read by the shared forward (ElmLayer.forward)
+        self.bottleneck_size = bottleneck_size if self.bottleneck else None
+        width = bottleneck_size if self.bottleneck else hidden_size
+        if self.bottleneck:
             self.bottleneck_in = ElasticLinear(hidden_size, width)
             self.norm_in = nn.LayerNorm(width, eps=eps)
             self.bottleneck_out = ElasticLinear(width, hidden_size)
             self.norm_out = nn.LayerNorm(hidden_size, eps=eps)
-            self.dropout = nn.Dropout(dropout)
+            self.dropout = Dropout(dropout)
         self.attention = ElasticAttention(width, max_heads, head_dim, share, dropout, eps,
                                           dropout if attention_dropout is None else attention_dropout)  # fmt: skip
         self.ffns = nn.ModuleList(ElasticFFN(width, ffn_max, ffn_init, block, dropout, eps) for _ in range(num_ffn))
