@@ -105,16 +105,9 @@ def _random_layer(space: SpaceConfig, rng: np.random.Generator) -> LayerConfig:
     """A layer the searched space holds: the block's own head count and head width (a MobileBERT
     block's ``mobilebert_head_dim`` when set), an FFN width the growth can reach."""
     block = str(rng.choice(space.blocks))
-    mobile = block == "mobilebert"
-    return LayerConfig(
-        block=block,  # type: ignore[arg-type]
-        num_heads=int(rng.integers(1, space.heads_of(block) + 1)),
-        head_dim=space.head_dim_of(block),
-        ffn_dim=int(rng.choice(_ffn_choices(space))),
-        num_ffn=space.mobilebert_num_ffn if mobile else 1,
-        bottleneck_size=space.bottleneck_size if mobile else None,
-        share=str(rng.choice(space.shares)),  # type: ignore[arg-type]
-    )
+    heads = int(rng.integers(1, space.heads_of(block) + 1))
+    ffn_dim = int(rng.choice(_ffn_choices(space)))
+    return LayerConfig(num_heads=heads, ffn_dim=ffn_dim, **space.layer_fields(block, str(rng.choice(space.shares))))
 
 
 def _moves(space: SpaceConfig, layer: LayerConfig, sign: int) -> list[dict[str, Any]]:

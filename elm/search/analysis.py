@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..blocks import family
 from ..distill.losses import cosine_diversity
 from ..space import SpaceConfig
 from ..supernet import CandidateBlock, Supernet
@@ -131,7 +132,7 @@ def _block_stats(cand: CandidateBlock, x, mask, causal: bool, valid, pca: PCACon
     """PCA score, head CKA, head importance and mean head output of one candidate on input ``x``."""
     out = cand(x, mask, causal)[0]
     acts = cand.ffns[0].last_hidden.flatten(0, 1)[valid.to(x.device)]
-    threshold = pca.threshold_mobilebert if cand.block == "mobilebert" and pca.threshold_mobilebert else pca.threshold
+    threshold = family(cand.block).pca_threshold(pca)
     attn = cand.attention
     ctx = attn.last_context  # [B, h, T, d]
     heads = ctx.permute(1, 0, 2, 3).flatten(1, 2)[:, valid.to(ctx.device)]  # [h, N, d]

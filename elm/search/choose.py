@@ -69,11 +69,9 @@ def layer_param_range(space: SpaceConfig, min_heads: int = 1) -> tuple[int, int]
     for _ in range(space.num_layers):
         small, large = [], []
         for block in space.blocks:
-            mobile, heads = block == "mobilebert", space.heads_of(block)
+            heads = space.heads_of(block)
             for share in space.shares:
-                layer = dict(block=block, head_dim=space.head_dim_of(block), share=share,
-                             num_ffn=space.mobilebert_num_ffn if mobile else 1,
-                             bottleneck_size=space.bottleneck_size if mobile else None)  # fmt: skip
+                layer = space.layer_fields(block, share)
                 small.append(LayerConfig(num_heads=min(min_heads, heads), ffn_dim=space.ffn_init, **layer))
                 large.append(LayerConfig(num_heads=heads, ffn_dim=space.ffn_max, **layer))
         lo += min(c.num_parameters(space.hidden_size) for c in small)

@@ -25,11 +25,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from elm.blocks import BLOCKS
 from elm.space.arch import ArchConfig
 
 DPI = 120
-BLOCK_COLOURS = {"bert": "#8ecae6", "mobilebert": "#ffb703"}
-BLOCK_NAMES = {"bert": "BERT", "mobilebert": "MobileBERT"}
 _LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "linewidth": 0}
 _GROWTH_LABEL = {"textcoords": "offset points", "fontsize": 7, "bbox": _LABEL_BOX}
 _KEY = re.compile(r"^L(\d+)\.(\w+)(?:\.(\w+))?$")  # L{layer}.{block}[.{share}]
@@ -84,7 +83,7 @@ def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
             series.setdefault(match.group(2), {}).setdefault(line, []).append(point)
     if not series:
         return _no_data(path, title)
-    blocks = [*BLOCK_NAMES, *sorted(set(series) - set(BLOCK_NAMES))]
+    blocks = [*(b for b in BLOCKS if b in series), *sorted(set(series) - set(BLOCKS))]
     num_layers = 1 + max(layer for per_layer in series.values() for layer, _ in per_layer)
     shares = sorted({share for per_layer in series.values() for _, share in per_layer})
     epochs = [p[0] for per_layer in series.values() for pts in per_layer.values() for p in pts]
@@ -94,7 +93,7 @@ def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
     axes = fig.subplots(1, len(blocks), sharex=True, sharey=True, squeeze=False)[0]
     axes[0].set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
     for ax, block in zip(axes, blocks):
-        ax.set_title(f"{BLOCK_NAMES.get(block, block)} blocks")
+        ax.set_title(f"{_label(block)} blocks")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
@@ -203,10 +202,19 @@ def plot_diversity(diversity: Mapping[str, Sequence[float]], path: str | Path) -
     return _save(fig, path)
 
 
+def _label(block: str) -> str:
+    """A block family's plot label (``elm.blocks``); an unregistered name as it is."""
+    return BLOCKS[block].label if block in BLOCKS else block
+
+
+def _colour(block: str) -> str:
+    return BLOCKS[block].colour if block in BLOCKS else "0.8"
+
+
 def _layer_text(layer: Any) -> str:
-    parts = [BLOCK_NAMES.get(layer.block, layer.block), f"{layer.num_heads}×{layer.head_dim} heads"]
+    parts = [_label(layer.block), f"{layer.num_heads}×{layer.head_dim} heads"]
     ffn = f"FFN {layer.ffn_dim}"
-    if layer.block == "mobilebert":
+    if layer.block in BLOCKS and BLOCKS[layer.block].stacked_ffns:
         ffn += f"×{layer.num_ffn}"
     parts.append(ffn)
     if layer.bottleneck_size is not None:
@@ -228,7 +236,7 @@ def plot_architecture(arch: ArchConfig, path: str | Path, title: str = "") -> Pa
     n = len(arch.layers)
     fig = Figure(figsize=(10, 1.4 + 0.42 * n), layout="constrained")
     ax = fig.add_subplot()
-    colours = [BLOCK_COLOURS.get(layer.block, "0.8") for layer in arch.layers]
+    colours = [_colour(layer.block) for layer in arch.layers]
     ax.barh(range(n), params, height=0.8, color=colours, edgecolor="black", linewidth=0.7)
     for i, (layer, p) in enumerate(zip(arch.layers, params)):
         text = f"{_layer_text(layer)}  ({p:.2f}M)"
@@ -242,7 +250,7 @@ def plot_architecture(arch: ArchConfig, path: str | Path, title: str = "") -> Pa
     ax.set_title(f"{base}: {total:.2f}M params (hidden {arch.hidden_size}, layers {sum(params):.2f}M)")
     used = dict.fromkeys(layer.block for layer in arch.layers)
     handles = [
-        Patch(facecolor=BLOCK_COLOURS.get(b, "0.8"), edgecolor="black", label=BLOCK_NAMES.get(b, b))
+        Patch(facecolor=_colour(b), edgecolor="black", label=_label(b))
         for b in used
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))

@@ -24,16 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-BLOCK_TYPES = ("bert", "mobilebert")
+from ..blocks import BLOCKS, ArchError, family
+
+BLOCK_TYPES = tuple(BLOCKS)  # the built-in block families; checks read elm.blocks.BLOCKS (registry)
 SHARE_MODES = ("none", "qv", "kv")
 FFN_UNIT = 132  # [paper] FFN widths move in units of 132
 
-BlockType = Literal["bert", "mobilebert"]
+BlockType = str  # a name in BLOCK_TYPES
 ShareMode = Literal["none", "qv", "kv"]
-
-
-class ArchError(ValueError):
-    """An architecture description that cannot be built (the message names the bad value)."""
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -58,26 +56,18 @@ class LayerConfig:
         return self.num_heads * self.head_dim
 
     def width(self, hidden_size: int) -> int:
-        """Width the attention and FFNs of this block work at (H, or B for MobileBERT)."""
-        return self.bottleneck_size if self.block == "mobilebert" else hidden_size  # type: ignore[return-value]
+        """Width the attention and FFNs of this block work at (H, or B behind a bottleneck)."""
+        return family(self.block).width(self, hidden_size)
 
     def validate(self, hidden_size: int, where: str = "layer") -> None:
-        if self.block not in BLOCK_TYPES:
-            raise ArchError(f"{where}.block={self.block!r} is unknown; valid: {', '.join(BLOCK_TYPES)}")
+        if self.block not in BLOCKS:
+            raise ArchError(f"{where}.block={self.block!r} is unknown; valid: {', '.join(BLOCKS)}")
         if self.share not in SHARE_MODES:
             raise ArchError(f"{where}.share={self.share!r} is unknown; valid: {', '.join(SHARE_MODES)}")
         for name in ("num_heads", "head_dim", "ffn_dim", "num_ffn"):
             _positive_int(f"{where}.{name}", getattr(self, name))
-        if self.block == "bert":
-            if self.bottleneck_size is not None:
-                raise ArchError(
-                    f"{where}.bottleneck_size={self.bottleneck_size} is only valid for block='mobilebert'"
-                )
-            if self.num_ffn != 1:
-                raise ArchError(f"{where}.num_ffn={self.num_ffn}: a 'bert' block has exactly 1 FFN")
-        else:
-            if self.bottleneck_size is None:
-                raise ArchError(f"{where}.bottleneck_size is required for block='mobilebert'")
+        family(self.block).validate(self, where)
+        if self.bottleneck_size is not None:
             _positive_int(f"{where}.bottleneck_size", self.bottleneck_size)
             if self.bottleneck_size > hidden_size:
                 raise ArchError(
@@ -209,7 +199,4 @@ def layer_parameters(layer: LayerConfig, hidden_size: int) -> int:
     w = layer.width(hidden_size)
     n = attention_parameters(w, layer.num_heads, layer.head_dim, layer.share)
     n += layer.num_ffn * ffn_parameters(w, layer.ffn_dim)
-    if layer.block == "mobilebert":
-        n += hidden_size * w + w + 2 * w  # bottleneck in + LayerNorm B
-        n += w * hidden_size + hidden_size + 2 * hidden_size  # bottleneck out + LayerNorm H
-    return n
+    return n + family(layer.block).extra_parameters(layer, hidden_size)

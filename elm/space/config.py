@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arch import BLOCK_TYPES, SHARE_MODES, ArchError
+from ..blocks import BLOCKS, family
+from .arch import SHARE_MODES, ArchError
 
 
 def _positive_int(name: str, value) -> None:
@@ -18,7 +19,8 @@ class SpaceConfig:
 
     Candidates per layer = ``blocks`` x ``shares``. Defaults follow the method doc: FFN widths
     start at 132 and move in units of 132 up to 792 [paper / W-PCA]; MobileBERT blocks narrow to
-    ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs.
+    ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs. Which field serves which block
+    family is said by the family (``elm.blocks``).
     """
 
     num_layers: int = 6
@@ -42,16 +44,20 @@ class SpaceConfig:
 
     def heads_of(self, block: str) -> int:
         """Maximum (stored) heads of a candidate of this block type."""
-        return self.mobilebert_heads if block == "mobilebert" else self.bert_heads
+        return family(block).heads(self)
 
     def head_dim_of(self, block: str) -> int:
         """Head width of a candidate of this block type."""
-        return (self.mobilebert_head_dim or self.head_dim) if block == "mobilebert" else self.head_dim
+        return family(block).head_dim(self)
+
+    def layer_fields(self, block: str, share: str) -> dict:
+        """``LayerConfig`` fields of the ``block``/``share`` candidates, all but heads and FFN width."""
+        return family(block).layer_fields(self, share)
 
     def validate(self) -> SpaceConfig:
-        bad = [b for b in self.blocks if b not in BLOCK_TYPES]
+        bad = [b for b in self.blocks if b not in BLOCKS]
         if bad or not self.blocks:
-            raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {BLOCK_TYPES}")
+            raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {tuple(BLOCKS)}")
         bad = [s for s in self.shares if s not in SHARE_MODES]
         if bad or not self.shares:
             raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")
@@ -77,7 +83,7 @@ class SpaceConfig:
             raise ArchError(f"space.attention_dropout must be a number in [0, 1) or null, got {attn!r}")
         if self.ffn_init > self.ffn_max:
             raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
-        if "mobilebert" in self.blocks and self.bottleneck_size > self.hidden_size:
+        if any(family(b).bottleneck for b in self.blocks) and self.bottleneck_size > self.hidden_size:
             raise ArchError(
                 f"space.bottleneck_size={self.bottleneck_size} is larger than hidden_size={self.hidden_size}"
             )

@@ -77,17 +77,17 @@ class Supernet(nn.Module):
 
     def _candidate(self, block: str, share: str) -> CandidateBlock:
         s = self.space
-        mobile = block == "mobilebert"
+        fields = s.layer_fields(block, share)
         return CandidateBlock(
             block=block,
             hidden_size=s.hidden_size,
             max_heads=s.heads_of(block),
-            head_dim=s.head_dim_of(block),
+            head_dim=fields["head_dim"],
             share=share,
             ffn_init=s.ffn_init,
             ffn_max=s.ffn_max,
-            num_ffn=s.mobilebert_num_ffn if mobile else 1,
-            bottleneck_size=s.bottleneck_size if mobile else None,
+            num_ffn=fields["num_ffn"],
+            bottleneck_size=fields["bottleneck_size"],
             dropout=s.dropout,
             attention_dropout=s.dropout if s.attention_dropout is None else s.attention_dropout,
         )

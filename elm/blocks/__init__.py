@@ -1,0 +1,126 @@
+"""Block families: what a BERT block and a MobileBERT block are, said once (issue #17).
+
+A :class:`BlockFamily` holds what the space, the supernet, extraction, inheritance, the analysis,
+the plots and the baselines used to ask with ``block == "mobilebert"``: its structure (a
+bottleneck around the block or not, a fixed FFN count), which :class:`~elm.space.SpaceConfig`
+fields give its heads, head width and stacked FFNs, how its :class:`~elm.space.LayerConfig` is
+built and validated, its extra parameters, its PCA threshold and its plot colour and label.
+
+Everything outside this package asks the registry (:func:`family`) rather than comparing names.
+One exception by design: ``elm/modeling/modeling_elm.py`` ships inside every export as remote code
+(``trust_remote_code=True``), so it must not import ``elm``; its layer reads the structure from the
+exported layer fields (``bottleneck_size``) and the activation from its own table.
+
+This package imports nothing from ``elm`` (``elm.space`` imports it), so it works on any object
+with the fields of a ``LayerConfig`` / ``SpaceConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ArchError(ValueError):
+    """An architecture description that cannot be built (the message names the bad value).
+
+    Defined here, where the families validate layers; ``elm.space`` re-exports it."""
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """One block family of the search space.
+
+    Attributes:
+        name: the ``LayerConfig.block`` / ``space.blocks`` name.
+        label, colour: how plots name and colour it.
+        bottleneck: the block works at ``bottleneck_size`` behind H -> B and B -> H projections
+            (each with a LayerNorm; the residual stays at H). False: it works at the hidden size.
+        stacked_ffns: the block may stack ``num_ffn`` FFNs (False: exactly one).
+        heads_field, head_dim_field, num_ffn_field: the ``SpaceConfig`` fields with its maximum
+            heads, its head width (unset/None: ``space.head_dim``) and its FFN count (None: 1).
+        pca_threshold_field: a ``PCAConfig`` field overriding ``pca.threshold`` for it (None: none).
+    """
+
+    name: str
+    label: str
+    colour: str
+    bottleneck: bool
+    stacked_ffns: bool
+    heads_field: str
+    head_dim_field: str | None = None
+    num_ffn_field: str | None = None
+    pca_threshold_field: str | None = None
+
+    # ---- the space's settings for this family ---------------------------------------------
+    def heads(self, space: Any) -> int:
+        return getattr(space, self.heads_field)
+
+    def head_dim(self, space: Any) -> int:
+        own = getattr(space, self.head_dim_field) if self.head_dim_field else None
+        return own or space.head_dim
+
+    def num_ffn(self, space: Any) -> int:
+        return getattr(space, self.num_ffn_field) if self.num_ffn_field else 1
+
+    def bottleneck_size(self, space: Any) -> int | None:
+        return space.bottleneck_size if self.bottleneck else None
+
+    def layer_fields(self, space: Any, share: str) -> dict[str, Any]:
+        """``LayerConfig`` fields of this family's candidates in ``space`` (all but heads and FFN width)."""
+        return dict(block=self.name, head_dim=self.head_dim(space), share=share, num_ffn=self.num_ffn(space),
+                    bottleneck_size=self.bottleneck_size(space))  # fmt: skip
+
+    def pca_threshold(self, pca: Any) -> float:
+        own = getattr(pca, self.pca_threshold_field) if self.pca_threshold_field else None
+        return own or pca.threshold
+
+    # ---- a layer of this family --------------------------------------------------------------
+    def width(self, layer: Any, hidden_size: int) -> int:
+        """Width the attention and FFNs work at (B behind a bottleneck, else H)."""
+        return layer.bottleneck_size if self.bottleneck else hidden_size
+
+    def validate(self, layer: Any, where: str) -> None:
+        if self.bottleneck and layer.bottleneck_size is None:
+            raise ArchError(f"{where}.bottleneck_size is required for block={self.name!r}")
+        if not self.bottleneck and layer.bottleneck_size is not None:
+            with_one = " or ".join(f"block={n!r}" for n, f in BLOCKS.items() if f.bottleneck)
+            raise ArchError(f"{where}.bottleneck_size={layer.bottleneck_size} is only valid for {with_one}")
+        if not self.stacked_ffns and layer.num_ffn != 1:
+            raise ArchError(f"{where}.num_ffn={layer.num_ffn}: a {self.name!r} block has exactly 1 FFN")
+
+    def extra_parameters(self, layer: Any, hidden_size: int) -> int:
+        """Parameters beyond the attention and FFNs (the bottleneck projections and their LayerNorms)."""
+        if not self.bottleneck:
+            return 0
+        w = layer.bottleneck_size
+        return (hidden_size * w + w + 2 * w) + (w * hidden_size + hidden_size + 2 * hidden_size)
+
+
+BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, heads_field="bert_heads")
+MOBILEBERT = BlockFamily("mobilebert", "MobileBERT", "#ffb703", bottleneck=True, stacked_ffns=True,
+                         heads_field="mobilebert_heads", head_dim_field="mobilebert_head_dim",
+                         num_ffn_field="mobilebert_num_ffn", pca_threshold_field="threshold_mobilebert")  # fmt: skip
+
+BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT)}
+
+
+def register(new: BlockFamily) -> BlockFamily:
+    """Add a family to the registry (its name must be new; its fields must exist on the space)."""
+    if new.name in BLOCKS:
+        raise ArchError(f"block family {new.name!r} is already registered")
+    BLOCKS[new.name] = new
+    return new
+
+
+def family(name: str) -> BlockFamily:
+    """The registered family called ``name`` (a clear error naming the valid ones otherwise)."""
+    try:
+        return BLOCKS[name]
+    except (KeyError, TypeError):
+        raise ArchError(f"block {name!r} is unknown; valid: {', '.join(BLOCKS)}") from None
+
+
+def has_bottleneck(name: str) -> bool:
+    """Whether blocks called ``name`` sit behind a bottleneck (see :attr:`BlockFamily.bottleneck`)."""
+    return family(name).bottleneck

@@ -1,0 +1,92 @@
+"""The block-family registry (elm.blocks): one description per family, asked by every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from elm.blocks import BLOCKS, ArchError, BlockFamily, family, register
+from elm.modeling.modeling_elm import ElmLayer
+from elm.search.choose import layer_param_range
+from elm.space import ArchConfig, LayerConfig, SpaceConfig
+from elm.supernet import Supernet
+
+SPACE = dict(num_layers=2, hidden_size=48, embedding_size=16, head_dim=8, bert_heads=3, mobilebert_heads=2,
+             mobilebert_head_dim=6, bottleneck_size=24, mobilebert_num_ffn=2, ffn_init=12, ffn_unit=12, ffn_max=36)  # fmt: skip
+
+
+def test_every_stage_builds_the_same_layer_fields_from_the_family():
+    """The supernet's candidates, the space's reachable range and the baselines all take their
+    LayerConfig fields from the family: a MobileBERT candidate has its own head width and FFN stack."""
+    space = SpaceConfig(**SPACE).validate()
+    net = Supernet(space, vocab_size=30, max_positions=8, teacher_hidden_size=48, teacher_layers=2)
+    for _, _, key, cand in net.candidates():
+        assert dataclasses.asdict(cand.layer_config()) == dict(
+            num_heads=space.heads_of(cand.block), ffn_dim=space.ffn_init, **space.layer_fields(cand.block, cand.share)
+        ), key
+    mobile = space.layer_fields("mobilebert", "qv")
+    assert (mobile["head_dim"], mobile["num_ffn"], mobile["bottleneck_size"]) == (6, 2, 24)
+    assert space.layer_fields("bert", "none") == dict(block="bert", head_dim=8, share="none", num_ffn=1,
+                                                      bottleneck_size=None)  # fmt: skip
+    lo, hi = layer_param_range(space)
+    every = [LayerConfig(num_heads=h, ffn_dim=f, **space.layer_fields(b, s))
+             for b, s in itertools.product(space.blocks, space.shares)
+             for h, f in ((1, space.ffn_init), (space.heads_of(b), space.ffn_max))]  # fmt: skip
+    counts = [layer.num_parameters(48) for layer in every]
+    assert (lo, hi) == (2 * min(counts), 2 * max(counts))
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_family_parameter_count_is_exact(name):
+    space = SpaceConfig(**SPACE).validate()
+    layer = LayerConfig(num_heads=2, ffn_dim=24, **space.layer_fields(name, "kv"))
+    layer.validate(48)
+    built = ElmLayer(_config(), dataclasses.asdict(layer))
+    assert layer.num_parameters(48) == sum(p.numel() for p in built.parameters())
+    assert family(name).width(layer, 48) == (24 if family(name).bottleneck else 48)
+
+
+def test_unknown_and_duplicate_families_are_clear_errors():
+    with pytest.raises(ArchError, match=r"block 'llama' is unknown; valid: bert, mobilebert"):
+        family("llama")
+    with pytest.raises(ArchError, match="already registered"):
+        register(BLOCKS["bert"])
+    with pytest.raises(ArchError, match=r"layer.bottleneck_size=8 is only valid for block='mobilebert'"):
+        LayerConfig("bert", 2, 8, 16, bottleneck_size=8).validate(48)
+
+
+def test_a_registered_family_is_known_to_the_space_and_the_architecture(monkeypatch):
+    """A family added through the registry alone: the space and LayerConfig accept it, count its
+    parameters with its bottleneck, and plots label it (nothing else names it)."""
+    wide = BlockFamily("widebert", "Wide", "#000000", bottleneck=True, stacked_ffns=False, heads_field="bert_heads")
+    monkeypatch.setitem(BLOCKS, "widebert", wide)
+    space = SpaceConfig(**{**SPACE, "blocks": ["bert", "widebert"]}).validate()
+    layer = LayerConfig(num_heads=3, ffn_dim=12, **space.layer_fields("widebert", "none"))
+    layer.validate(48)
+    assert (layer.head_dim, layer.num_ffn, layer.bottleneck_size) == (8, 1, 24)
+    arch = ArchConfig(hidden_size=48, embedding_size=16, vocab_size=30, max_positions=8, layers=[layer]).validate()
+    assert ArchConfig.from_json(arch.to_json()).layers[0].block == "widebert"
+    from elm.search import plots
+
+    assert plots._layer_text(layer).startswith("Wide  |") and plots._colour("widebert") == "#000000"
+    with pytest.raises(ArchError, match="exactly 1 FFN"):
+        LayerConfig(num_heads=3, ffn_dim=12, **{**space.layer_fields("widebert", "none"), "num_ffn": 2}).validate(48)
+
+
+def _config():
+    from elm.modeling import ElmConfig
+
+    return ElmConfig(hidden_size=48, layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_bottleneck_structure_follows_the_fields_in_the_exported_layer():
+    """modeling_elm ships alone as remote code: its layer reads the bottleneck from the fields."""
+    space = SpaceConfig(**SPACE).validate()
+    mobile = ElmLayer(_config(), dataclasses.asdict(LayerConfig(num_heads=2, ffn_dim=12, **space.layer_fields("mobilebert", "none"))))
+    bert = ElmLayer(_config(), dataclasses.asdict(LayerConfig(num_heads=2, ffn_dim=12, **space.layer_fields("bert", "none"))))
+    assert mobile.bottleneck and hasattr(mobile, "bottleneck_in") and not bert.bottleneck
+    x = torch.randn(2, 5, 48)
+    assert mobile.eval()(x)[0].shape == bert.eval()(x)[0].shape == x.shape
