@@ -50,6 +50,13 @@ def test_relation_matrix():
     torch.testing.assert_close(rel[1, :3, :3], ref[1, :3, :3])
     assert rel[1, 3:].abs().sum() == 0 and rel[1, :, 3:].abs().sum() == 0
     assert torch.isfinite(relation_matrix(torch.zeros(1, 3, 4))).all()
+    # the Gram-matrix form has the gradient of normalise-then-multiply (what it replaced)
+    weights = torch.randn(2, 5, 5, generator=_gen(3))
+    a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (relation_matrix(a) * weights).sum().backward()
+    z = torch.nn.functional.normalize(b, dim=-1)
+    ((z @ z.transpose(1, 2)) * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_rkd_matches_numpy_with_padding():

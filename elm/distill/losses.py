@@ -57,7 +57,8 @@ def relation_matrix(h: Tensor, mask: Tensor | None = None) -> Tensor:
         raise ValueError(f"h must have shape [B, T, D], got shape {tuple(h.shape)}")
     # the Gram matrix scaled by its diagonal: the elementwise work is on [B, T, T], not [B, T, D]
     # (F.normalize's broadcast division was the search step's largest non-matmul op)
-    gram = _float(h) @ _float(h).transpose(1, 2)
+    h = _float(h)
+    gram = h @ h.transpose(1, 2)
     inv = gram.diagonal(dim1=1, dim2=2).clamp_min(EPS * EPS).rsqrt()  # 1 / max(|h_i|, eps)
     rel = gram * (inv[:, :, None] * inv[:, None, :])
     if mask is not None:
