@@ -119,8 +119,3 @@ def family(name: str) -> BlockFamily:
         return BLOCKS[name]
     except (KeyError, TypeError):
         raise ArchError(f"block {name!r} is unknown; valid: {', '.join(BLOCKS)}") from None
-
-
-def has_bottleneck(name: str) -> bool:
-    """Whether blocks called ``name`` sit behind a bottleneck (see :attr:`BlockFamily.bottleneck`)."""
-    return family(name).bottleneck

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import has_bottleneck
+from ..blocks import family
 from ..modeling.modeling_elm import ACTIVATIONS, Dropout, ElmLayer, attend, split_qkv
 from ..space import LayerConfig
 
@@ -196,7 +196,7 @@ class CandidateBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.block, self.hidden_size, self.share = block, hidden_size, share
-        self.bottleneck = has_bottleneck(block)  # read by the shared forward (ElmLayer.forward)
+        self.bottleneck = family(block).bottleneck  # read by the shared forward (ElmLayer.forward)
         self.bottleneck_size = bottleneck_size if self.bottleneck else None
         width = bottleneck_size if self.bottleneck else hidden_size
         if self.bottleneck:

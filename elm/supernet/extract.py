@@ -32,7 +32,7 @@ def _copy_attention(dst, src: ElasticAttention) -> None:
 @torch.no_grad()
 def copy_candidate(dst: ElmLayer, src: CandidateBlock) -> None:
     """Copy a candidate's active weights into a standalone layer of the same configuration."""
-    if src.bottleneck_size is not None:  # a family with a bottleneck (elm.blocks)
+    if src.bottleneck:
         h, b = src.hidden_size, src.bottleneck_size
         _copy_linear(dst.bottleneck_in, src.bottleneck_in, b, h)
         _copy_linear(dst.bottleneck_out, src.bottleneck_out, h, b)

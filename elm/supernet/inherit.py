@@ -214,7 +214,7 @@ class LayerSource:
 def inherit_candidate(cand: CandidateBlock, src: LayerSource) -> dict[str, bool]:
     """Initialise ``cand`` from ``src`` (a MobileBERT candidate then needs :func:`fit_bottleneck_out`)."""
     layer, inputs, head_mean, neuron_mean = src.layer, src.inputs, src.head_mean, src.neuron_mean
-    if cand.bottleneck_size is not None:  # a family with a bottleneck (elm.blocks)
+    if cand.bottleneck:
         basis = Basis.pca(inputs, cand.bottleneck_size)
         inner_inputs = moments_in_basis(inputs, basis)
         p = basis.proj
@@ -370,7 +370,7 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
     offset = basis.proj.T @ basis.mean  # P^T mean: what a LayerNorm input has beyond to_student(.)
     to_ln = basis.proj.double()  # a teacher LayerNorm input z reaches the student's as P^T z
     sources = source_layers(m)
-    bottlenecks = any(c.bottleneck_size is not None for layer in supernet.layers for c in layer)
+    bottlenecks = any(c.bottleneck for layer in supernet.layers for c in layer)
     report = {"basis": "identity" if basis.is_identity else "pca", "teacher_layers": sources, "tokens": stats.tokens,
               "attention_inherited": 0, "candidates": 0}  # fmt: skip
     for li, candidates in enumerate(supernet.layers):
@@ -396,7 +396,7 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
         for cand in candidates:
             cand.cpu()
             done = inherit_candidate(cand, src)
-            if cand.bottleneck_size is not None:
+            if cand.bottleneck:
                 fit_bottleneck_out(cand, pairs)
             report["attention_inherited"] += int(done["attention"])
             report["candidates"] += 1
