@@ -603,6 +603,26 @@ def test_search_trainer_learns_and_state_round_trips(teacher, corpus, tmp_path) 
         make_trainer(teacher, corpus, tmp_path / "mse", loss="mse").load_state_dict(trainer.state_dict())
 
 
+def test_held_out_teacher_states_are_computed_once(teacher, corpus, tmp_path, monkeypatch) -> None:
+    """The teacher is frozen and the validation / analysis rows are fixed: their teacher states
+    are computed once (within the memory cap), and the scores do not change for it."""
+    import elm.search.trainer as search_trainer
+
+    trainer = make_trainer(teacher, corpus, tmp_path, eval_batches=2)
+    calls = []
+    real = trainer.teacher_states
+    monkeypatch.setattr(trainer, "teacher_states", lambda batch, t=None: calls.append(1) or real(batch, t))
+    first = trainer.validate()["loss"]
+    trainer.analysis_batch(), trainer.analysis_batch()
+    assert len(calls) == 3  # 2 validation batches + the analysis batch
+    assert trainer.validate()["loss"] == first and len(calls) == 3
+    monkeypatch.setattr(search_trainer, "HELD_OUT_CACHE_BYTES", 0)
+    fresh = make_trainer(teacher, corpus, tmp_path / "uncached", eval_batches=2)
+    monkeypatch.setattr(fresh, "teacher_states", lambda batch, t=None: calls.append(1) or real(batch, t))
+    assert fresh.validate()["loss"] == first and fresh.validate()["loss"] == first
+    assert len(calls) == 3 + 4 and not fresh.held_out_cache  # over the cap: recomputed every time
+
+
 def test_nan_loss_is_caught_named_and_the_last_good_checkpoint_kept(
     teacher, corpus, tmp_path, monkeypatch
 ) -> None:
@@ -663,3 +683,25 @@ def test_attention_dropout_is_its_own_setting() -> None:
     assert all(c.attention.attn_dropout == 0.1 for *_, c in same.candidates())
     with pytest.raises(ArchError, match="space.attention_dropout must be a number in \\[0, 1\\) or null, got 1.5"):
         make_space(attention_dropout=1.5).validate()
+
+
+def test_analyse_reuses_cached_twins_until_pruning_changes_the_heads(monkeypatch) -> None:
+    import elm.search.analysis as analysis
+
+    net, hidden, mask = analysed_supernet()
+    plain = analyse(net, hidden, mask, PCAConfig())
+    built = []
+    real = analysis.untrained_twin
+    monkeypatch.setattr(analysis, "untrained_twin", lambda *a: built.append(a[1]) or real(*a))
+    twins: dict = {}
+    first = analyse(net, hidden, mask, PCAConfig(), twins=twins)
+    again = analyse(net, hidden, mask, PCAConfig(), twins=twins)
+    n = len(list(net.candidates()))
+    assert len(built) == n  # the second call ran no twin
+    assert first.pca_untrained == again.pca_untrained == plain.pca_untrained
+    assert first.cka_untrained == again.cka_untrained == plain.cka_untrained
+    cand = next(c for *_, c in net.candidates())
+    cand.attention.keep_heads([0, 1])  # another structure: its twin runs again, the others do not
+    pruned = analyse(net, hidden, mask, PCAConfig(), twins=twins)
+    assert built[n:] == [cand]
+    assert pruned.cka_untrained == analyse(net, hidden, mask, PCAConfig()).cka_untrained

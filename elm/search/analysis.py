@@ -21,7 +21,7 @@ untouched) run on the same input, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
@@ -143,6 +143,14 @@ def _block_stats(cand: CandidateBlock, x, mask, causal: bool, valid, pca: PCACon
             "head_mean": contrib.mean(dim=1).tolist()}  # fmt: skip
 
 
+def _captured_stats(block: CandidateBlock, x, mask, causal: bool, valid, pca: PCAConfig) -> dict[str, Any]:
+    block.set_capture(True)
+    try:
+        return _block_stats(block, x, mask, causal, valid, pca)
+    finally:
+        block.set_capture(False)
+
+
 def untrained_twin(supernet: Supernet, cand: CandidateBlock) -> CandidateBlock:
     """A freshly initialised candidate with ``cand``'s block, sharing and heads at the space's initial
     FFN width (seeded; global RNG untouched). The width is the initial one on purpose: a random FFN's
@@ -161,9 +169,15 @@ def untrained_twin(supernet: Supernet, cand: CandidateBlock) -> CandidateBlock:
 
 
 @torch.no_grad()
-def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, untrained: bool = True) -> EpochAnalysis:
+def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, untrained: bool = True,
+            twins: dict | None = None) -> EpochAnalysis:  # fmt: skip
     """PCA scores, head CKA matrices, head importance (mean norm of each head's contribution to the
-    block output) and mean outputs, per-layer diversity, and (``untrained``) the twins' levels."""
+    block output) and mean outputs, per-layer diversity, and (``untrained``) the twins' levels.
+
+    ``twins``: a cache of the twins' levels that the caller keeps across calls *on the same batch*
+    (the search's fixed analysis batch). A twin is a seeded function of its layer's input and its
+    candidate's structure (:func:`untrained_twin`), so it is only run again when pruning changed
+    the candidate's heads."""
     from ..modeling.modeling_elm import attention_bias
 
     was_training = supernet.training
@@ -178,17 +192,19 @@ def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, 
             outs = []
             for cand in layer:
                 key = f"L{li}.{cand.name}"
-                for block in (cand, untrained_twin(supernet, cand)) if untrained else (cand,):
-                    block.set_capture(True)
-                    stats = _block_stats(block, x, mask, causal, valid, pca)
-                    block.set_capture(False)
-                    if block is cand:
-                        outs.append(stats["out"])
-                        result.pca[key], result.importance[key] = stats["pca"], stats["importance"]
-                        result.cka[key], result.head_mean[key] = stats["cka"].tolist(), stats["head_mean"]
-                    else:
-                        result.pca_untrained[key] = stats["pca"]
-                        result.cka_untrained[key] = max_pair_level(stats["cka"])
+                stats = _captured_stats(cand, x, mask, causal, valid, pca)
+                outs.append(stats["out"])
+                result.pca[key], result.importance[key] = stats["pca"], stats["importance"]
+                result.cka[key], result.head_mean[key] = stats["cka"].tolist(), stats["head_mean"]
+                if untrained:
+                    twin_key = (li, astuple(cand.layer_config(ffn_dim=supernet.space.ffn_init)))
+                    levels = None if twins is None else twins.get(twin_key)
+                    if levels is None:
+                        twin = _captured_stats(untrained_twin(supernet, cand), x, mask, causal, valid, pca)
+                        levels = (twin["pca"], max_pair_level(twin["cka"]))
+                        if twins is not None:
+                            twins[twin_key] = levels
+                    result.pca_untrained[key], result.cka_untrained[key] = levels
             result.diversity.append(cosine_diversity(outs, attention_mask) if len(outs) > 1 else None)
     finally:
         supernet.train(was_training)

@@ -100,7 +100,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     history = trainer.fit()
 
     scores = history[-1]["val_loss"] if history else trainer.validate()["loss"]
-    batches = [(b["input_ids"], b["attention_mask"], trainer.teacher_states(b)) for b in trainer.val_batches()]
+    batches = [(b["input_ids"], b["attention_mask"], h) for b, h in trainer.scoring_batches()]
     scorer = ChainScorer(trainer.supernet, batches, point=cfg.distill.point)
     summary = choose(trainer.supernet, scores, budgets, s.strategy, scorer,
                      dict(s.get("evolution") or {}, seed=cfg.seed))  # fmt: skip

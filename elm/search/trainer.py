@@ -35,7 +35,7 @@ from ..supernet import Supernet
 from ..supernet.inherit import inherit_supernet
 from ..supernet.teacher_weights import InheritError
 from ..utils.fingerprint import check_fingerprint
-from ..utils.io import atomic_torch_save
+from ..utils.io import BackgroundSaver, atomic_torch_save
 from ..utils.logging import RunLogger
 from ..utils.master import Bf16Master, bf16_teacher
 from ..utils.optim import configure_optimizer
@@ -46,6 +46,7 @@ from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level
 from .score import paired_intervals
 
 STATE_FILE = "search_state.pt"
+HELD_OUT_CACHE_BYTES = 1 << 30  # teacher states of fixed held-out batches kept in memory (SearchTrainer.held_out)
 EMBEDDINGS = "embeddings"  # the loss entry of the (shared) student embeddings
 log = logging.getLogger("elm.search")
 
@@ -194,6 +195,12 @@ class SearchTrainer:
         # mid-epoch checkpoints: every ``checkpoint_every`` steps and on SIGTERM (preemption)
         self.checkpoint_every, self.preemption = checkpoint_every, Preemption()
         self.epoch_sums: torch.Tensor | None = None  # this epoch's summed losses so far
+        # computed once per run: teacher states of the fixed held-out batches, the untrained twins'
+        # statistics on the analysis batch (elm.search.analysis.analyse), and the epoch-end writer
+        self.held_out_cache: dict[str, tuple] = {}
+        self.held_out_bytes = 0
+        self.twin_stats: dict[tuple, tuple[float, float]] = {}
+        self.writer = BackgroundSaver()
 
     def initialise(self, inherit: bool, batches: int) -> dict[str, Any]:
         """Inherit from the teacher (or only fit the shared basis) on ``batches`` seeded training batches.
@@ -232,6 +239,23 @@ class SearchTrainer:
         for i in range(self.eval_batches):
             yield self._rows(self.val_data, list(range(i * self.batch_size, (i + 1) * self.batch_size)))
 
+    def held_out(self, name: str, batch: dict[str, torch.Tensor]):
+        """``(batch, teacher states)`` of a fixed held-out batch (``name``: ``val<i>`` or ``analysis``).
+        The teacher is frozen and the rows never change, so the states are computed once per run
+        and kept while they fit in ``HELD_OUT_CACHE_BYTES``."""
+        if name in self.held_out_cache:
+            return self.held_out_cache[name]
+        item = (batch, self.teacher_states(batch))
+        size = sum(h.numel() * h.element_size() for h in item[1])
+        if self.held_out_bytes + size <= HELD_OUT_CACHE_BYTES:
+            self.held_out_cache[name], self.held_out_bytes = item, self.held_out_bytes + size
+        return item
+
+    def scoring_batches(self):
+        """``(batch, teacher states)`` of every validation batch (:meth:`val_batches`)."""
+        for i, batch in enumerate(self.val_batches()):
+            yield self.held_out(f"val{i}", batch)
+
     def chain_plan(self, step: int) -> list[int | None] | None:
         """Which previous-layer candidate each layer reads at ``step`` (None = the teacher's state);
         seeded by (seed, step), so every rank and a resumed run draw the same plan."""
@@ -251,9 +275,11 @@ class SearchTrainer:
             hidden = (teacher or self.teacher)(batch["input_ids"], batch["attention_mask"]).hidden_states
         return tuple(h.float() for h in hidden)
 
-    def candidate_losses(self, batch, module: nn.Module | None = None, chain=None, teacher=None) -> torch.Tensor:
-        """Block loss of every candidate (order of ``self.distiller.keys``) on one batch."""
-        hidden = self.teacher_states(batch, teacher)
+    def candidate_losses(self, batch, module: nn.Module | None = None, chain=None, teacher=None,
+                         hidden=None) -> torch.Tensor:  # fmt: skip
+        """Block loss of every candidate (order of ``self.distiller.keys``) on one batch (``hidden``:
+        its teacher states when already known)."""
+        hidden = self.teacher_states(batch, teacher) if hidden is None else hidden
         with self.prec.autocast():
             return (module or self.distiller)(hidden, batch["attention_mask"], batch["input_ids"], chain)
 
@@ -312,7 +338,7 @@ class SearchTrainer:
     def validate_batches(self) -> torch.Tensor:
         """``[eval_batches, keys]``: every candidate's block loss (teacher inputs) per validation batch."""
         self.supernet.eval()
-        rows = torch.stack([self.candidate_losses(b) for b in self.val_batches()])
+        rows = torch.stack([self.candidate_losses(b, hidden=h) for b, h in self.scoring_batches()])
         self.supernet.train()
         return rows.cpu()
 
@@ -330,14 +356,15 @@ class SearchTrainer:
 
     def analysis_batch(self):
         n = len(self.val_data)
-        batch = self._rows(self.val_data, list(range(n - self.analysis_batch_size, n)))
-        return self.teacher_states(batch), batch["attention_mask"]
+        batch, hidden = self.held_out("analysis", self._rows(self.val_data, list(range(n - self.analysis_batch_size, n))))
+        return hidden, batch["attention_mask"]
 
     def end_of_epoch(self, last: bool) -> dict[str, Any]:
         """PCA growth and CKA pruning (not after the last epoch: new units would stay untrained)."""
         hidden, mask = self.analysis_batch()
         # rank 0's statistics decide for everyone, so all ranks keep the same architecture
-        result = broadcast_object(analyse(self.supernet, hidden, mask, self.pca) if self.rank == 0 else None)
+        result = broadcast_object(analyse(self.supernet, hidden, mask, self.pca, twins=self.twin_stats)
+                                  if self.rank == 0 else None)  # fmt: skip
         pruning, growth = [], []
         prune_now = self.cka.enabled and (self.cka.when == "every_epoch" and not last or self.cka.when == "final" and last)
         if prune_now:
@@ -349,7 +376,7 @@ class SearchTrainer:
 
     # ---- the whole search ------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
-        with self.preemption:
+        with self.preemption, self.writer:  # leaving waits for the last epoch's checkpoint to be written
             return self._fit()
 
     def _fit(self) -> list[dict[str, Any]]:
@@ -385,7 +412,7 @@ class SearchTrainer:
             self.last_cka = result.cka
             self.epoch += 1
             if self.rank == 0:
-                self.save()
+                self.writer.save(self.state_dict(), self.run_dir / STATE_FILE)  # written while the next epoch trains
                 if self.logger is not None:
                     self.logger.log(record, step=self.step)
         return self.history
@@ -433,6 +460,7 @@ class SearchTrainer:
         self.epoch_sums = state.get("epoch_sums")
 
     def save(self) -> Path:
+        self.writer.wait()  # an epoch-end write still under way lands first
         return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
 
 
