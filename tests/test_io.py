@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from elm.utils.io import BackgroundSaver, atomic_torch_save, atomic_write_json, replace_dir
