@@ -90,3 +90,37 @@ def test_bottleneck_structure_follows_the_fields_in_the_exported_layer():
     assert mobile.bottleneck and hasattr(mobile, "bottleneck_in") and not bert.bottleneck
     x = torch.randn(2, 5, 48)
     assert mobile.eval()(x)[0].shape == bert.eval()(x)[0].shape == x.shape
+
+
+def test_ffn_activation_comes_from_the_family_and_travels_with_the_export(monkeypatch, tmp_path):
+    """The registry says each family's activation; an export records it per family
+    (``block_activations``), so the remote code needs no table of block names. Exports written
+    before the field existed keep their activations (GELU in BERT blocks, ReLU behind a bottleneck)."""
+    import torch.nn.functional as F
+
+    from elm.modeling import ElmConfig, ElmModel, config_from_arch
+    from elm.supernet.elastic import ElasticFFN
+
+    relu_bert = BlockFamily("relubert", "ReLU-BERT", "#111111", bottleneck=False, stacked_ffns=False,
+                            heads_field="bert_heads", activation="relu")  # fmt: skip
+    monkeypatch.setitem(BLOCKS, "relubert", relu_bert)
+    space = SpaceConfig(**{**SPACE, "blocks": ["bert", "mobilebert", "relubert"]}).validate()
+    layers = [LayerConfig(num_heads=2, ffn_dim=12, **space.layer_fields(b, "none")) for b in space.blocks]
+    arch = ArchConfig(hidden_size=48, embedding_size=16, vocab_size=30, max_positions=8, layers=layers)
+    config = config_from_arch(arch)
+    assert config.block_activations == {"bert": "gelu", "mobilebert": "relu", "relubert": "relu"}
+    model = ElmModel(config)
+    assert [layer.ffns[0].act for layer in model.layers] == [F.gelu, F.relu, F.relu]
+    assert ElasticFFN(48, 24, 12, "relubert", 0.0, 1e-12).act is F.relu  # the supernet asks the same family
+    model.save_pretrained(tmp_path)
+    assert ElmConfig.from_pretrained(tmp_path).block_activations == config.block_activations
+    older = ElmConfig.from_arch_dict(arch.to_dict())  # no block_activations: an export from before
+    assert [layer.ffns[0].act for layer in ElmModel(older).layers[:2]] == [F.gelu, F.relu]
+
+
+def test_a_family_with_an_unknown_activation_is_refused_when_registered():
+    odd = BlockFamily("oddbert", "Odd", "#222222", bottleneck=False, stacked_ffns=False, heads_field="bert_heads",
+                      activation="swish2")  # fmt: skip
+    with pytest.raises(ArchError, match=r"activation='swish2'; valid: gelu, relu"):
+        register(odd)
+    assert "oddbert" not in BLOCKS

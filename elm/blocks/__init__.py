@@ -40,6 +40,8 @@ class BlockFamily:
         heads_field, head_dim_field, num_ffn_field: the ``SpaceConfig`` fields with its maximum
             heads, its head width (unset/None: ``space.head_dim``) and its FFN count (None: 1).
         pca_threshold_field: a ``PCAConfig`` field overriding ``pca.threshold`` for it (None: none).
+        activation: its FFN activation, a name of ``elm.modeling.modeling_elm.ACTIVATIONS``; exports
+            carry it per family in ``ElmConfig.block_activations``.
     """
 
     name: str
@@ -51,6 +53,7 @@ class BlockFamily:
     head_dim_field: str | None = None
     num_ffn_field: str | None = None
     pca_threshold_field: str | None = None
+    activation: str = "gelu"
 
     # ---- the space's settings for this family ---------------------------------------------
     def heads(self, space: Any) -> int:
@@ -100,15 +103,22 @@ class BlockFamily:
 BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, heads_field="bert_heads")
 MOBILEBERT = BlockFamily("mobilebert", "MobileBERT", "#ffb703", bottleneck=True, stacked_ffns=True,
                          heads_field="mobilebert_heads", head_dim_field="mobilebert_head_dim",
-                         num_ffn_field="mobilebert_num_ffn", pca_threshold_field="threshold_mobilebert")  # fmt: skip
+                         num_ffn_field="mobilebert_num_ffn", pca_threshold_field="threshold_mobilebert",
+                         activation="relu")  # fmt: skip  [project decision] ReLU in MobileBERT FFNs
 
 BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT)}
+DEFAULT_BLOCKS = (BERT.name, MOBILEBERT.name)  # SpaceConfig.blocks when none are given
 
 
 def register(new: BlockFamily) -> BlockFamily:
-    """Add a family to the registry (its name must be new; its fields must exist on the space)."""
+    """Add a family to the registry (its name must be new, its activation one the models know; its
+    fields must exist on the space)."""
     if new.name in BLOCKS:
         raise ArchError(f"block family {new.name!r} is already registered")
+    from ..modeling.modeling_elm import ACTIVATIONS  # here: this package imports nothing of elm at load
+
+    if new.activation not in ACTIVATIONS:
+        raise ArchError(f"block family {new.name!r} has activation={new.activation!r}; valid: {', '.join(ACTIVATIONS)}")
     BLOCKS[new.name] = new
     return new
 

@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from ..blocks import family
 from ..space import ArchConfig
 from .configuration_elm import ElmConfig
 from .modeling_elm import (
@@ -42,8 +43,11 @@ def register() -> None:
 
 
 def config_from_arch(arch: ArchConfig, **kwargs) -> ElmConfig:
-    """An ``ElmConfig`` for a validated architecture (extra kwargs: dropout, num_labels, ...)."""
-    return ElmConfig.from_arch_dict(arch.validate().to_dict(), **kwargs)
+    """An ``ElmConfig`` for a validated architecture (extra kwargs: dropout, num_labels, ...), with
+    the FFN activation of each of its block families (``elm.blocks``)."""
+    arch = arch.validate()
+    kwargs.setdefault("block_activations", {layer.block: family(layer.block).activation for layer in arch.layers})
+    return ElmConfig.from_arch_dict(arch.to_dict(), **kwargs)
 
 
 def arch_from_config(config: ElmConfig) -> ArchConfig:

@@ -31,6 +31,7 @@ class ElmConfig(PretrainedConfig):
         mlm_masked_only: bool = True,
         classifier_dropout: float | None = None,
         pad_token_id: int | None = 0,
+        block_activations: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -48,6 +49,9 @@ class ElmConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.mlm_masked_only = mlm_masked_only
         self.classifier_dropout = classifier_dropout
+        # FFN activation per block family ({"bert": "gelu", ...}), written from elm's block registry
+        # so that the remote code needs none (modeling_elm.block_activation)
+        self.block_activations = dict(block_activations or {})
         kwargs.setdefault("is_decoder", causal)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

@@ -28,7 +28,14 @@ from transformers.modeling_outputs import (
 
 from .configuration_elm import ElmConfig
 
-ACTIVATIONS = {"bert": F.gelu, "mobilebert": F.relu}
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # FFN activations by name (ElmConfig.block_activations)
+
+
+def block_activation(config: ElmConfig, layer: dict) -> str:
+    """The FFN activation of a layer: its family's, as the export recorded it. Exports written
+    before ``block_activations`` existed had GELU in BERT blocks and ReLU in bottleneck blocks."""
+    named = (getattr(config, "block_activations", None) or {}).get(layer["block"])
+    return named or ("relu" if layer.get("bottleneck_size") is not None else "gelu")
 
 # Auto classes an export loads with under ``trust_remote_code=True``. ``save_pretrained`` only
 # writes the saved class into ``config.auto_map``; ElmPreTrainedModel.save_pretrained adds all of them.
@@ -176,13 +183,13 @@ class ElmAttention(nn.Module):
 
 
 class ElmFFN(nn.Module):
-    def __init__(self, config: ElmConfig, dim: int, ffn_dim: int, block: str) -> None:
+    def __init__(self, config: ElmConfig, dim: int, ffn_dim: int, activation: str) -> None:
         super().__init__()
         self.up = nn.Linear(dim, ffn_dim)
         self.down = nn.Linear(ffn_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.act = ACTIVATIONS[block]
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
         return self.norm(x + self.dropout(self.down(self.act(self.up(x)))))
@@ -196,8 +203,8 @@ class ElmLayer(nn.Module):
         super().__init__()
         self.block = layer["block"]
         h = config.hidden_size
-        # the structure follows the fields (a bottleneck size means H -> B ... B -> H), so this file
-        # needs no block registry (it ships alone as remote code); only the activation is by name
+        # the structure follows the fields (a bottleneck size means H -> B ... B -> H) and the
+        # activation the config, so this file needs no block registry (it ships alone as remote code)
         self.bottleneck = layer.get("bottleneck_size") is not None
         width = layer["bottleneck_size"] if self.bottleneck else h
         if self.bottleneck:
@@ -208,7 +215,7 @@ class ElmLayer(nn.Module):
             self.dropout = Dropout(config.hidden_dropout_prob)
         self.attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
         self.ffns = nn.ModuleList(
-            ElmFFN(config, width, layer["ffn_dim"], self.block) for _ in range(layer.get("num_ffn", 1))
+            ElmFFN(config, width, layer["ffn_dim"], block_activation(config, layer)) for _ in range(layer.get("num_ffn", 1))
         )
 
     def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False, cache=None,

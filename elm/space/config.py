@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..blocks import BLOCKS, family
+from ..blocks import BLOCKS, DEFAULT_BLOCKS, family
 from .arch import SHARE_MODES, ArchError
 
 
@@ -27,7 +27,7 @@ class SpaceConfig:
     hidden_size: int | None = None  # None = the teacher's (exact inheritance); narrower = a PCA basis
     embedding_size: int = 128
     causal: bool = False
-    blocks: list[str] = field(default_factory=lambda: ["bert", "mobilebert"])
+    blocks: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKS))
     shares: list[str] = field(default_factory=lambda: ["none", "qv", "kv"])
     head_dim: int = 32
     bert_heads: int = 8

@@ -127,7 +127,7 @@ class ElasticFFN(nn.Module):
         self.down = ElasticLinear(max_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = Dropout(dropout)
-        self.act = ACTIVATIONS[block]
+        self.act = ACTIVATIONS[family(block).activation]
         self.max_dim, self.active_dim = max_dim, active_dim
         self.capture = False  # when True, keep the intermediate activations of the last call (for PCA)
         self.last_hidden: torch.Tensor | None = None
