@@ -290,3 +290,38 @@ def test_retrain_distils_with_the_searchs_loss_unless_told(search_dir, tmp_path,
     with pytest.raises(ValueError, match="distill.loss='cos' is unknown; valid: rkd, mse, kl"):
         retrain(compose_cfg("distill.loss=cos"), arch, tmp_path / "bad", searched)
     assert not (tmp_path / "bad" / STATE_FILE).exists() and result["val_loss"] > 0
+
+
+def test_a_skipped_layer_is_absent_from_the_retrained_export(teacher, tmp_path):
+    """space.blocks with the identity family and a budget that fits one BERT layer of two: the search
+    skips a layer, retraining distils the kept layer towards the state it stands for, and the
+    export is a one-layer model that the Auto classes load."""
+    from elm.retrain.init import load_search_state, supernet_from_state
+    from elm.search.score import model_chain, supernet_chain
+
+    out = tmp_path / "search"
+    proc = run_cli("elm.search", "space=tiny", "space.blocks=[bert,skip]", "space.shares=[none]", "cka.enabled=false",
+                   "search.epochs=2", "search.steps_per_epoch=2", "search.batch_size=4", "search.eval_batches=1",
+                   "search.analysis_batch_size=8", "search.budgets.small=30000", "search.budgets.tiny=null", *DATA,
+                   f"hydra.run.dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "cka_heatmap.png").is_file()  # the heat map picks a layer the model has
+    chosen = json.loads((out / "pareto.json").read_text())["chosen"]["small"]
+    arch = ArchConfig.from_json(out / "arch.json")
+    assert arch.num_layers == 1 and sum(key.endswith(".skip") for key in chosen["candidates"]) == 1
+    model, info = init_from_search(out, arch, teacher, ElmForMaskedLM)
+    state = load_search_state(out)
+    kept = [li for li, key in enumerate(chosen["candidates"]) if not key.endswith(".skip")]
+    assert info["choice"] == chosen["choice"] and info["boundaries"] == [*kept, 2]
+    assert info["layer_map"] == [state["layer_map"][b] for b in info["boundaries"]]
+    supernet = supernet_from_state(state, teacher).eval()
+    ids = torch.randint(1000, 2000, (2, 12))
+    mask = torch.ones_like(ids)
+    chain, states = supernet_chain(supernet, info["choice"], ids, mask), model_chain(model.elm, ids, mask)
+    for s, b in zip(states, info["boundaries"], strict=True):
+        torch.testing.assert_close(s, chain[b], atol=1e-5, rtol=1e-5)
+
+    result = retrain(compose_cfg("retrain.epochs=1"), arch, tmp_path / "retrain", out)
+    assert math.isfinite(result["val_loss"])
+    loaded = AutoModelForMaskedLM.from_pretrained(result["model_dir"])
+    assert loaded.config.num_hidden_layers == 1 and len(loaded.elm.layers) == 1

@@ -623,6 +623,27 @@ def test_held_out_teacher_states_are_computed_once(teacher, corpus, tmp_path, mo
     assert len(calls) == 3 + 4 and not fresh.held_out_cache  # over the cap: recomputed every time
 
 
+def test_search_trainer_with_skip_candidates(teacher, corpus, tmp_path) -> None:
+    """A space with the identity family: every layer has a skip candidate, scored (the loss of passing
+    the teacher's state on) but never analysed, grown or pruned; the epoch records say 0 heads/units."""
+    space = make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none"],
+                       blocks=["bert", "mobilebert", "skip"])  # fmt: skip
+    from elm.search.trainer import SearchTrainer
+
+    torch.manual_seed(0)
+    trainer = SearchTrainer(teacher, space, corpus["train"], corpus["validation"], pca=PCAConfig(unit=8),
+                            epochs=2, steps_per_epoch=2, batch_size=4, eval_batches=1, analysis_batch_size=8,
+                            precision="fp32", run_dir=tmp_path, progress=False)  # fmt: skip
+    history = trainer.fit()
+    skips = [key for *_, key, c in trainer.supernet.candidates() if c.identity]
+    assert skips == ["L0.skip", "L1.skip"]
+    first, last = history
+    for key in skips:
+        assert key not in first["pca"] and first["ffn"][key] == 0 and first["heads"][key] == 0
+        assert math.isfinite(last["val_loss"][key])
+    assert not any(e["candidate"] in skips for r in history for e in r["growth"] + r["pruning"])
+
+
 def test_nan_loss_is_caught_named_and_the_last_good_checkpoint_kept(
     teacher, corpus, tmp_path, monkeypatch
 ) -> None:

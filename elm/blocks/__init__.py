@@ -42,6 +42,8 @@ class BlockFamily:
         pca_threshold_field: a ``PCAConfig`` field overriding ``pca.threshold`` for it (None: none).
         activation: its FFN activation, a name of ``elm.modeling.modeling_elm.ACTIVATIONS``; exports
             carry it per family in ``ElmConfig.block_activations``.
+        identity: the block is the identity (no attention, no FFN, no parameters): choosing it for a
+            layer removes the layer, so the search trades depth for width (see :data:`SKIP`).
     """
 
     name: str
@@ -49,30 +51,45 @@ class BlockFamily:
     colour: str
     bottleneck: bool
     stacked_ffns: bool
-    heads_field: str
+    heads_field: str | None
     head_dim_field: str | None = None
     num_ffn_field: str | None = None
     pca_threshold_field: str | None = None
     activation: str = "gelu"
+    identity: bool = False
 
     # ---- the space's settings for this family ---------------------------------------------
     def heads(self, space: Any) -> int:
-        return getattr(space, self.heads_field)
+        return 0 if self.identity else getattr(space, self.heads_field)
 
     def head_dim(self, space: Any) -> int:
+        if self.identity:
+            return 0
         own = getattr(space, self.head_dim_field) if self.head_dim_field else None
         return own or space.head_dim
 
     def num_ffn(self, space: Any) -> int:
+        if self.identity:
+            return 0
         return getattr(space, self.num_ffn_field) if self.num_ffn_field else 1
 
     def bottleneck_size(self, space: Any) -> int | None:
         return space.bottleneck_size if self.bottleneck else None
 
+    def shares(self, shares: list[str]) -> list[str]:
+        """The sharing modes its candidates take of the space's (an identity block has no attention)."""
+        return ["none"] if self.identity else list(shares)
+
     def layer_fields(self, space: Any, share: str) -> dict[str, Any]:
         """``LayerConfig`` fields of this family's candidates in ``space`` (all but heads and FFN width)."""
-        return dict(block=self.name, head_dim=self.head_dim(space), share=share, num_ffn=self.num_ffn(space),
-                    bottleneck_size=self.bottleneck_size(space))  # fmt: skip
+        return dict(block=self.name, head_dim=self.head_dim(space), share="none" if self.identity else share,
+                    num_ffn=self.num_ffn(space), bottleneck_size=self.bottleneck_size(space))  # fmt: skip
+
+    def layer_config_fields(self, space: Any, share: str, num_heads: int, ffn_dim: int) -> dict[str, Any]:
+        """All ``LayerConfig`` fields of one of its candidates (an identity block: no heads, no FFN)."""
+        if self.identity:
+            num_heads = ffn_dim = 0
+        return dict(self.layer_fields(space, share), num_heads=num_heads, ffn_dim=ffn_dim)
 
     def pca_threshold(self, pca: Any) -> float:
         own = getattr(pca, self.pca_threshold_field) if self.pca_threshold_field else None
@@ -84,6 +101,13 @@ class BlockFamily:
         return layer.bottleneck_size if self.bottleneck else hidden_size
 
     def validate(self, layer: Any, where: str) -> None:
+        if self.identity:
+            for name in ("num_heads", "head_dim", "ffn_dim", "num_ffn"):
+                if getattr(layer, name) != 0:
+                    raise ArchError(f"{where}.{name}={getattr(layer, name)!r}: a {self.name!r} block has none (0)")
+            if layer.share != "none" or layer.bottleneck_size is not None:
+                raise ArchError(f"{where}: a {self.name!r} block has share='none' and no bottleneck_size")
+            return
         if self.bottleneck and layer.bottleneck_size is None:
             raise ArchError(f"{where}.bottleneck_size is required for block={self.name!r}")
         if not self.bottleneck and layer.bottleneck_size is not None:
@@ -106,7 +130,14 @@ MOBILEBERT = BlockFamily("mobilebert", "MobileBERT", "#ffb703", bottleneck=True,
                          num_ffn_field="mobilebert_num_ffn", pca_threshold_field="threshold_mobilebert",
                          activation="relu")  # fmt: skip  [project decision] ReLU in MobileBERT FFNs
 
-BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT)}
+# [project decision, issue #17] The identity candidate (AutoTinyBERT / DynaBERT search depth too):
+# zero parameters, so under a budget the DP can drop a layer and spend its parameters on wider
+# ones. Its block-wise score is the loss of passing the teacher's state on unchanged. A chosen
+# architecture lists only the other layers, so the exported model simply has fewer layers, and
+# each kept layer keeps the teacher state it was distilled towards (Supernet.kept_boundaries).
+SKIP = BlockFamily("skip", "skip", "#d9d9d9", bottleneck=False, stacked_ffns=False, heads_field=None, identity=True)
+
+BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT, SKIP)}
 DEFAULT_BLOCKS = (BERT.name, MOBILEBERT.name)  # SpaceConfig.blocks when none are given
 
 

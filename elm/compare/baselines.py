@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..blocks import family
 from ..space import SpaceConfig
 from ..space.arch import ArchConfig, LayerConfig
 
@@ -105,14 +106,17 @@ def _random_layer(space: SpaceConfig, rng: np.random.Generator) -> LayerConfig:
     """A layer the searched space holds: the block's own head count and head width (a MobileBERT
     block's ``mobilebert_head_dim`` when set), an FFN width the growth can reach."""
     block = str(rng.choice(space.blocks))
-    heads = int(rng.integers(1, space.heads_of(block) + 1))
+    heads = int(rng.integers(1, max(1, space.heads_of(block)) + 1))
     ffn_dim = int(rng.choice(_ffn_choices(space)))
-    return LayerConfig(num_heads=heads, ffn_dim=ffn_dim, **space.layer_fields(block, str(rng.choice(space.shares))))
+    share = str(rng.choice(family(block).shares(space.shares)))
+    return LayerConfig(**family(block).layer_config_fields(space, share, heads, ffn_dim))
 
 
 def _moves(space: SpaceConfig, layer: LayerConfig, sign: int) -> list[dict[str, Any]]:
     """One-step changes of a layer's heads or FFN width (sign -1 shrinks, +1 grows) within the space."""
     widths, moves = _ffn_choices(space), []
+    if family(layer.block).identity:  # nothing to widen or narrow
+        return moves
     heads = layer.num_heads + sign
     if 1 <= heads <= space.heads_of(layer.block):
         moves.append({"num_heads": heads})
@@ -133,7 +137,8 @@ def random_arch(
 ) -> ArchConfig:
     """A random architecture of ``space`` with ``min_params <= layer params <= budget``.
 
-    Per layer, uniformly: a block type of ``space.blocks``, a sharing mode of ``space.shares``,
+    Per layer, uniformly: a block type of ``space.blocks`` (an identity ``skip`` drops the layer),
+    a sharing mode of ``space.shares``,
     ``1..max`` heads of ``space.head_dim`` and an FFN width the search can reach
     (``ffn_init + k * ffn_unit <= ffn_max``); MobileBERT blocks use the space's bottleneck and
     FFN count. Vocabulary, positions and causality come from ``like``. Draws are rejected until
@@ -147,15 +152,18 @@ def random_arch(
                       vocab_size=like.vocab_size, max_positions=like.max_positions,
                       type_vocab_size=like.type_vocab_size, causal=space.causal)  # fmt: skip
 
-    def build(layers: list[LayerConfig]) -> ArchConfig:
-        return _like(base, layers)
+    def build(layers: list[LayerConfig]) -> ArchConfig:  # a skipped (identity) layer is no layer
+        return _like(base, [layer for layer in layers if not family(layer.block).identity])
 
-    arch = None
+    layers: list[LayerConfig] = []
     for _ in range(max(1, max_tries)):
-        arch = build([_random_layer(space, rng) for _ in range(space.num_layers)])
-        if min_params <= layer_params(arch) <= budget:
-            return arch
-    layers = list(arch.layers)  # type: ignore[union-attr]
+        layers = [_random_layer(space, rng) for _ in range(space.num_layers)]
+        if all(family(layer.block).identity for layer in layers):
+            continue
+        if min_params <= layer_params(build(layers)) <= budget:
+            return build(layers)
+    if not layers or all(family(layer.block).identity for layer in layers):
+        raise ValueError(f"every draw of {max_tries} skipped all layers; raise random.max_tries")
     for _ in range(100 * space.num_layers * len(_ffn_choices(space))):
         n = layer_params(build(layers))
         if min_params <= n <= budget:

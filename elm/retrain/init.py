@@ -17,6 +17,8 @@ be partly covered by trained weights).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,16 @@ def supernet_from_state(state: dict[str, Any], teacher) -> Supernet:
     return supernet
 
 
-def match_choice(supernet: Supernet, arch: ArchConfig) -> list[int]:
-    """Candidate index per layer for ``arch``; raises :class:`InitError` naming the first mismatch."""
+def match_choice(supernet: Supernet, arch: ArchConfig, recorded: list[list[int]] | None = None) -> list[int]:
+    """Candidate index per layer for ``arch``; raises :class:`InitError` naming the first mismatch.
+
+    An architecture shorter than the supernet came from a choice with identity (``skip``)
+    candidates: its layers are matched to supernet layers in order, the others skipped. When
+    several placements fit (equal layers in a row), the one among ``recorded`` (the search's own
+    choices, ``pareto.json``) is taken."""
+    skips = [next((ci for ci, c in enumerate(layer) if c.identity), None) for layer in supernet.layers]
+    if arch.num_layers < len(supernet.layers) and any(ci is not None for ci in skips):
+        return _match_with_skips(supernet, arch, skips, recorded or [])
     if arch.num_layers != len(supernet.layers):
         raise InitError(
             f"arch has {arch.num_layers} layers but the searched supernet has {len(supernet.layers)}"
@@ -107,6 +117,35 @@ def match_choice(supernet: Supernet, arch: ArchConfig) -> list[int]:
                 )
         choice.append(found[0])
     return choice
+
+
+def _match_with_skips(supernet: Supernet, arch: ArchConfig, skips: list[int | None], recorded: list[list[int]]):
+    fits = []
+    for kept in itertools.combinations(range(len(supernet.layers)), arch.num_layers):
+        if any(skips[li] is None for li in range(len(supernet.layers)) if li not in kept):
+            continue
+        choice = list(skips)
+        for layer, li in zip(arch.layers, kept):
+            found = [ci for ci, c in enumerate(supernet.layers[li]) if c.layer_config() == layer]
+            if not found:
+                break
+            choice[li] = found[0]
+        else:
+            fits.append(choice)
+    if not fits:
+        raise InitError(f"no choice of the searched supernet ({len(supernet.layers)} layers, identity candidates "
+                        f"where a layer may be skipped) gives this {arch.num_layers}-layer arch; "
+                        "this arch does not come from this search")  # fmt: skip
+    return next((c for c in fits if c in recorded), fits[0])
+
+
+def recorded_choices(search_dir: str | Path) -> list[list[int]]:
+    """The choices a search wrote for its budgets (``pareto.json``; empty if unreadable)."""
+    try:
+        chosen = json.loads((Path(search_dir) / "pareto.json").read_text()).get("chosen", {})
+        return [list(point["choice"]) for point in chosen.values()]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
 
 
 def embeddings_learned(state: dict[str, Any]) -> bool:
@@ -147,7 +186,7 @@ def init_from_search(
     state = load_search_state(search_dir) if state is None else state
     keep = embeddings_learned(state) if keep_embeddings is None else keep_embeddings
     supernet = supernet_from_state(state, teacher)
-    choice = match_choice(supernet, arch)
+    choice = match_choice(supernet, arch, recorded_choices(search_dir))
     model = extract(supernet, model_cls, choice, **config_kwargs)
     if not keep:  # [project decision] see the docstring
         backbone = getattr(model, "elm", model)
@@ -156,7 +195,9 @@ def init_from_search(
         "search_dir": str(Path(search_dir).resolve()),
         "choice": choice,
         "candidates": [f"L{li}.{supernet.layers[li][ci].name}" for li, ci in enumerate(choice)],
-        "layer_map": list(state["layer_map"]),
+        # the teacher state each state of the model stands for (identity candidates drop layers)
+        "boundaries": supernet.kept_boundaries(choice),
+        "layer_map": [supernet.layer_map[b] for b in supernet.kept_boundaries(choice)],
         "search_epochs": state.get("epoch"),
         "search_steps": state.get("step"),
         "inherited_from_teacher": bool((state.get("inherit") or {}).get("inherited")),

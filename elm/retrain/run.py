@@ -158,9 +158,13 @@ def retrain(
     model.to(device)
     layer_map = list(r.layer_map) if r.get("layer_map") else (
         init["layer_map"] if init and init.get("layer_map") else uniform_layer_map(arch.num_layers, teacher.num_layers))  # fmt: skip
-    if target is not None and layer_map != list(search_state["layer_map"]) and float(cfg.distill.get("point", 0)) > 0:
-        raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {search_state['layer_map']}: the "
-                        f"point-wise term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
+    if target is not None:  # the variances of the boundaries the model's states stand for
+        boundaries = (init or {}).get("boundaries") or list(range(len(search_state["layer_map"])))
+        searched_map = [search_state["layer_map"][b] for b in boundaries]
+        target = (target[0], target[1][boundaries])
+        if layer_map != searched_map and float(cfg.distill.get("point", 0)) > 0:
+            raise ArchError(f"retrain.layer_map={layer_map} differs from the search's {searched_map}: the point-wise "
+                            f"term follows the search's map; drop retrain.layer_map or set distill.point=0")  # fmt: skip
     loss = cfg.distill.get("loss") or (str(search_state.get("loss", "rkd")) if search_dir is not None else "rkd")
     hidden = hidden_loss(loss)
     needs_basis = float(cfg.distill.get("point", 0)) > 0 or (

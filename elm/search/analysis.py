@@ -95,7 +95,7 @@ class CKAConfig:
         if not 0 < self.threshold <= 1 or not 0 <= self.margin <= 1:
             raise ValueError(f"cka.threshold={self.threshold!r} must be in (0, 1] and cka.margin={self.margin!r} "
                              f"in [0, 1]")  # fmt: skip
-        most = min(space.heads_of(b) for b in space.blocks)
+        most = min(space.heads_of(b) for b in space.blocks if not family(b).identity)
         if isinstance(self.min_heads, bool) or not isinstance(self.min_heads, int) or not 1 <= self.min_heads <= most:
             raise ValueError(f"cka.min_heads={self.min_heads!r} must be an integer in [1, {most}] (the fewest "
                              f"heads a candidate of this space has)")  # fmt: skip
@@ -191,6 +191,8 @@ def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, 
             x = supernet.block_inputs(teacher_hidden, li)
             outs = []
             for cand in layer:
+                if cand.identity:  # no FFN, no heads: nothing to score, grow or prune
+                    continue
                 key = f"L{li}.{cand.name}"
                 stats = _captured_stats(cand, x, mask, causal, valid, pca)
                 outs.append(stats["out"])
@@ -218,7 +220,7 @@ def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, opt
     level when ``cfg.normalise``; ties break by layer and candidate index, identically on every rank."""
     scores = analysis.normalised_pca() if cfg.normalise else analysis.pca
     room = [(li, ci, key, cand) for li, ci, key, cand in supernet.candidates()
-            if cand.ffn_dim + cfg.unit <= cand.ffns[0].max_dim]  # fmt: skip
+            if not cand.identity and cand.ffn_dim + cfg.unit <= cand.ffns[0].max_dim]  # fmt: skip
     ranked = sorted(room, key=lambda r: (-scores[r[2]], r[0], r[1]))
     if cfg.scope == "layer":
         picked = [r for li in range(len(supernet.layers)) for r in [x for x in ranked if x[0] == li][: cfg.top_k]]
@@ -247,6 +249,8 @@ def prune_heads(supernet: Supernet, analysis: EpochAnalysis, cfg: CKAConfig, opt
     dropped heads' mean output goes into the attention's output bias (mean compensation)."""
     events = []
     for _, _, key, cand in supernet.candidates():
+        if cand.identity:
+            continue
         attn = cand.attention
         active = list(range(attn.active_heads))
         threshold = cka_threshold(analysis, key, cfg)

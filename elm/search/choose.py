@@ -20,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..space import ArchConfig, LayerConfig, SpaceConfig
+from ..blocks import family
+from ..space import ArchConfig, ArchError, LayerConfig, SpaceConfig
 from ..supernet import Supernet
 from ..utils.io import atomic_write_json
 from .selection import evolutionary_select, pareto_front, select_under_budget
@@ -65,18 +66,14 @@ def layer_param_range(space: SpaceConfig, min_heads: int = 1) -> tuple[int, int]
     """Smallest and largest layer-parameter count the space can reach (from its description alone:
     every layer at its cheapest candidate with ``min_heads`` heads and ``ffn_init``, or at its
     largest with all heads and ``ffn_max``)."""
-    lo = hi = 0
-    for _ in range(space.num_layers):
-        small, large = [], []
-        for block in space.blocks:
-            heads = space.heads_of(block)
-            for share in space.shares:
-                layer = space.layer_fields(block, share)
-                small.append(LayerConfig(num_heads=min(min_heads, heads), ffn_dim=space.ffn_init, **layer))
-                large.append(LayerConfig(num_heads=heads, ffn_dim=space.ffn_max, **layer))
-        lo += min(c.num_parameters(space.hidden_size) for c in small)
-        hi += max(c.num_parameters(space.hidden_size) for c in large)
-    return lo, hi
+    small, large = [], []
+    for block, share in space.candidates():
+        heads, fam = space.heads_of(block), family(block)
+        small.append(LayerConfig(**fam.layer_config_fields(space, share, min(min_heads, heads), space.ffn_init)))
+        large.append(LayerConfig(**fam.layer_config_fields(space, share, heads, space.ffn_max)))
+    lo = min(c.num_parameters(space.hidden_size) for c in small)
+    hi = max(c.num_parameters(space.hidden_size) for c in large)
+    return space.num_layers * lo, space.num_layers * hi
 
 
 def budget_reference(space: SpaceConfig, reference: str, teacher, min_heads: int = 1) -> int:
@@ -101,6 +98,26 @@ def check_budgets(space: SpaceConfig | Supernet, budgets: dict[str, int], min_he
 STRATEGIES = ("dp", "evolutionary")
 
 
+def select_with_a_layer(table, costs, budget: int, identity: list[list[bool]]):
+    """:func:`select_under_budget` among choices that keep at least one layer (not every candidate an
+    identity ``skip``). Exact: if the unconstrained best skips everything, the best choice that
+    keeps layer l is found for every l (its skip priced out of the budget) and the best of those taken."""
+    best = select_under_budget(table, costs, budget)
+    if not all(identity[li][ci] for li, ci in enumerate(best[0])):
+        return best
+    found = []
+    for li in range(len(costs)):
+        forced = [list(row) for row in costs]
+        forced[li] = [budget + 1 if identity[li][ci] else c for ci, c in enumerate(costs[li])]
+        try:
+            found.append(select_under_budget(table, forced, budget))
+        except ValueError:  # no block of layer li fits the budget
+            continue
+    if not found:
+        raise ValueError(f"no architecture with at least one layer fits {budget:,} layer params")
+    return min(found, key=lambda r: (r[1], r[2]))
+
+
 def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int], strategy: str = "dp",
            scorer=None, evolution: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Choice per budget plus the whole (block-wise) Pareto front; returns a JSON-able summary.
@@ -113,12 +130,13 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
     keys = [[key for li2, _, key, _ in supernet.candidates() if li2 == li] for li in range(len(supernet.layers))]
     table = [[scores[k] for k in row] for row in keys]
     costs = cost_table(supernet)
+    identity = [[cand.identity for cand in layer] for layer in supernet.layers]
     embed = supernet.embedding_parameters()
     chosen, errors = {}, {}
     for name, budget in budgets.items():
         try:
             if strategy == "dp":
-                choice, score, cost = select_under_budget(table, costs, budget)
+                choice, score, cost = select_with_a_layer(table, costs, budget, identity)
             else:
                 choice, score, _ = evolutionary_select(
                     scorer.fitness, [len(row) for row in costs], budget,
@@ -127,11 +145,16 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
         except ValueError as err:  # widths only grow: a budget feasible at the start may not be now
             errors[name] = str(err)
             continue
-        arch = supernet.active_arch(choice)
+        try:
+            arch = supernet.active_arch(choice)
+        except ArchError as err:  # every layer skipped: no model
+            errors[name] = str(err)
+            continue
         chosen[name] = {"budget": budget, "strategy": strategy, "choice": choice, "score": score, "layer_params": cost,
                         "params": arch.num_parameters(), "params_with_lm_head": arch.num_parameters("lm"),
                         "candidates": [keys[li][c] for li, c in enumerate(choice)], "arch": arch.to_dict()}  # fmt: skip
-    front = [{"layer_params": c, "params": c + embed, "score": s, "choice": ch} for c, s, ch in pareto_front(table, costs)]
+    front = [{"layer_params": c, "params": c + embed, "score": s, "choice": ch} for c, s, ch in pareto_front(table, costs)
+             if not all(identity[li][ci] for li, ci in enumerate(ch))]  # (a model needs a layer)
     return {"chosen": chosen, "infeasible": errors, "pareto": front, "embedding_params": embed}
 
 
@@ -150,7 +173,7 @@ def chained_reports(summary: dict[str, Any], supernet: Supernet, scorer, seed: i
                                               pad_token_id=supernet.pad_token_id))  # fmt: skip
         model.to(supernet.basis_proj.device)
         point["chained"] = scorer.of_choice(point["choice"])
-        point["chained_random_init"] = scorer.of_model(model)
+        point["chained_random_init"] = scorer.of_model(model, supernet.kept_boundaries(point["choice"]))
 
 
 def write_archs(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:

@@ -146,7 +146,7 @@ def write_plots(run_dir: Path, trainer: SearchTrainer, summary: dict, compare_wi
         arch = ArchConfig.from_dict(first["arch"])
         plots.plot_architecture(arch, run_dir / "architecture.png", title=f"chosen: {next(iter(summary['chosen']))}")
         layer = len(arch.layers) // 2 if cka_layer is None else int(cka_layer)
-        key = first["candidates"][layer]
+        key = [first["candidates"][li] for li in trainer.supernet.kept_layers(first["choice"])][layer]
         pruned = [d["head"] for rec in history for d in rec["pruning"] if d["candidate"] == key]
         matrix = trainer.last_cka.get(key, [])
         plots.plot_cka_heatmap(matrix, run_dir / "cka_heatmap.png",

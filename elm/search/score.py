@@ -116,9 +116,11 @@ class ChainScorer:
         self.supernet, self.batches, self.point = supernet, list(batches), point
         self.cache: dict[tuple[int, ...], float] = {}
 
-    def _metrics(self, states_of) -> dict[str, list[float]]:
+    def _metrics(self, states_of, boundaries: Sequence[int] | None = None) -> dict[str, list[float]]:
         net = self.supernet
-        parts = [chain_metrics(states_of(ids, mask), hidden, mask, net.layer_map, net.to_student, net.target_variance)
+        b = list(boundaries) if boundaries is not None else list(range(len(net.layer_map)))
+        layer_map, variance = [net.layer_map[i] for i in b], net.target_variance[b]
+        parts = [chain_metrics(states_of(ids, mask), hidden, mask, layer_map, net.to_student, variance)
                  for ids, mask, hidden in self.batches]  # fmt: skip
         out = mean_metrics(parts)
         out["score"] = chained_loss(out, self.point)
@@ -127,8 +129,10 @@ class ChainScorer:
     def of_choice(self, choice: Sequence[int]) -> dict[str, list[float]]:
         return self._metrics(lambda ids, mask: supernet_chain(self.supernet, choice, ids, mask))
 
-    def of_model(self, model) -> dict[str, list[float]]:
-        return self._metrics(lambda ids, mask: model_chain(model, ids, mask))
+    def of_model(self, model, boundaries: Sequence[int] | None = None) -> dict[str, list[float]]:
+        """``boundaries``: the supernet boundaries the model's states stand for (``Supernet.kept_boundaries``
+        of the choice it was built from; default all: a model as deep as the supernet)."""
+        return self._metrics(lambda ids, mask: model_chain(model, ids, mask), boundaries)
 
     def fitness(self, choice: Sequence[int]) -> float:
         key = tuple(choice)

@@ -398,7 +398,7 @@ class SearchTrainer:
                 "pca_untrained": result.pca_untrained,
                 "pca_normalised": result.normalised_pca(),
                 "ffn": widths,
-                "heads": {key: c.attention.active_heads for *_, key, c in self.supernet.candidates()},
+                "heads": {key: c.layer_config().num_heads for *_, key, c in self.supernet.candidates()},
                 "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
                 "cka_max_pair": {k: max_pair_level(torch.tensor(m)) for k, m in result.cka.items()},
                 "cka_untrained": result.cka_untrained,

@@ -64,8 +64,9 @@ class LayerConfig:
             raise ArchError(f"{where}.block={self.block!r} is unknown; valid: {', '.join(BLOCKS)}")
         if self.share not in SHARE_MODES:
             raise ArchError(f"{where}.share={self.share!r} is unknown; valid: {', '.join(SHARE_MODES)}")
-        for name in ("num_heads", "head_dim", "ffn_dim", "num_ffn"):
-            _positive_int(f"{where}.{name}", getattr(self, name))
+        if not family(self.block).identity:  # (an identity block checks its zeros itself)
+            for name in ("num_heads", "head_dim", "ffn_dim", "num_ffn"):
+                _positive_int(f"{where}.{name}", getattr(self, name))
         family(self.block).validate(self, where)
         if self.bottleneck_size is not None:
             _positive_int(f"{where}.bottleneck_size", self.bottleneck_size)
@@ -196,6 +197,8 @@ def ffn_parameters(width: int, ffn_dim: int) -> int:
 
 def layer_parameters(layer: LayerConfig, hidden_size: int) -> int:
     """Exact parameter count of one block, from its description alone."""
+    if family(layer.block).identity:
+        return 0
     w = layer.width(hidden_size)
     n = attention_parameters(w, layer.num_heads, layer.head_dim, layer.share)
     n += layer.num_ffn * ffn_parameters(w, layer.ffn_dim)

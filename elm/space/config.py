@@ -17,7 +17,7 @@ def _positive_int(name: str, value) -> None:
 class SpaceConfig:
     """What the supernet may contain (mirrors ``configs/space/*.yaml``).
 
-    Candidates per layer = ``blocks`` x ``shares``. Defaults follow the method doc: FFN widths
+    Candidates per layer = ``blocks`` x ``shares`` (:meth:`candidates`). Defaults follow the method doc: FFN widths
     start at 132 and move in units of 132 up to 792 [paper / W-PCA]; MobileBERT blocks narrow to
     ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs. Which field serves which block
     family is said by the family (``elm.blocks``).
@@ -54,10 +54,18 @@ class SpaceConfig:
         """``LayerConfig`` fields of the ``block``/``share`` candidates, all but heads and FFN width."""
         return family(block).layer_fields(self, share)
 
+    def candidates(self) -> list[tuple[str, str]]:
+        """``(block, share)`` of every candidate of a layer: ``blocks`` x ``shares``, one per family
+        that takes no sharing mode (the identity ``skip``)."""
+        return [(block, share) for block in self.blocks for share in family(block).shares(self.shares)]
+
     def validate(self) -> SpaceConfig:
         bad = [b for b in self.blocks if b not in BLOCKS]
         if bad or not self.blocks:
             raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {tuple(BLOCKS)}")
+        if all(family(b).identity for b in self.blocks):
+            raise ArchError(f"space.blocks={list(self.blocks)} has only identity blocks; add a block with "
+                            f"weights, e.g. {', '.join(n for n, f in BLOCKS.items() if not f.identity)}")  # fmt: skip
         bad = [s for s in self.shares if s not in SHARE_MODES]
         if bad or not self.shares:
             raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")

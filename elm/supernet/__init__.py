@@ -1,11 +1,19 @@
 """Elastic supernet: candidate BERT/MobileBERT blocks per layer with elastic heads and FFN width."""
 
-from .elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear, uniform_layer_map
+from .elastic import (
+    CandidateBlock,
+    ElasticAttention,
+    ElasticFFN,
+    ElasticLinear,
+    IdentityCandidate,
+    uniform_layer_map,
+)
 from .extract import copy_candidate, extract
 from .supernet import SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
 
 __all__ = [
     "CandidateBlock",
+    "IdentityCandidate",
     "ElasticAttention",
     "ElasticFFN",
     "ElasticLinear",

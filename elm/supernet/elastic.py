@@ -195,7 +195,7 @@ class CandidateBlock(nn.Module):
         attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        self.block, self.hidden_size, self.share = block, hidden_size, share
+        self.block, self.hidden_size, self.share, self.identity = block, hidden_size, share, False
         self.bottleneck = family(block).bottleneck  # read by the shared forward (ElmLayer.forward)
         self.bottleneck_size = bottleneck_size if self.bottleneck else None
         width = bottleneck_size if self.bottleneck else hidden_size
@@ -247,6 +247,30 @@ class CandidateBlock(nn.Module):
 
     def num_parameters(self) -> int:
         return self.layer_config().num_parameters(self.hidden_size)
+
+
+class IdentityCandidate(nn.Module):
+    """The candidate of an identity family (``skip``): passes its input on; no parameters, nothing
+    elastic. Choosing it removes the layer from the architecture (``Supernet.active_arch``)."""
+
+    identity, bottleneck, bottleneck_size, share, ffn_dim = True, False, None, "none", 0
+
+    def __init__(self, block: str, hidden_size: int) -> None:
+        super().__init__()
+        self.block, self.hidden_size = block, hidden_size
+
+    @property
+    def name(self) -> str:
+        return self.block
+
+    def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False):  # noqa: ARG002
+        return x, None
+
+    def layer_config(self, num_heads: int | None = None, ffn_dim: int | None = None) -> LayerConfig:  # noqa: ARG002
+        return LayerConfig(block=self.block, num_heads=0, head_dim=0, ffn_dim=0, num_ffn=0, share="none")
+
+    def num_parameters(self) -> int:
+        return 0
 
 
 def uniform_layer_map(num_student: int, num_teacher: int) -> list[int]:

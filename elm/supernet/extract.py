@@ -63,6 +63,6 @@ def extract(supernet: Supernet, model_cls: type = ElmModel, choice: list[int] | 
     model = model_cls(config_from_arch(arch, **config_kwargs))
     backbone = model if isinstance(model, ElmModel) else model.elm
     backbone.embeddings.load_state_dict(supernet.embeddings.state_dict())
-    for li, ci in enumerate(supernet.active):
-        copy_candidate(backbone.layers[li], supernet.layers[li][ci])
+    for dst, li in enumerate(supernet.kept_layers()):  # identity candidates leave no layer
+        copy_candidate(backbone.layers[dst], supernet.layers[li][supernet.active[li]])
     return model

@@ -394,6 +394,8 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
             z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
             pairs.append((x, basis.to_student(z) + offset - x, valid))
         for cand in candidates:
+            if cand.identity:  # nothing to inherit
+                continue
             cand.cpu()
             done = inherit_candidate(cand, src)
             if cand.bottleneck:

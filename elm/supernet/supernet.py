@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..blocks import family
 from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
 from ..space import ArchConfig, ArchError, SpaceConfig
 from .basis import Basis
-from .elastic import CandidateBlock, uniform_layer_map
+from .elastic import CandidateBlock, IdentityCandidate, uniform_layer_map
 
 
 class Supernet(nn.Module):
@@ -54,7 +55,7 @@ class Supernet(nn.Module):
                                      pad_token_id=pad_token_id)  # fmt: skip
         )
         self.layers = nn.ModuleList(
-            nn.ModuleList(self._candidate(block, share) for block in space.blocks for share in space.shares)
+            nn.ModuleList(self._candidate(block, share) for block, share in space.candidates())
             for _ in range(space.num_layers)
         )
         layer_map = list(space.layer_map) if space.layer_map else uniform_layer_map(space.num_layers, teacher_layers)
@@ -75,8 +76,10 @@ class Supernet(nn.Module):
         self.active = [0] * space.num_layers
         self.pad_token_id = pad_token_id
 
-    def _candidate(self, block: str, share: str) -> CandidateBlock:
+    def _candidate(self, block: str, share: str) -> CandidateBlock | IdentityCandidate:
         s = self.space
+        if family(block).identity:
+            return IdentityCandidate(block, s.hidden_size)
         fields = s.layer_fields(block, share)
         return CandidateBlock(
             block=block,
@@ -172,9 +175,29 @@ class Supernet(nn.Module):
             raise ValueError(f"choice {choice} must pick one of {len(self.layers[0])} candidates per layer")
         self.active = list(choice)
 
-    def active_arch(self, choice: list[int] | None = None) -> ArchConfig:
+    def kept_layers(self, choice: list[int] | None = None) -> list[int]:
+        """The layers of a choice that are not identity candidates (the exported model's layers)."""
         choice = self.active if choice is None else choice
-        layers = [self.layers[li][ci].layer_config() for li, ci in enumerate(choice)]
+        return [li for li, ci in enumerate(choice) if not self.layers[li][ci].identity]
+
+    def kept_boundaries(self, choice: list[int] | None = None) -> list[int]:
+        """The supernet boundary (0 = embeddings) each state of the exported model of ``choice``
+        stands for, ``[l_1, ..., l_n, L]`` for kept layers ``l_1 < ... < l_n``.
+
+        Identity candidates pass a state on unchanged, so a state of the supernet's chain holds
+        through a run of skipped layers; it stands for the *last* boundary of its run: the
+        embeddings for boundary ``l_1``, the output of kept layer ``l_j`` for ``l_(j+1)`` (or ``L``).
+        That is where the chain compares it with the teacher, and it makes the exported model's
+        last state aim at the teacher state of the supernet's last boundary. Without skips this
+        is ``[0, 1, ..., L]``; retraining distils towards ``layer_map`` at these boundaries."""
+        return self.kept_layers(choice) + [len(self.layers)]
+
+    def active_arch(self, choice: list[int] | None = None) -> ArchConfig:
+        """The architecture of ``choice`` (default: the active one); identity candidates drop their layer."""
+        choice = self.active if choice is None else choice
+        layers = [self.layers[li][choice[li]].layer_config() for li in self.kept_layers(choice)]
+        if not layers:
+            raise ArchError(f"choice {list(choice)} skips every layer; an architecture needs at least one")
         return ArchConfig(**self.arch_base, layers=layers).validate()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
