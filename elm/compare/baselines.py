@@ -162,7 +162,7 @@ def random_arch(
             continue
         if min_params <= layer_params(build(layers)) <= budget:
             return build(layers)
-    if not layers or all(family(layer.block).identity for layer in layers):
+    if all(family(layer.block).identity for layer in layers):  # the last draw: the repair below needs a layer
         raise ValueError(f"every draw of {max_tries} skipped all layers; raise random.max_tries")
     for _ in range(100 * space.num_layers * len(_ffn_choices(space))):
         n = layer_params(build(layers))

@@ -191,13 +191,14 @@ def init_from_search(
     if not keep:  # [project decision] see the docstring
         backbone = getattr(model, "elm", model)
         backbone.embeddings.apply(model._init_weights)
+    boundaries = supernet.kept_boundaries(choice)
     info = {
         "search_dir": str(Path(search_dir).resolve()),
         "choice": choice,
         "candidates": [f"L{li}.{supernet.layers[li][ci].name}" for li, ci in enumerate(choice)],
         # the teacher state each state of the model stands for (identity candidates drop layers)
-        "boundaries": supernet.kept_boundaries(choice),
-        "layer_map": [supernet.layer_map[b] for b in supernet.kept_boundaries(choice)],
+        "boundaries": boundaries,
+        "layer_map": [supernet.layer_map[b] for b in boundaries],
         "search_epochs": state.get("epoch"),
         "search_steps": state.get("step"),
         "inherited_from_teacher": bool((state.get("inherit") or {}).get("inherited")),

@@ -198,7 +198,6 @@ class SearchTrainer:
         # computed once per run: teacher states of the fixed held-out batches, the untrained twins'
         # statistics on the analysis batch (elm.search.analysis.analyse), and the epoch-end writer
         self.held_out_cache: dict[str, tuple] = {}
-        self.held_out_bytes = 0
         self.twin_stats: dict[tuple, tuple[float, float]] = {}
         self.writer = BackgroundSaver()
 
@@ -246,9 +245,8 @@ class SearchTrainer:
         if name in self.held_out_cache:
             return self.held_out_cache[name]
         item = (batch, self.teacher_states(batch))
-        size = sum(h.numel() * h.element_size() for h in item[1])
-        if self.held_out_bytes + size <= HELD_OUT_CACHE_BYTES:
-            self.held_out_cache[name], self.held_out_bytes = item, self.held_out_bytes + size
+        if sum(_nbytes(h) for _, h in self.held_out_cache.values()) + _nbytes(item[1]) <= HELD_OUT_CACHE_BYTES:
+            self.held_out_cache[name] = item
         return item
 
     def scoring_batches(self):
@@ -462,6 +460,10 @@ class SearchTrainer:
     def save(self) -> Path:
         self.writer.wait()  # an epoch-end write still under way lands first
         return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _mean_offdiag(matrix: list[list[float]]) -> float | None:
