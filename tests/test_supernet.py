@@ -547,15 +547,23 @@ def corpus(teacher, tmp_path_factory):
                        cache_dir=str(tmp_path_factory.mktemp("corpus")))  # fmt: skip
 
 
-def make_trainer(teacher, corpus, run_dir, **kw):
-    from elm.search.trainer import SearchTrainer
+def make_trainer(teacher, corpus, run_dir, space=None, **kw):
+    """A small search trainer; ``kw`` are loop (``LoopConfig``) or ``SearchSettings`` fields."""
+    from dataclasses import fields
+
+    from elm.search.trainer import SearchSettings, SearchTrainer
 
     torch.manual_seed(0)
-    space = make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none", "qv"])
-    args = dict(loss="rkd", pca=PCAConfig(unit=8), cka=CKAConfig(threshold=0.8, calibrate=False), epochs=3, steps_per_epoch=5,
-                batch_size=4, lr=3e-3, warmup_steps=1, eval_batches=1, analysis_batch_size=8, precision="fp32",
+    space = space or make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none", "qv"])
+    search_keys = {f.name for f in fields(SearchSettings)}
+    loop = dict(epochs=3, steps_per_epoch=5, batch_size=4, lr=3e-3, warmup_steps=1, precision="fp32",
                 run_dir=run_dir, progress=False)  # fmt: skip
-    return SearchTrainer(teacher, space, corpus["train"], corpus["validation"], **{**args, **kw})
+    loop.update({k: v for k, v in kw.items() if k not in search_keys and k not in ("pca", "cka")})
+    search = SearchSettings(**{"eval_batches": 1, "analysis_batch_size": 8,
+                               **{k: v for k, v in kw.items() if k in search_keys}})  # fmt: skip
+    return SearchTrainer(teacher, space, corpus["train"], corpus["validation"], SearchTrainer.default_loop(**loop),
+                         search, pca=kw.get("pca", PCAConfig(unit=8)),
+                         cka=kw.get("cka", CKAConfig(threshold=0.8, calibrate=False)))  # fmt: skip
 
 
 def test_search_trainer_learns_and_state_round_trips(teacher, corpus, tmp_path) -> None:
@@ -628,12 +636,8 @@ def test_search_trainer_with_skip_candidates(teacher, corpus, tmp_path) -> None:
     the teacher's state on) but never analysed, grown or pruned; the epoch records say 0 heads/units."""
     space = make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none"],
                        blocks=["bert", "mobilebert", "skip"])  # fmt: skip
-    from elm.search.trainer import SearchTrainer
-
-    torch.manual_seed(0)
-    trainer = SearchTrainer(teacher, space, corpus["train"], corpus["validation"], pca=PCAConfig(unit=8),
-                            epochs=2, steps_per_epoch=2, batch_size=4, eval_batches=1, analysis_batch_size=8,
-                            precision="fp32", run_dir=tmp_path, progress=False)  # fmt: skip
+    trainer = make_trainer(teacher, corpus, tmp_path, space=space, epochs=2, steps_per_epoch=2, lr=5e-4,
+                           warmup_steps=20, cka=CKAConfig())  # fmt: skip
     history = trainer.fit()
     skips = [key for *_, key, c in trainer.supernet.candidates() if c.identity]
     assert skips == ["L0.skip", "L1.skip"]

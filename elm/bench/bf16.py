@@ -56,9 +56,10 @@ def retrain_trainer(
     (the default distillation without the fitted teacher head's logit KD)."""
     from datasets import Dataset
 
-    from ..retrain.trainer import RetrainTrainer
+    from ..retrain.trainer import RetrainSettings, RetrainTrainer
     from ..supernet import uniform_layer_map
     from ..teacher import load_teacher
+    from ..train import LoopConfig
 
     teacher = load_teacher(teacher_name, device=device)
     g = torch.Generator().manual_seed(0)
@@ -67,11 +68,12 @@ def retrain_trainer(
     arch = bert_arch(4, 256, 4, vocab=len(teacher.tokenizer), seq=seq)
     torch.manual_seed(0)
     model = ElmForMaskedLM(config_from_arch(arch)).to(device)
+    loop = LoopConfig(epochs=2, batch_size=batch, warmup_steps=30, device=device, precision=precision, progress=False,
+                      run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
+    kd = RetrainSettings(layer_map=uniform_layer_map(arch.num_layers, teacher.num_layers),
+                         weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 0.0}, eval_batches=1)  # fmt: skip
     return RetrainTrainer(model, teacher, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
-                          layer_map=uniform_layer_map(arch.num_layers, teacher.num_layers),
-                          weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 0.0}, batch_size=batch,
-                          eval_batches=1, device=device, precision=precision, progress=False,
-                          run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
+                          loop, kd)  # fmt: skip
 
 
 STEPS = {"search": search_trainer, "retrain": retrain_trainer}  # what each real step's trainer is built by

@@ -24,7 +24,7 @@ def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, te
     """A default-space ``SearchTrainer`` on random token rows (the default search's batch and length)."""
     from datasets import Dataset
 
-    from ..search.trainer import SearchTrainer
+    from ..search.trainer import SearchSettings, SearchTrainer
     from ..space import SpaceConfig
     from ..teacher import load_teacher
 
@@ -33,9 +33,10 @@ def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, te
     ids = torch.randint(1000, len(teacher.tokenizer), (8 * batch + 64, seq), generator=g)
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     space = SpaceConfig().resolve(teacher.hidden_size)
+    loop = SearchTrainer.default_loop(batch_size=batch, device=device, precision=precision, progress=False,
+                                      run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
     return SearchTrainer(teacher, space, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
-                         batch_size=batch, eval_batches=1, analysis_batch_size=8, device=device, precision=precision,
-                         run_dir=tempfile.mkdtemp(prefix="elm-bench-"), progress=False, chain_prob=0.5)  # fmt: skip
+                         loop, SearchSettings(eval_batches=1, analysis_batch_size=8, chain_prob=0.5))  # fmt: skip
 
 
 def epoch_seconds(trainer, steps: int) -> float:

@@ -64,11 +64,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..distill.losses import forward_kl, reverse_kl
-from ..utils.io import atomic_write_json, replace_dir
+from ..train import clip_and_step
+from ..utils.io import DONE_FILE, atomic_write_json, replace_dir
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
 from .common import StepBudget, set_threads
@@ -401,9 +401,7 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
             raise FloatingPointError(f"non-finite {m.objective} loss at step {step}; lower minillm.lr")
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
-        nn.utils.clip_grad_norm_(student.parameters(), m.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        clip_and_step(student.parameters(), optimizer, scheduler, m.grad_clip)
         step += 1
         values = {k: float(v.detach()) for k, v in terms.items()}
         for k, v in values.items():
@@ -449,7 +447,7 @@ def export_student(model, tokenizer, out_dir: str | Path, info: dict[str, Any]) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(out_dir / "DONE", {"stage": "minillm", "objective": info.get("objective")})
+    atomic_write_json(out_dir / DONE_FILE, {"stage": "minillm", "objective": info.get("objective")})
     return out_dir
 
 

@@ -39,12 +39,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..space import ArchConfig
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import DONE_FILE, atomic_write_json, atomic_write_text
 from .settings import check_pipeline_settings
 from .teacher_train import default_teacher, read_info
 
 log = logging.getLogger("elm.causal")
-DONE_FILE = "DONE"
 STUDENTS = ("searched", "uniform")
 
 

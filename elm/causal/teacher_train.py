@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import CLMCollator, make_loader
+from ..train import clip_and_step
 from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_write_json, replace_dir
 from ..utils.optim import configure_optimizer
@@ -181,9 +181,7 @@ def train_lm(model, train, validation, tokenizer, t: Any, *, seed: int = 0, devi
                 raise FloatingPointError(f"non-finite teacher loss at step {step}; lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            clip_and_step(model.parameters(), optimizer, scheduler, t.grad_clip)
             step += 1
             window.append(loss.item())
             bar.update(1)

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig, SpaceConfig
-from ..utils.io import atomic_write_json
+from ..utils.io import DONE_FILE, atomic_write_json
 from ..utils.runtime import resolve_device
 from ..utils.settings import compose_config
 from .baselines import layer_params, random_arch, uniform_arch
@@ -53,7 +53,6 @@ from .slice import slice_arch
 log = logging.getLogger("elm.compare")
 RESULT_KEYS = ("metrics", "mean", "std", "per_seed", "train_size", "eval_size", "time_s", "params", "lr", "lr_sweep")
 MODELS = ("searched", "scratch", "uniform", "random", "teacher_slice", "teacher")
-DONE_FILE = "DONE"
 
 
 def describe(arch: ArchConfig) -> str:

@@ -26,9 +26,7 @@ from typing import Any
 
 from ..modeling import arch_from_config
 from ..space import ArchConfig
-from ..utils.io import atomic_write_json, replace_dir
-
-DONE_FILE = "DONE"
+from ..utils.io import DONE_FILE, atomic_write_json, replace_dir
 
 
 def parameter_counts(model) -> dict[str, int]:

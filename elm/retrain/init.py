@@ -24,13 +24,10 @@ from typing import Any
 
 import torch
 
-from ..search.trainer import STATE_FILE as SEARCH_STATE_FILE
 from ..space import ArchConfig, SpaceConfig
 from ..supernet import Supernet, extract
 from ..supernet.basis import Basis
-from ..utils.io import load_checkpoint
-
-DONE_FILE = "DONE"  # the marker every stage writes last (elm.search.run.DONE_FILE; not imported: plots)
+from ..utils.io import DONE_FILE, SEARCH_STATE_FILE, load_checkpoint
 
 
 class InitError(ValueError):

@@ -19,14 +19,14 @@ from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
 from ..space import ArchConfig, ArchError
 from ..supernet import uniform_layer_map
 from ..teacher import check_seq_len, check_vocab, load_teacher
+from ..train import LoopConfig
 from ..utils.fingerprint import check_fingerprint, fingerprint
 from ..utils.hub import DEFAULT_ALIASES, check_hub_settings, push_model, reach_hub
-from ..utils.io import atomic_write_json, load_checkpoint
+from ..utils.io import DONE_FILE, atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from .export import export_model, parameter_counts
 from .init import (
-    DONE_FILE,
     basis_from_state,
     check_search_dir,
     fit_point_target,
@@ -36,7 +36,7 @@ from .init import (
 )
 from .settings import check_retrain_settings
 from .teacher_head import share_head, teacher_head
-from .trainer import STATE_FILE, RetrainTrainer
+from .trainer import STATE_FILE, RetrainSettings, RetrainTrainer
 
 log = logging.getLogger("elm.retrain")
 
@@ -185,17 +185,14 @@ def retrain(
                                 path=h.get("path"), precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
         head = share_head(head, teacher)
         d = cfg.distill
-        trainer = RetrainTrainer(
-            model, teacher, data["train"], data["validation"], layer_map=layer_map, teacher_head=head,
-            weights={"lm": d.lm, "hidden": d.hidden, "point": d.get("point", 0.0), "kd": d.kd},
-            point_target=target, temperature=d.temperature, loss=loss,
-            epochs=r.epochs, steps_per_epoch=r.steps_per_epoch, batch_size=r.batch_size, lr=r.lr,
-            weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, schedule=r.schedule,
-            grad_clip=r.grad_clip, eval_batches=r.eval_batches, mlm_probability=r.mlm_probability,
-            log_every=r.log_every, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
-            logger=logger, progress=cfg.progress, checkpoint_every=r.get("checkpoint_every"),
-            grad_accum=r.get("grad_accum", 1), compile=bool(cfg.get("compile", False)),
-        )  # fmt: skip
+        loop = LoopConfig.from_config(r, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
+                                      progress=cfg.progress)  # fmt: skip
+        kd = RetrainSettings(layer_map=layer_map, weights={"lm": d.lm, "hidden": d.hidden, "point": d.get("point", 0.0),
+                                                           "kd": d.kd},
+                             temperature=d.temperature, loss=loss, eval_batches=r.eval_batches,
+                             mlm_probability=r.mlm_probability)  # fmt: skip
+        trainer = RetrainTrainer(model, teacher, data["train"], data["validation"], loop, kd, teacher_head=head,
+                                 point_target=target, logger=logger, compile=bool(cfg.get("compile", False)))  # fmt: skip
         trainer.meta = {"init": init, "settings": settings}
         if state is not None:
             trainer.load_state_dict(state)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..distill.losses import hidden_loss
+from ..train import SCHEDULES
 from ..utils.settings import check_number
-from .trainer import SCHEDULES
 
 
 def check_retrain_settings(cfg: DictConfig) -> None:

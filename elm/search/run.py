@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.corpus import load_corpus
 from ..space import ArchConfig, SpaceConfig
 from ..teacher import load_teacher
+from ..train import LoopConfig
 from ..utils.fingerprint import check_fingerprint, fingerprint
-from ..utils.io import atomic_write_json, load_checkpoint
+from ..utils.io import DONE_FILE, atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
 from ..utils.settings import to_dataclass
@@ -35,10 +36,9 @@ from .choose import (
 )
 from .score import ChainScorer
 from .settings import check_search_settings
-from .trainer import STATE_FILE, SearchTrainer
+from .trainer import STATE_FILE, SearchSettings, SearchTrainer
 
 log = logging.getLogger("elm.search")
-DONE_FILE = "DONE"
 
 
 def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -76,17 +76,14 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rank == 0:
         logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
                            config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
-    trainer = SearchTrainer(
-        teacher, space, data["train"], data["validation"], loss=cfg.distill.loss, point=cfg.distill.point,
-        chain_prob=s.chain_prob, train_embeddings=s.train_embeddings,
-        inherit=cfg.inherit.enabled and not resuming, inherit_batches=cfg.inherit.batches, pca=pca, cka=cka,
-        epochs=s.epochs, steps_per_epoch=s.steps_per_epoch, batch_size=s.batch_size,
-        grad_accum=s.get("grad_accum", 1), lr=s.lr,
-        weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
-        eval_batches=s.eval_batches, analysis_batch_size=s.analysis_batch_size, seed=cfg.seed,
-        device=device, precision=cfg.precision, run_dir=run_dir, logger=logger, progress=cfg.progress,
-        checkpoint_every=s.get("checkpoint_every"), settings=settings,
-    )  # fmt: skip
+    loop = LoopConfig.from_config(s, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
+                                  progress=cfg.progress, schedule=s.get("schedule", "ramped_cosine"))  # fmt: skip
+    search = SearchSettings(loss=cfg.distill.loss, point=cfg.distill.point, chain_prob=s.chain_prob,
+                            train_embeddings=s.train_embeddings, inherit=cfg.inherit.enabled and not resuming,
+                            inherit_batches=cfg.inherit.batches, eval_batches=s.eval_batches,
+                            analysis_batch_size=s.analysis_batch_size)  # fmt: skip
+    trainer = SearchTrainer(teacher, space, data["train"], data["validation"], loop, search, pca=pca, cka=cka,
+                            logger=logger, settings=settings)  # fmt: skip
     if state is not None:
         trainer.load_state_dict(state)
         del state

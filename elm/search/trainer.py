@@ -16,17 +16,14 @@ orders the steps, keeps the state resumable and writes the run's outputs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.collate import sample_batches
 from ..distill.losses import hidden_loss, normalised_mse
@@ -34,18 +31,16 @@ from ..space import SpaceConfig
 from ..supernet import Supernet
 from ..supernet.inherit import inherit_supernet
 from ..supernet.teacher_weights import InheritError
+from ..train import LoopConfig, TrainLoop
 from ..utils.fingerprint import check_fingerprint
-from ..utils.io import BackgroundSaver, atomic_torch_save
+from ..utils.io import SEARCH_STATE_FILE
 from ..utils.logging import RunLogger
-from ..utils.master import Bf16Master, bf16_teacher
-from ..utils.optim import configure_optimizer
-from ..utils.precision import resolve_precision
-from ..utils.preempt import Preemption, step_checkpoint
-from ..utils.runtime import broadcast_object, dist_info, reduce_mean
+from ..utils.master import bf16_teacher
+from ..utils.runtime import broadcast_object
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level, prune_heads
 from .score import paired_intervals
 
-STATE_FILE = "search_state.pt"
+STATE_FILE = SEARCH_STATE_FILE
 HELD_OUT_CACHE_BYTES = 1 << 30  # teacher states of fixed held-out batches kept in memory (SearchTrainer.held_out)
 EMBEDDINGS = "embeddings"  # the loss entry of the (shared) student embeddings
 log = logging.getLogger("elm.search")
@@ -105,101 +100,99 @@ class BlockwiseDistiller(nn.Module):
         return torch.stack(losses)
 
 
-class SearchTrainer:
-    """Trains the supernet block-wise and takes the growth/pruning decisions after each epoch.
+@dataclass
+class SearchSettings:
+    """What the search trains besides the loop (``distill.*`` and ``search.*`` keys of these names).
+
+    ``loss``: ``rkd`` (default, relational) | ``mse`` | ``kl``; ``point`` weighs the point-wise term
+    in the shared basis (see :class:`BlockwiseDistiller`). ``chain_prob``: per step and layer > 0,
+    the probability that the layer reads a (random) candidate of the previous layer instead of the
+    teacher's state (chained training). ``train_embeddings``: distil the student embeddings too
+    (towards the teacher's first state). ``inherit``: start candidates and embeddings from the
+    teacher (``elm.supernet.inherit``); ``inherit_batches`` corpus batches of the global batch
+    size feed its statistics. False (and resumed runs) only install the shared basis.
+    ``eval_batches``: validation batches scoring the candidates; ``analysis_batch_size``: the
+    held-out sequences of PCA / CKA (disjoint from them).
+    """
+
+    loss: str = "rkd"
+    point: float = 1.0
+    chain_prob: float = 0.0
+    train_embeddings: bool = True
+    inherit: bool = True
+    inherit_batches: int = 4
+    eval_batches: int = 8
+    analysis_batch_size: int = 16
+
+    def validate(self) -> SearchSettings:
+        hidden_loss(self.loss)  # an unknown name is one line, before anything is built
+        if isinstance(self.point, bool) or not isinstance(self.point, int | float) or self.point < 0:
+            raise ValueError(f"distill.point={self.point!r} must be a number >= 0")
+        c = self.chain_prob
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 <= c <= 1:
+            raise ValueError(f"search.chain_prob={c!r} must be a probability in [0, 1]")
+        return self
+
+
+class SearchTrainer(TrainLoop):
+    """Trains the supernet block-wise and takes the growth/pruning decisions after each epoch
+    (the loop itself: :class:`elm.train.TrainLoop`).
 
     Args:
         teacher: an ``elm.teacher.Teacher`` (frozen).
         space: the supernet's search space (``hidden_size`` resolved).
         train, validation: datasets of packed ``input_ids`` / ``attention_mask`` rows.
-        loss: ``rkd`` (default, relational) | ``mse`` | ``kl``; ``point`` weighs the point-wise term
-            in the shared basis (see :class:`BlockwiseDistiller`).
-        chain_prob: per step and layer > 0, the probability that the layer reads a (random)
-            candidate of the previous layer instead of the teacher's state (chained training).
-        train_embeddings: distil the student embeddings too (towards the teacher's first state).
-        inherit: start candidates and embeddings from the teacher (``elm.supernet.inherit``);
-            ``inherit_batches`` corpus batches of ``batch_size`` feed its statistics. False (and
-            resumed runs) only install the shared basis.
-        eval_batches: validation batches scoring the candidates (the analysis batch is disjoint).
+        loop: epochs, batch, optimiser, schedule (``ramped_cosine``), checkpoints, seed, device, precision.
+        search: what is trained and scored (:class:`SearchSettings`); ``pca`` / ``cka``: growth and pruning.
         settings: the run's settings fingerprint (``elm.utils.fingerprint``), kept in the state for
             resume to compare.
     """
 
-    def __init__(self, teacher, space: SpaceConfig, train, validation, *, loss: str = "rkd", point: float = 1.0,
-                 chain_prob: float = 0.0, train_embeddings: bool = True, inherit: bool = True,
-                 inherit_batches: int = 4, pca: PCAConfig | None = None, cka: CKAConfig | None = None,
-                 epochs: int = 6, steps_per_epoch: int | None = None, batch_size: int = 16, grad_accum: int = 1,
-                 lr: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 20, grad_clip: float = 1.0,
-                 eval_batches: int = 8, analysis_batch_size: int = 16, seed: int = 0,
-                 device: torch.device | str = "cpu", precision: str = "bf16",
-                 run_dir: str | Path = ".", logger: RunLogger | None = None, progress: bool = True,
-                 checkpoint_every: int | None = None, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-        hidden_loss(loss)  # an unknown name is one line, before anything is built
-        if isinstance(point, bool) or not isinstance(point, int | float) or point < 0:
-            raise ValueError(f"distill.point={point!r} must be a number >= 0")
-        if isinstance(chain_prob, bool) or not isinstance(chain_prob, int | float) or not 0 <= chain_prob <= 1:
-            raise ValueError(f"search.chain_prob={chain_prob!r} must be a probability in [0, 1]")
+    stage, state_file = "search", STATE_FILE
+
+    def __init__(self, teacher, space: SpaceConfig, train, validation, loop: LoopConfig | None = None,
+                 search: SearchSettings | None = None, *, pca: PCAConfig | None = None,
+                 cka: CKAConfig | None = None, logger: RunLogger | None = None,
+                 settings: dict[str, Any] | None = None) -> None:  # fmt: skip
+        loop = loop or self.default_loop()
+        search = (search or SearchSettings()).validate()
+        self.plan_steps(loop, len(train))  # a bad plan is one line, before the supernet is built
         if space.causal != teacher.causal:
             raise ValueError(
                 f"space.causal={space.causal} but teacher {teacher.name!r} is "
                 f"{'causal' if teacher.causal else 'bidirectional'}; set space.causal={teacher.causal}"
             )
-        self.teacher, self.loss, self.point, self.seed, self.chain_prob = teacher, loss, float(point), seed, chain_prob
+        self.teacher, self.loss, self.point, self.chain_prob = teacher, search.loss, float(search.point), search.chain_prob
         self.settings = settings
         self.pca = (pca or PCAConfig()).validate(space)
         self.cka = (cka or CKAConfig()).validate(space)
-        self.epochs, self.batch_size, self.grad_clip = epochs, batch_size, grad_clip
-        self.device = torch.device(device)
         self.train_data, self.val_data = train, validation
-        self.rank, self.world = dist_info()
-        # batch_size is the global batch: split over ranks and accumulation micro-steps
-        if batch_size % (self.world * grad_accum):
-            raise ValueError(f"search.batch_size={batch_size} must be divisible by world size x grad_accum "
-                             f"({self.world} x {grad_accum})")  # fmt: skip
-        self.grad_accum, self.micro_batch = grad_accum, batch_size // (self.world * grad_accum)
-        full = len(train) // batch_size
-        if full < 1:
-            raise ValueError(f"the training split has {len(train)} blocks, fewer than one batch of {batch_size}")
-        self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch else full
-        if eval_batches < 1 or eval_batches * batch_size + analysis_batch_size > len(validation):
-            raise ValueError(f"search.eval_batches={eval_batches} x search.batch_size={batch_size} plus "
-                             f"search.analysis_batch_size={analysis_batch_size} disjoint validation sequences "
-                             f"need {eval_batches * batch_size + analysis_batch_size}, the split has {len(validation)}; "
+        eb, ab = search.eval_batches, search.analysis_batch_size
+        if eb < 1 or eb * loop.batch_size + ab > len(validation):
+            raise ValueError(f"search.eval_batches={eb} x search.batch_size={loop.batch_size} plus "
+                             f"search.analysis_batch_size={ab} disjoint validation sequences "
+                             f"need {eb * loop.batch_size + ab}, the split has {len(validation)}; "
                              f"lower them or raise data.val_fraction")  # fmt: skip
-        self.eval_batches, self.analysis_batch_size = eval_batches, analysis_batch_size
-        self.run_dir, self.logger, self.progress = Path(run_dir), logger, progress and self.rank == 0
-
+        self.eval_batches, self.analysis_batch_size = eb, ab
+        self.seed, self.batch_size = loop.seed, loop.batch_size
+        self.device, self.run_dir = torch.device(loop.device), Path(loop.run_dir)
         self.supernet = Supernet.for_teacher(space, teacher).to(self.device)
-        self.inherit_report = self.initialise(inherit, inherit_batches)
-        self.supernet.embeddings.requires_grad_(train_embeddings)
-        self.distiller = BlockwiseDistiller(self.supernet, loss, self.point, train_embeddings)
-        self.ddp: nn.Module = self.distiller
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.distiller, device_ids=ids)
+        self.inherit_report = self.initialise(search.inherit, search.inherit_batches)
+        self.supernet.embeddings.requires_grad_(search.train_embeddings)
+        self.distiller = BlockwiseDistiller(self.supernet, search.loss, self.point, search.train_embeddings)
         # bf16 on a CPU with native bf16: train steps on a bf16 replica, fp32 master weights
         # (elm.utils.master); validation scores, PCA/CKA and the choice stay fp32
-        self.prec = resolve_precision(precision, self.device, master=self.world == 1, stage="search")
-        self.master = Bf16Master(self.distiller) if self.prec.mode == "master" else None
+        super().__init__(self.distiller, len(train), loop, logger=logger)
         self.teacher_low = bf16_teacher(teacher) if self.master is not None else None
-        self.trained_parameters = [p for p in self.distiller.parameters() if p.requires_grad]
-        self.optimizer = configure_optimizer(self.distiller, lr, weight_decay)
-        total = self.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )  # fmt: skip
-        self.epoch, self.step = 0, 0
-        self.history: list[dict[str, Any]] = []
-        # mid-epoch checkpoints: every ``checkpoint_every`` steps and on SIGTERM (preemption)
-        self.checkpoint_every, self.preemption = checkpoint_every, Preemption()
-        self.epoch_sums: torch.Tensor | None = None  # this epoch's summed losses so far
-        # computed once per run: teacher states of the fixed held-out batches, the untrained twins'
-        # statistics on the analysis batch (elm.search.analysis.analyse), and the epoch-end writer
+        # computed once per run: teacher states of the fixed held-out batches and the untrained
+        # twins' statistics on the analysis batch (elm.search.analysis.analyse)
         self.held_out_cache: dict[str, tuple] = {}
         self.twin_stats: dict[tuple, tuple[float, float]] = {}
-        self.writer = BackgroundSaver()
+
+    @staticmethod
+    def default_loop(**settings: Any) -> LoopConfig:
+        """The search's loop defaults (6 epochs, the ramped cosine schedule) with ``settings`` changed."""
+        return LoopConfig(**{"epochs": 6, "warmup_steps": 20, "schedule": "ramped_cosine", **settings})
 
     def initialise(self, inherit: bool, batches: int) -> dict[str, Any]:
         """Inherit from the teacher (or only fit the shared basis) on ``batches`` seeded training batches.
@@ -281,56 +274,29 @@ class SearchTrainer:
         with self.prec.autocast():
             return (module or self.distiller)(hidden, batch["attention_mask"], batch["input_ids"], chain)
 
-    # ---- one epoch -------------------------------------------------------------------------
-    def train_epoch(self) -> dict[str, float]:
-        self.supernet.train()
-        first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
-        sums = self.epoch_sums
-        tokens, start = 0, time.perf_counter()
-        bar = tqdm(self.train_batches(self.epoch, first), total=self.steps_per_epoch, initial=first,
-                   disable=not self.progress, desc=f"search epoch {self.epoch + 1}/{self.epochs}", leave=False)  # fmt: skip
-        keys = self.distiller.keys
+    # ---- one step (elm.train.TrainLoop hooks) ----------------------------------------------
+    def batches(self, epoch: int, first: int):
+        for micro in self.train_batches(epoch, first):
+            yield micro, sum(int(b["attention_mask"].sum()) for b in micro) * self.world, None
+
+    def start_epoch(self) -> None:
         if self.master is not None:  # init, a loaded state, growth and pruning changed the fp32 supernet
             self.master.rebuild()
-        module, teacher = (self.ddp, None) if self.master is None else (self.master.compute, self.teacher_low)
-        for micro_batches in bar:
-            self.optimizer.zero_grad(set_to_none=True)
-            step_losses = torch.zeros(len(keys), device=self.device)
-            chain = self.chain_plan(self.step)
-            for i, batch in enumerate(micro_batches):
-                sync = i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
-                with contextlib.nullcontext() if sync or self.ddp is self.distiller else self.ddp.no_sync():
-                    losses = self.candidate_losses(batch, module, chain, teacher)
-                    if not torch.isfinite(losses).all():
-                        bad = [k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)]
-                        raise FloatingPointError(
-                            f"non-finite search loss at step {self.step} (epoch {self.epoch + 1}, micro-batch {i}) "
-                            f"in candidates {bad}; the last good checkpoint is kept in {self.run_dir / STATE_FILE}"
-                        )
-                    (losses.sum() / len(micro_batches)).backward()
-                    if self.master is not None:
-                        self.master.gradients_to_master()
-                step_losses += losses.detach() / len(micro_batches)
-                tokens += int(batch["attention_mask"].sum()) * self.world
-            nn.utils.clip_grad_norm_(self.trained_parameters, self.grad_clip)
-            self.optimizer.step()
-            if self.master is not None:
-                self.master.refresh()
-            self.scheduler.step()
-            self.step += 1
-            sums = step_losses if sums is None else sums + step_losses
-            self.epoch_sums = sums
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{step_losses.mean().item():.4f}", tok_s=f"{tokens / elapsed:.0f}")
-            self.maybe_checkpoint()
-        self.last_tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
-        self.epoch_sums = None
-        return dict(zip(keys, (reduce_mean(sums) / self.steps_per_epoch).tolist()))
 
-    def maybe_checkpoint(self) -> None:
-        """Mid-epoch checkpoint every ``checkpoint_every`` steps; on SIGTERM, checkpoint and exit 143."""
-        step_checkpoint(self.step, self.checkpoint_every, self.preemption, self.save, self.run_dir / STATE_FILE,
-                        writer=self.rank == 0, stop=bool(broadcast_object(self.preemption.requested)))
+    def train_step(self, micro, extra=None) -> dict[str, float]:  # noqa: ARG002
+        keys, chain = self.distiller.keys, self.chain_plan(self.step)
+        module, teacher = (self.ddp, None) if self.master is None else (self.master.compute, self.teacher_low)
+
+        def forward(i, batch):
+            losses = self.candidate_losses(batch, module, chain, teacher)
+            if not torch.isfinite(losses).all():  # before the backward: the last good state stays
+                raise self.nonfinite([k for k, v in zip(keys, losses.tolist()) if not math.isfinite(v)],
+                                     f", micro-batch {i}")  # fmt: skip
+            return losses.sum() / len(micro), losses.detach() / len(micro)
+
+        step_losses = sum(self.accumulate(micro, forward))
+        self.optimizer_step()
+        return dict(zip(keys, step_losses.tolist()))
 
     @torch.no_grad()
     def validate_batches(self) -> torch.Tensor:
@@ -372,59 +338,38 @@ class SearchTrainer:
             growth = grow_widths(self.supernet, result, self.pca, self.optimizer, generator=g)
         return {"analysis": result, "growth": growth, "pruning": pruning}
 
-    # ---- the whole search ------------------------------------------------------------------
-    def fit(self) -> list[dict[str, Any]]:
-        with self.preemption, self.writer:  # leaving waits for the last epoch's checkpoint to be written
-            return self._fit()
-
-    def _fit(self) -> list[dict[str, Any]]:
-        while self.epoch < self.epochs:
-            t0 = time.perf_counter()
-            train_loss = self.train_epoch()
-            last = self.epoch == self.epochs - 1
-            widths = {key: c.ffn_dim for *_, key, c in self.supernet.candidates()}  # what PCA scored
-            decisions = self.end_of_epoch(last)
-            result = decisions["analysis"]
-            val = self.validate()
-            record = {
-                "epoch": self.epoch + 1,
-                "step": self.step,
-                "train_loss": train_loss,
-                "val_loss": val["loss"],
-                "val_ci": val["ci"],
-                "pca": result.pca,
-                "pca_untrained": result.pca_untrained,
-                "pca_normalised": result.normalised_pca(),
-                "ffn": widths,
-                "heads": {key: c.layer_config().num_heads for *_, key, c in self.supernet.candidates()},
-                "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
-                "cka_max_pair": {k: max_pair_level(torch.tensor(m)) for k, m in result.cka.items()},
-                "cka_untrained": result.cka_untrained,
-                "diversity": result.diversity,
-                "growth": decisions["growth"],
-                "pruning": decisions["pruning"],
-                "tokens_per_s": self.last_tokens_per_s,
-                "epoch_time_s": time.perf_counter() - t0,
-            }
-            self.history.append(record)
-            self.last_cka = result.cka
-            self.epoch += 1
-            if self.rank == 0:
-                self.writer.save(self.state_dict(), self.run_dir / STATE_FILE)  # written while the next epoch trains
-                if self.logger is not None:
-                    self.logger.log(record, step=self.step)
-        return self.history
+    # ---- an epoch's end -------------------------------------------------------------------
+    def epoch_record(self, train_loss: dict[str, float]) -> dict[str, Any]:
+        last = self.epoch == self.epochs - 1
+        widths = {key: c.ffn_dim for *_, key, c in self.supernet.candidates()}  # what PCA scored
+        decisions = self.end_of_epoch(last)
+        result = decisions["analysis"]
+        val = self.validate()
+        self.last_cka = result.cka
+        return {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_ci": val["ci"],
+            "pca": result.pca,
+            "pca_untrained": result.pca_untrained,
+            "pca_normalised": result.normalised_pca(),
+            "ffn": widths,
+            "heads": {key: c.layer_config().num_heads for *_, key, c in self.supernet.candidates()},
+            "cka_mean_offdiag": {k: _mean_offdiag(m) for k, m in result.cka.items()},
+            "cka_max_pair": {k: max_pair_level(torch.tensor(m)) for k, m in result.cka.items()},
+            "cka_untrained": result.cka_untrained,
+            "diversity": result.diversity,
+            "growth": decisions["growth"],
+            "pruning": decisions["pruning"],
+        }
 
     # ---- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {
             "supernet": self.supernet.state_dict(),  # active heads and FFN widths included (extra states)
             "inherit": self.inherit_report,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "history": self.history,
             "last_cka": getattr(self, "last_cka", {}),
             "space": asdict(self.supernet.space),
             "layer_map": self.supernet.layer_map,
@@ -433,12 +378,9 @@ class SearchTrainer:
             "train_embeddings": self.distiller.train_embeddings,
             "chain_prob": self.chain_prob,
             "settings": self.settings,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "epoch_sums": self.epoch_sums,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("space") != asdict(self.supernet.space) or state.get("loss") != self.loss:
             raise ValueError("search state was written for another space or loss; start a new run dir")
         saved = {"distill.point": state.get("point"), "search.train_embeddings": state.get("train_embeddings"),
@@ -448,18 +390,9 @@ class SearchTrainer:
         check_fingerprint(saved, now, "the search state")  # what the trainer sees; run_search checks all settings
         self.supernet.load_state_dict(self.supernet.with_elastic(state["supernet"], state.get("elastic")))
         self.inherit_report = state.get("inherit", {})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.last_cka = state.get("last_cka", {})
-        torch.set_rng_state(state["rng"].cpu())  # RNG states must be CPU tensors (map_location moved them)
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-        self.epoch_sums = state.get("epoch_sums")
-
-    def save(self) -> Path:
-        self.writer.wait()  # an epoch-end write still under way lands first
-        return atomic_torch_save(self.state_dict(), self.run_dir / STATE_FILE)
+        if torch.is_tensor(state.get("epoch_sums")):  # written before the loop kept named sums
+            state["epoch_sums"] = dict(zip(self.distiller.keys, state["epoch_sums"].tolist()))
 
 
 def _nbytes(tensors) -> int:

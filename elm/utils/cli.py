@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from .io import DONE_FILE
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the wheel; ./configs links here
 
 
@@ -56,7 +58,7 @@ def _override(argv: list[str], key: str) -> str | None:
 
 def finished_work(run_dir: Path) -> str | None:
     """What in ``run_dir`` says a stage finished there: ``DONE`` or a complete ``results.json``."""
-    if (run_dir / "DONE").is_file():
+    if (run_dir / DONE_FILE).is_file():
         return "DONE"
     results = run_dir / "results.json"
     if results.is_file():

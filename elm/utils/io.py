@@ -12,6 +12,11 @@ from typing import Any
 
 import torch
 
+# the run dir's file names every stage shares
+DONE_FILE = "DONE"  # the marker a stage writes last: its outputs are complete
+SEARCH_STATE_FILE = "search_state.pt"  # the search's resumable state (supernet, optimiser, history)
+RETRAIN_STATE_FILE = "retrain_state.pt"
+
 
 def usual_permissions(path: str | Path) -> Path:
     """Give a file or folder made by ``mkstemp``/``mkdtemp`` (0600/0700) the mode a plain
