@@ -14,8 +14,8 @@ from elm.search.choose import layer_param_range
 from elm.space import ArchConfig, LayerConfig, SpaceConfig
 from elm.supernet import Supernet
 
-SPACE = dict(num_layers=2, hidden_size=48, embedding_size=16, head_dim=8, bert_heads=3, mobilebert_heads=2,
-             mobilebert_head_dim=6, bottleneck_size=24, mobilebert_num_ffn=2, ffn_init=12, ffn_unit=12, ffn_max=36)  # fmt: skip
+SPACE = dict(num_layers=2, hidden_size=48, embedding_size=16, head_dim=8, ffn_init=12, ffn_unit=12, ffn_max=36,
+             families={"bert": {"heads": 3}, "mobilebert": {"heads": 2, "head_dim": 6, "bottleneck_size": 24, "num_ffn": 2}})  # fmt: skip
 
 
 def test_every_stage_builds_the_same_layer_fields_from_the_family():
@@ -59,14 +59,21 @@ def test_unknown_and_duplicate_families_are_clear_errors():
 
 
 def test_a_registered_family_is_known_to_the_space_and_the_architecture(monkeypatch):
-    """A family added through the registry alone: the space and LayerConfig accept it, count its
-    parameters with its bottleneck, and plots label it (nothing else names it)."""
-    wide = BlockFamily("widebert", "Wide", "#000000", bottleneck=True, stacked_ffns=False, heads_field="bert_heads")
+    """A family added through the registry alone: it brings its own space settings (defaults, set
+    under ``space.families``), the space and LayerConfig accept it, count its parameters with its
+    bottleneck, and plots label it (nothing else names it)."""
+    wide = BlockFamily("widebert", "Wide", "#000000", bottleneck=True, stacked_ffns=False,
+                       defaults=(("heads", 3), ("bottleneck_size", 16)))  # fmt: skip
     monkeypatch.setitem(BLOCKS, "widebert", wide)
     space = SpaceConfig(**{**SPACE, "blocks": ["bert", "widebert"]}).validate()
-    layer = LayerConfig(num_heads=3, ffn_dim=12, **space.layer_fields("widebert", "none"))
+    assert space.heads_of("widebert") == 3 and space.layer_fields("widebert", "none")["bottleneck_size"] == 16
+    space.families = {**space.families, "widebert": {"bottleneck_size": 24}}
+    layer = LayerConfig(num_heads=3, ffn_dim=12, **space.validate().layer_fields("widebert", "none"))
     layer.validate(48)
     assert (layer.head_dim, layer.num_ffn, layer.bottleneck_size) == (8, 1, 24)
+    space.families["widebert"] = {"num_ffn": 2}  # a setting the family does not have
+    with pytest.raises(ArchError, match=r"space.families.widebert has unknown key\(s\) \['num_ffn'\]; valid: \['bottleneck_size', 'heads'\]"):
+        space.validate()
     arch = ArchConfig(hidden_size=48, embedding_size=16, vocab_size=30, max_positions=8, layers=[layer]).validate()
     assert ArchConfig.from_json(arch.to_json()).layers[0].block == "widebert"
     from elm.search import plots
@@ -102,7 +109,7 @@ def test_ffn_activation_comes_from_the_family_and_travels_with_the_export(monkey
     from elm.supernet.elastic import ElasticFFN
 
     relu_bert = BlockFamily("relubert", "ReLU-BERT", "#111111", bottleneck=False, stacked_ffns=False,
-                            heads_field="bert_heads", activation="relu")  # fmt: skip
+                            defaults=(("heads", 3),), activation="relu")  # fmt: skip
     monkeypatch.setitem(BLOCKS, "relubert", relu_bert)
     space = SpaceConfig(**{**SPACE, "blocks": ["bert", "mobilebert", "relubert"]}).validate()
     layers = [LayerConfig(num_heads=2, ffn_dim=12, **space.layer_fields(b, "none")) for b in space.blocks]
@@ -119,8 +126,19 @@ def test_ffn_activation_comes_from_the_family_and_travels_with_the_export(monkey
 
 
 def test_a_family_with_an_unknown_activation_is_refused_when_registered():
-    odd = BlockFamily("oddbert", "Odd", "#222222", bottleneck=False, stacked_ffns=False, heads_field="bert_heads",
+    odd = BlockFamily("oddbert", "Odd", "#222222", bottleneck=False, stacked_ffns=False, defaults=(("heads", 3),),
                       activation="swish2")  # fmt: skip
     with pytest.raises(ArchError, match=r"activation='swish2'; valid: gelu, relu"):
         register(odd)
     assert "oddbert" not in BLOCKS
+
+
+def test_spaces_written_with_flat_family_fields_still_load():
+    """Search states and run dirs from before ``space.families`` (flat ``bert_heads``, ``bottleneck_size``,
+    ...) give the same space; a key that was never a field is named."""
+    flat = {k: v for k, v in SPACE.items() if k != "families"}
+    flat.update(bert_heads=3, mobilebert_heads=2, mobilebert_head_dim=6, bottleneck_size=24, mobilebert_num_ffn=2)
+    assert SpaceConfig.from_dict(flat) == SpaceConfig(**SPACE)
+    assert SpaceConfig.from_dict(dataclasses.asdict(SpaceConfig(**SPACE))) == SpaceConfig(**SPACE)
+    with pytest.raises(ArchError, match=r"space has unknown key\(s\) \['bert_head'\]"):
+        SpaceConfig.from_dict({**flat, "bert_head": 2})

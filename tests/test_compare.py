@@ -71,11 +71,9 @@ def check_in_space(arch: ArchConfig, space: SpaceConfig) -> None:
     for la in arch.layers:
         assert la.block in space.blocks and la.share in space.shares and la.ffn_dim in widths
         assert la.head_dim == space.head_dim_of(la.block)
-        if la.block == "mobilebert":
-            assert 1 <= la.num_heads <= space.mobilebert_heads
-            assert (la.bottleneck_size, la.num_ffn) == (space.bottleneck_size, space.mobilebert_num_ffn)
-        else:
-            assert 1 <= la.num_heads <= space.bert_heads and la.bottleneck_size is None
+        assert 1 <= la.num_heads <= space.heads_of(la.block)
+        fields = space.layer_fields(la.block, la.share)
+        assert (la.bottleneck_size, la.num_ffn) == (fields["bottleneck_size"], fields["num_ffn"])
 
 
 def test_random_arch_respects_the_budget_and_the_space():
@@ -103,7 +101,7 @@ def test_random_arch_respects_the_budget_and_the_space():
 def test_random_arch_draws_mobilebert_heads_of_their_own_width():
     """+experiment=elm_small's space: MobileBERT heads 33 wide beside 44-wide BERT heads. The
     baseline drew every head at space.head_dim (44 for MobileBERT too: outside the space)."""
-    space = SpaceConfig(hidden_size=528, head_dim=44, bert_heads=12, mobilebert_heads=4, mobilebert_head_dim=33,
+    space = SpaceConfig(hidden_size=528, head_dim=44, families={"bert": {"heads": 12}, "mobilebert": {"heads": 4, "head_dim": 33}},
                         ffn_init=132, ffn_unit=132, ffn_max=792)  # fmt: skip
     like = ArchConfig(hidden_size=528, embedding_size=128, vocab_size=30522, max_positions=512,
                       layers=[LayerConfig("bert", num_heads=6, head_dim=44, ffn_dim=264)] * 6).validate()  # fmt: skip

@@ -64,7 +64,7 @@ def test_paper_experiments_match_the_papers_sizes(name: str) -> None:
     assert sorted(space.blocks) == ["bert", "mobilebert"] and sorted(space.shares) == ["kv", "none", "qv"]
     # heads tile the widths: BERT heads x head_dim = hidden, MobileBERT heads x head_dim = bottleneck
     assert space.heads_of("bert") * space.head_dim_of("bert") == hidden
-    assert space.heads_of("mobilebert") * space.head_dim_of("mobilebert") == space.bottleneck_size
+    assert space.heads_of("mobilebert") * space.head_dim_of("mobilebert") == space.layer_fields("mobilebert", "none")["bottleneck_size"]
     budgets = resolve_budgets(dict(cfg.search.budgets), reference_params=1)
     assert len(budgets) == 1  # the defaults' other budgets are switched off
     embed = ArchConfig(hidden_size=hidden, embedding_size=128, vocab_size=BERT_VOCAB,

@@ -118,7 +118,7 @@ def test_a_full_size_candidate_and_student_are_the_teacher(teacher, batches, rea
     """Every head and neuron stored and active, embeddings at the teacher's width: the inherited
     supernet's extracted model computes the teacher's hidden states exactly."""
     space = SpaceConfig(num_layers=6, hidden_size=384, embedding_size=384, blocks=["bert"], shares=["none"],
-                        head_dim=32, bert_heads=12, ffn_init=1536, ffn_unit=1, ffn_max=1536, dropout=0.0).validate()  # fmt: skip
+                        head_dim=32, families={"bert": {"heads": 12}}, ffn_init=1536, ffn_unit=1, ffn_max=1536, dropout=0.0).validate()  # fmt: skip
     net = Supernet(space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,
                    teacher_hidden_size=384, teacher_layers=6)  # fmt: skip
     report = inherit_supernet(net, teacher, batches)
@@ -207,8 +207,8 @@ def test_inherited_blocks_compose_far_better_than_random_init(teacher, batches, 
     """The extracted model, chained from its own embeddings, stays close to the teacher (RKD at the
     last layer at most half a random init's), in the identity basis and in a narrower PCA basis;
     any choice of blocks does, because all of them read and write one basis."""
-    space = SpaceConfig(num_layers=3, hidden_size=hidden, embedding_size=128, head_dim=32, bert_heads=4,
-                        mobilebert_heads=4, bottleneck_size=96, ffn_init=132, ffn_unit=132, ffn_max=264,
+    space = SpaceConfig(num_layers=3, hidden_size=hidden, embedding_size=128, head_dim=32,
+                        families={"bert": {"heads": 4}, "mobilebert": {"heads": 4, "bottleneck_size": 96}}, ffn_init=132, ffn_unit=132, ffn_max=264,
                         dropout=0.0).validate()  # fmt: skip
     torch.manual_seed(0)
     net = Supernet(space, vocab_size=len(teacher.tokenizer), max_positions=teacher.max_positions,

@@ -119,8 +119,8 @@ def test_accumulation_gives_the_one_batch_gradient(tmp_path) -> None:
     micro, _, _ = next(iter(one.batches(0, 0)))
     halves = [{k: v[a : a + 4] for k, v in micro[0].items()} for a in (0, 4)]
     for trainer, batches in ((one, micro), (two, halves)):
-        trainer.accumulate(batches, lambda i, b, t=trainer, n=len(batches): (
-            ((t.net(b["x"]).squeeze(-1) - b["y"]) ** 2).mean() / n, None))  # fmt: skip
+        n = len(batches)
+        trainer.accumulate(batches, lambda i, b, t=trainer, n=n: (((t.net(b["x"]).squeeze(-1) - b["y"]) ** 2).mean() / n, None))
     for p, q in zip(one.net.parameters(), two.net.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
 

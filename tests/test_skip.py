@@ -17,8 +17,8 @@ from elm.search.score import ChainScorer, model_chain, supernet_chain
 from elm.space import ArchConfig, ArchError, LayerConfig, SpaceConfig
 from elm.supernet import Supernet, extract
 
-SPACE = dict(num_layers=3, hidden_size=24, embedding_size=12, head_dim=4, bert_heads=4, mobilebert_heads=3,
-             bottleneck_size=12, mobilebert_num_ffn=2, ffn_init=8, ffn_unit=8, ffn_max=40, dropout=0.0,
+SPACE = dict(num_layers=3, hidden_size=24, embedding_size=12, head_dim=4, ffn_init=8, ffn_unit=8, ffn_max=40, dropout=0.0,
+             families={"bert": {"heads": 4}, "mobilebert": {"heads": 3, "bottleneck_size": 12, "num_ffn": 2}},
              blocks=["bert", "mobilebert", "skip"], shares=["none", "qv"])  # fmt: skip
 
 

@@ -41,9 +41,11 @@ def make_block(block: str, share: str = "none", seed: int = 0) -> CandidateBlock
     )  # fmt: skip
 
 
-def make_space(**kw) -> SpaceConfig:
-    base = dict(num_layers=2, hidden_size=HIDDEN, embedding_size=12, head_dim=4, bert_heads=4,
-                mobilebert_heads=3, bottleneck_size=12, mobilebert_num_ffn=2, ffn_init=FFN_INIT,
+def make_space(bert: dict | None = None, mobilebert: dict | None = None, **kw) -> SpaceConfig:
+    """A small space; ``bert`` / ``mobilebert`` change those families' settings (``space.families``)."""
+    families = {"bert": {"heads": 4, **(bert or {})},
+                "mobilebert": {"heads": 3, "bottleneck_size": 12, "num_ffn": 2, **(mobilebert or {})}}  # fmt: skip
+    base = dict(num_layers=2, hidden_size=HIDDEN, embedding_size=12, head_dim=4, families=families, ffn_init=FFN_INIT,
                 ffn_unit=8, ffn_max=FFN_MAX, dropout=0.0)  # fmt: skip
     return SpaceConfig(**{**base, **kw})
 
@@ -383,8 +385,10 @@ def test_blockwise_shapes_and_layer_map_wiring() -> None:
         (dict(head_dim=0), "head_dim must be a positive integer, got 0"),
         (dict(num_layers=True), "True"),
         (dict(ffn_init=64, ffn_max=40), "ffn_init=64"),
-        (dict(bottleneck_size=48), "bottleneck_size=48"),
-        (dict(mobilebert_head_dim=-3), "-3"),
+        (dict(mobilebert={"bottleneck_size": 48}), "space.families.mobilebert.bottleneck_size=48 is larger"),
+        (dict(mobilebert={"head_dim": -3}), "space.families.mobilebert.head_dim must be a positive integer, got -3"),
+        (dict(mobilebert={"heads": 2, "hedas": 3}), "space.families.mobilebert has unknown key(s) ['hedas']"),
+        (dict(families={"bert": {"heads": 2}, "gpt": {}}), "unknown block famil(ies) ['gpt']"),
         (dict(dropout=1.5), "1.5"),
         (dict(causal="yes"), "'yes'"),
     ],
@@ -396,7 +400,7 @@ def test_bad_space_values_raise_arch_error_naming_the_value(kw: dict, needle: st
 
 
 def test_mobilebert_head_dim_and_set_active_checks() -> None:
-    net = make_supernet(head_dim=6, mobilebert_head_dim=4, bert_heads=4, mobilebert_heads=3)
+    net = make_supernet(head_dim=6, bert={"heads": 4}, mobilebert={"head_dim": 4, "heads": 3})
     dims = {c.block: (c.attention.head_dim, c.attention.max_heads) for *_, c in net.candidates()}
     assert dims == {"bert": (6, 4), "mobilebert": (4, 3)}
     assert {b: (net.space.head_dim_of(b), net.space.heads_of(b)) for b in BLOCKS} == dims
@@ -409,7 +413,7 @@ def test_mobilebert_head_dim_and_set_active_checks() -> None:
 def test_budget_range_matches_the_built_supernet_and_budgets_resolve() -> None:
     from elm.search.choose import check_budgets, layer_param_range, resolve_budgets
 
-    net = make_supernet(mobilebert_head_dim=6)
+    net = make_supernet(mobilebert={"head_dim": 6})
     lo = sum(min(c.layer_config(num_heads=1).num_parameters(HIDDEN) for c in layer) for layer in net.layers)
     hi = sum(
         max(
@@ -554,7 +558,7 @@ def make_trainer(teacher, corpus, run_dir, space=None, **kw):
     from elm.search.trainer import SearchSettings, SearchTrainer
 
     torch.manual_seed(0)
-    space = space or make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none", "qv"])
+    space = space or make_space(hidden_size=32, mobilebert={"heads": 2, "bottleneck_size": 16}, shares=["none", "qv"])
     search_keys = {f.name for f in fields(SearchSettings)}
     loop = dict(epochs=3, steps_per_epoch=5, batch_size=4, lr=3e-3, warmup_steps=1, precision="fp32",
                 run_dir=run_dir, progress=False)  # fmt: skip
@@ -634,7 +638,7 @@ def test_held_out_teacher_states_are_computed_once(teacher, corpus, tmp_path, mo
 def test_search_trainer_with_skip_candidates(teacher, corpus, tmp_path) -> None:
     """A space with the identity family: every layer has a skip candidate, scored (the loss of passing
     the teacher's state on) but never analysed, grown or pruned; the epoch records say 0 heads/units."""
-    space = make_space(hidden_size=32, mobilebert_heads=2, bottleneck_size=16, shares=["none"],
+    space = make_space(hidden_size=32, mobilebert={"heads": 2, "bottleneck_size": 16}, shares=["none"],
                        blocks=["bert", "mobilebert", "skip"])  # fmt: skip
     trainer = make_trainer(teacher, corpus, tmp_path, space=space, epochs=2, steps_per_epoch=2, lr=5e-4,
                            warmup_steps=20, cka=CKAConfig())  # fmt: skip

@@ -4,7 +4,10 @@ A :class:`BlockFamily` holds what the space, the supernet, extraction, inheritan
 the plots and the baselines used to ask with ``block == "mobilebert"``: its structure (a
 bottleneck around the block or not, a fixed FFN count), which :class:`~elm.space.SpaceConfig`
 fields give its heads, head width and stacked FFNs, how its :class:`~elm.space.LayerConfig` is
-built and validated, its extra parameters, its PCA threshold and its plot colour and label.
+built and validated, its extra parameters, its PCA threshold and its plot colour and label, and
+its own space settings with their defaults (``space.families.<name>.<key>``, e.g.
+``space.families.mobilebert.heads=2``), so a new family brings its settings without a new
+``SpaceConfig`` field.
 
 Everything outside this package asks the registry (:func:`family`) rather than comparing names.
 One exception by design: ``elm/modeling/modeling_elm.py`` ships inside every export as remote code
@@ -37,8 +40,10 @@ class BlockFamily:
         bottleneck: the block works at ``bottleneck_size`` behind H -> B and B -> H projections
             (each with a LayerNorm; the residual stays at H). False: it works at the hidden size.
         stacked_ffns: the block may stack ``num_ffn`` FFNs (False: exactly one).
-        heads_field, head_dim_field, num_ffn_field: the ``SpaceConfig`` fields with its maximum
-            heads, its head width (unset/None: ``space.head_dim``) and its FFN count (None: 1).
+        defaults: its space settings and their defaults, as ``(key, value)`` pairs; a space sets
+            them under ``space.families.<name>``. Keys the models read: ``heads`` (stored heads),
+            ``head_dim`` (None: ``space.head_dim``), ``num_ffn`` (stacked FFNs; absent: 1) and
+            ``bottleneck_size`` (a bottleneck family's width B).
         pca_threshold_field: a ``PCAConfig`` field overriding ``pca.threshold`` for it (None: none).
         activation: its FFN activation, a name of ``elm.modeling.modeling_elm.ACTIVATIONS``; exports
             carry it per family in ``ElmConfig.block_activations``.
@@ -51,30 +56,42 @@ class BlockFamily:
     colour: str
     bottleneck: bool
     stacked_ffns: bool
-    heads_field: str | None
-    head_dim_field: str | None = None
-    num_ffn_field: str | None = None
+    defaults: tuple[tuple[str, Any], ...] = ()
     pca_threshold_field: str | None = None
     activation: str = "gelu"
     identity: bool = False
 
     # ---- the space's settings for this family ---------------------------------------------
+    def settings(self, space: Any) -> dict[str, Any]:
+        """Its settings in ``space``: ``space.families[name]`` over :attr:`defaults` (an unknown key is
+        an error naming the valid ones)."""
+        own, given = dict(self.defaults), dict((getattr(space, "families", None) or {}).get(self.name) or {})
+        unknown = sorted(set(given) - set(own))
+        if unknown:
+            raise ArchError(f"space.families.{self.name} has unknown key(s) {unknown}; valid: {sorted(own) or 'none'}")
+        return {**own, **given}
+
+    def check_settings(self, space: Any) -> None:
+        """Every setting a positive integer (``head_dim`` may be None: the space's)."""
+        for key, value in self.settings(space).items():
+            if value is None and key == "head_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArchError(f"space.families.{self.name}.{key} must be a positive integer, got {value!r}")
+
     def heads(self, space: Any) -> int:
-        return 0 if self.identity else getattr(space, self.heads_field)
+        return 0 if self.identity else self.settings(space)["heads"]
 
     def head_dim(self, space: Any) -> int:
         if self.identity:
             return 0
-        own = getattr(space, self.head_dim_field) if self.head_dim_field else None
-        return own or space.head_dim
+        return self.settings(space).get("head_dim") or space.head_dim
 
     def num_ffn(self, space: Any) -> int:
-        if self.identity:
-            return 0
-        return getattr(space, self.num_ffn_field) if self.num_ffn_field else 1
+        return 0 if self.identity else self.settings(space).get("num_ffn", 1)
 
     def bottleneck_size(self, space: Any) -> int | None:
-        return space.bottleneck_size if self.bottleneck else None
+        return self.settings(space)["bottleneck_size"] if self.bottleneck else None
 
     def shares(self, shares: list[str]) -> list[str]:
         """The sharing modes its candidates take of the space's (an identity block has no attention)."""
@@ -124,26 +141,31 @@ class BlockFamily:
         return (hidden_size * w + w + 2 * w) + (w * hidden_size + hidden_size + 2 * hidden_size)
 
 
-BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, heads_field="bert_heads")
+BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, defaults=(("heads", 8),))
+# W-PCA: 4 heads behind a bottleneck (head width: the space's unless set, e.g. 4 x 33 in ELM-Small) and
+# stacked FFNs, as in MobileBERT; [project decision] ReLU in MobileBERT FFNs
 MOBILEBERT = BlockFamily("mobilebert", "MobileBERT", "#ffb703", bottleneck=True, stacked_ffns=True,
-                         heads_field="mobilebert_heads", head_dim_field="mobilebert_head_dim",
-                         num_ffn_field="mobilebert_num_ffn", pca_threshold_field="threshold_mobilebert",
-                         activation="relu")  # fmt: skip  [project decision] ReLU in MobileBERT FFNs
+                         defaults=(("heads", 4), ("head_dim", None), ("num_ffn", 2), ("bottleneck_size", 128)),
+                         pca_threshold_field="threshold_mobilebert", activation="relu")  # fmt: skip
 
 # [project decision, issue #17] The identity candidate (AutoTinyBERT / DynaBERT search depth too):
 # zero parameters, so under a budget the DP can drop a layer and spend its parameters on wider
 # ones. Its block-wise score is the loss of passing the teacher's state on unchanged. A chosen
 # architecture lists only the other layers, so the exported model simply has fewer layers, and
 # each kept layer keeps the teacher state it was distilled towards (Supernet.kept_boundaries).
-SKIP = BlockFamily("skip", "skip", "#d9d9d9", bottleneck=False, stacked_ffns=False, heads_field=None, identity=True)
+SKIP = BlockFamily("skip", "skip", "#d9d9d9", bottleneck=False, stacked_ffns=False, identity=True)
 
 BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT, SKIP)}
 DEFAULT_BLOCKS = (BERT.name, MOBILEBERT.name)  # SpaceConfig.blocks when none are given
+# space settings that were flat ``SpaceConfig`` fields before they moved under ``space.families``:
+# states and run dirs written then still load (``SpaceConfig.from_dict``)
+FLAT_SPACE_FIELDS = {"bert_heads": ("bert", "heads"), "mobilebert_heads": ("mobilebert", "heads"),
+                     "mobilebert_head_dim": ("mobilebert", "head_dim"), "bottleneck_size": ("mobilebert", "bottleneck_size"),
+                     "mobilebert_num_ffn": ("mobilebert", "num_ffn")}  # fmt: skip
 
 
 def register(new: BlockFamily) -> BlockFamily:
-    """Add a family to the registry (its name must be new, its activation one the models know; its
-    fields must exist on the space)."""
+    """Add a family to the registry (its name must be new, its activation one the models know)."""
     if new.name in BLOCKS:
         raise ArchError(f"block family {new.name!r} is already registered")
     from ..modeling.modeling_elm import ACTIVATIONS  # here: this package imports nothing of elm at load

@@ -103,8 +103,8 @@ def _ffn_choices(space: SpaceConfig) -> list[int]:
 
 
 def _random_layer(space: SpaceConfig, rng: np.random.Generator) -> LayerConfig:
-    """A layer the searched space holds: the block's own head count and head width (a MobileBERT
-    block's ``mobilebert_head_dim`` when set), an FFN width the growth can reach."""
+    """A layer the searched space holds: the block family's own head count and head width (its
+    ``head_dim`` setting when set), an FFN width the growth can reach."""
     block = str(rng.choice(space.blocks))
     heads = int(rng.integers(1, max(1, space.heads_of(block)) + 1))
     ffn_dim = int(rng.choice(_ffn_choices(space)))

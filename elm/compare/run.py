@@ -71,7 +71,7 @@ def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, st
     search_dir = check_search_dir(str(cfg.search_dir))
     arch = ArchConfig.from_json(search_dir / str(cfg.arch))
     state = load_search_state(search_dir)
-    space, loss = SpaceConfig(**state["space"]).validate(), str(state.get("loss", "rkd"))
+    space, loss = SpaceConfig.from_dict(state["space"]).validate(), str(state.get("loss", "rkd"))
     if cfg.budget is not None:
         budget, source = int(cfg.budget), "config"
     else:

@@ -59,7 +59,7 @@ def teacher_slice(teacher, arch: ArchConfig, batches, model_cls, **config_kwargs
     layer = arch.layers[0]
     space = SpaceConfig(num_layers=arch.num_layers, hidden_size=arch.hidden_size, embedding_size=arch.embedding_size,
                         causal=arch.causal, blocks=["bert"], shares=["none"], head_dim=layer.head_dim,
-                        bert_heads=layer.num_heads, ffn_init=layer.ffn_dim, ffn_unit=1, ffn_max=layer.ffn_dim,
+                        families={"bert": {"heads": layer.num_heads}}, ffn_init=layer.ffn_dim, ffn_unit=1, ffn_max=layer.ffn_dim,
                         dropout=0.0).validate()  # fmt: skip
     net = Supernet(space, vocab_size=arch.vocab_size, max_positions=arch.max_positions,
                    teacher_hidden_size=teacher.hidden_size, teacher_layers=teacher.num_layers,

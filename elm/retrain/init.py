@@ -62,7 +62,7 @@ def load_search_state(search_dir: str | Path) -> dict[str, Any]:
 def supernet_from_state(state: dict[str, Any], teacher) -> Supernet:
     """Rebuild the searched supernet (``Supernet.for_teacher``, as the search built it) with its trained
     weights and active widths."""
-    supernet = Supernet.for_teacher(SpaceConfig(**state["space"]), teacher)
+    supernet = Supernet.for_teacher(SpaceConfig.from_dict(state["space"]), teacher)
     try:
         supernet.load_state_dict(supernet.with_elastic(state["supernet"], state.get("elastic")))
     except RuntimeError as err:

@@ -381,7 +381,9 @@ class SearchTrainer(TrainLoop):
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("space") != asdict(self.supernet.space) or state.get("loss") != self.loss:
+        saved_space = state.get("space")
+        saved_space = asdict(SpaceConfig.from_dict(saved_space)) if isinstance(saved_space, dict) else None
+        if saved_space != asdict(self.supernet.space) or state.get("loss") != self.loss:
             raise ValueError("search state was written for another space or loss; start a new run dir")
         saved = {"distill.point": state.get("point"), "search.train_embeddings": state.get("train_embeddings"),
                  "search.chain_prob": state.get("chain_prob")}  # fmt: skip

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from ..blocks import BLOCKS, DEFAULT_BLOCKS, family
+from ..blocks import BLOCKS, DEFAULT_BLOCKS, FLAT_SPACE_FIELDS, family
 from .arch import SHARE_MODES, ArchError
 
 
@@ -18,9 +19,10 @@ class SpaceConfig:
     """What the supernet may contain (mirrors ``configs/space/*.yaml``).
 
     Candidates per layer = ``blocks`` x ``shares`` (:meth:`candidates`). Defaults follow the method doc: FFN widths
-    start at 132 and move in units of 132 up to 792 [paper / W-PCA]; MobileBERT blocks narrow to
-    ``bottleneck_size`` and stack ``mobilebert_num_ffn`` FFNs. Which field serves which block
-    family is said by the family (``elm.blocks``).
+    start at 132 and move in units of 132 up to 792 [paper / W-PCA]. Each block family's own
+    settings (its heads, head width, stacked FFNs, bottleneck width) live under ``families``, e.g.
+    ``{"mobilebert": {"heads": 4, "bottleneck_size": 128}}``, over the family's defaults
+    (``elm.blocks``: ``BlockFamily.defaults``).
     """
 
     num_layers: int = 6
@@ -29,18 +31,28 @@ class SpaceConfig:
     causal: bool = False
     blocks: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKS))
     shares: list[str] = field(default_factory=lambda: ["none", "qv", "kv"])
-    head_dim: int = 32
-    bert_heads: int = 8
-    mobilebert_heads: int = 4
-    mobilebert_head_dim: int | None = None  # None = head_dim (W-PCA: 12 x 44 in BERT, 4 x 33 in MobileBERT)
-    bottleneck_size: int = 128
-    mobilebert_num_ffn: int = 2
+    head_dim: int = 32  # a family's head width unless it sets its own
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-family settings over its defaults
     ffn_init: int = 132
     ffn_unit: int = 132
     ffn_max: int = 792
     dropout: float = 0.1
     attention_dropout: float | None = None  # on attention probabilities; None = dropout (see the class doc)
     layer_map: list[int] | None = None  # teacher hidden-state index per student layer boundary
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpaceConfig:
+        """A space from ``asdict`` output, also one written when the family settings were flat fields
+        (``bert_heads``, ``bottleneck_size``, ...: ``elm.blocks.FLAT_SPACE_FIELDS``)."""
+        data, families = dict(data), {k: dict(v) for k, v in (data.get("families") or {}).items()}
+        for flat, (name, key) in FLAT_SPACE_FIELDS.items():
+            if flat in data:
+                families.setdefault(name, {})[key] = data.pop(flat)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ArchError(f"space has unknown key(s) {unknown}; valid: {sorted(names)}")
+        return cls(**{**data, "families": families})
 
     def heads_of(self, block: str) -> int:
         """Maximum (stored) heads of a candidate of this block type."""
@@ -75,12 +87,15 @@ class SpaceConfig:
                 raise ArchError(f"space.{name}={values} lists a value twice")
         if self.hidden_size is None:
             raise ArchError("space.hidden_size is not set; resolve it from the teacher first (SpaceConfig.resolve)")
-        for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "bert_heads",
-                     "mobilebert_heads", "bottleneck_size", "mobilebert_num_ffn", "ffn_init",
-                     "ffn_unit", "ffn_max"):  # fmt: skip
+        for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "ffn_init", "ffn_unit", "ffn_max"):
             _positive_int(f"space.{name}", getattr(self, name))
-        if self.mobilebert_head_dim is not None:
-            _positive_int("space.mobilebert_head_dim", self.mobilebert_head_dim)
+        if not isinstance(self.families, dict) or any(not isinstance(v, dict | None) for v in self.families.values()):
+            raise ArchError(f"space.families={self.families!r} must map block families to their settings")
+        bad = [name for name in self.families if name not in BLOCKS]
+        if bad:
+            raise ArchError(f"space.families has settings for unknown block famil(ies) {bad}; valid: {tuple(BLOCKS)}")
+        for name in dict.fromkeys([*self.blocks, *self.families]):  # the families in use and any set
+            family(name).check_settings(self)
         if not isinstance(self.causal, bool):
             raise ArchError(f"space.causal must be true or false, got {self.causal!r}")
         dropout = self.dropout
@@ -91,10 +106,10 @@ class SpaceConfig:
             raise ArchError(f"space.attention_dropout must be a number in [0, 1) or null, got {attn!r}")
         if self.ffn_init > self.ffn_max:
             raise ArchError(f"space.ffn_init={self.ffn_init} exceeds space.ffn_max={self.ffn_max}")
-        if any(family(b).bottleneck for b in self.blocks) and self.bottleneck_size > self.hidden_size:
-            raise ArchError(
-                f"space.bottleneck_size={self.bottleneck_size} is larger than hidden_size={self.hidden_size}"
-            )
+        for b in self.blocks:
+            width = family(b).bottleneck_size(self)
+            if width is not None and width > self.hidden_size:
+                raise ArchError(f"space.families.{b}.bottleneck_size={width} is larger than hidden_size={self.hidden_size}")
         if self.layer_map is not None:
             m = list(self.layer_map)
             if (

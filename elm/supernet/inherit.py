@@ -28,7 +28,7 @@ rewiring; once-for-all sorts channels the same way before shrinking).
 * **embeddings**: the teacher's word, position and type embeddings through one PCA basis of their
   (occurrence-weighted) sums when the factorised size is smaller, and the teacher's LayerNorm.
 
-Heads whose width differs from the teacher's (e.g. ``mobilebert_head_dim`` = 33 under a
+Heads whose width differs from the teacher's (e.g. ``space.families.mobilebert.head_dim`` = 33 under a
 32-wide teacher) keep their random init; so do LM/classifier heads (not in the supernet) and the
 layers of a student deeper than its teacher whose span of teacher layers is empty (their target
 is their input). Stored heads or units the teacher cannot fill start switched off (zero output).
