@@ -74,6 +74,7 @@ def test_a_registered_family_is_known_to_the_space_and_the_architecture(monkeypa
     space.families["widebert"] = {"num_ffn": 2}  # a setting the family does not have
     with pytest.raises(ArchError, match=r"space.families.widebert has unknown key\(s\) \['num_ffn'\]; valid: \['bottleneck_size', 'heads'\]"):
         space.validate()
+    space.families["widebert"] = {"bottleneck_size": 24}
     arch = ArchConfig(hidden_size=48, embedding_size=16, vocab_size=30, max_positions=8, layers=[layer]).validate()
     assert ArchConfig.from_json(arch.to_json()).layers[0].block == "widebert"
     from elm.search import plots

@@ -25,16 +25,9 @@ from omegaconf import OmegaConf
 import elm  # noqa: F401  (registers ElmForCausalLM with the Auto classes)
 from elm.causal.common import StepBudget
 from elm.causal.evaluate import clean_response, generate, perplexity, rouge_l
-from elm.causal.minillm import (
-    Rollout,
-    distil,
-    export_student,
-    future_rewards,
-    minillm_loss,
-    sample_rollouts,
-    teacher_forced_kl,
-)
+from elm.causal.minillm import distil, export_student
 from elm.causal.prompts import encode_pair, encode_prompt, first_sentences, load_prompts
+from elm.causal.rollout import Rollout, future_rewards, minillm_loss, sample_rollouts, teacher_forced_kl
 from elm.causal.teacher_train import train_bpe_tokenizer, train_teacher
 from elm.distill.losses import reverse_kl, rkd_loss
 from elm.modeling import ElmForCausalLM, config_from_arch
@@ -297,7 +290,7 @@ def test_minillm_with_teacher_mixed_sampling_reduces_reverse_kl(tokenizer, promp
 def test_cached_next_token_logits_match_full_recompute(tokenizer):
     """The KV-cached steps of the teacher (HF GPT-2) and of the ELM student (left-padded batch)
     give the logits of a full forward."""
-    from elm.causal.minillm import LastLogits, left_pad, logits
+    from elm.causal.rollout import LastLogits, left_pad, logits
 
     for model in (tiny_teacher(tokenizer), tiny_student(len(tokenizer)).eval()):
         ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], tokenizer.pad_token_id, "cpu")

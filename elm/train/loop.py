@@ -1,5 +1,10 @@
 """One training scaffold for elm's own loops (the search and the retraining).
 
+[project decision] The causal teacher's and MiniLLM's loops are not built on it: they are step
+budgets under a wall-clock limit that is re-planned after a few calibration steps
+(:class:`elm.causal.common.StepBudget`), with no epochs and no resume, so they share only the
+optimiser (:func:`elm.utils.optim.configure_optimizer`) and the step's end (:func:`clip_and_step`).
+
 What every loop needs lives here once; the trainers keep only their losses, batches and epoch
 hooks (:class:`TrainLoop`):
 
@@ -25,7 +30,7 @@ The epoch::
                                                     # then optimizer_step(): clip, AdamW, refresh, schedule
         running sums; progress bar; per-step log every ``log_every`` steps; checkpoint if due
     record = trainer.epoch_record(mean of the epoch's values)   # validation, analysis, ...
-    history += record; metrics.jsonl; checkpoint
+    history += record; checkpoint (written while the next epoch trains); metrics.jsonl
 """
 
 from __future__ import annotations
