@@ -14,8 +14,6 @@ the active slices (``elm.supernet.extract``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,16 +82,6 @@ class ElasticAttention(nn.Module):
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.active_heads = int(state["active_heads"])
 
-    def active_views(self) -> dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]:
-        """For each parameter the forward slices, the view of a same-shaped tensor (the parameter, its
-        gradient, a replica's copy) that the active heads read; computed at call time."""
-        n, d = self.projections, self.head_dim
-        return {
-            self.qkv.weight: lambda t: t.view(n, self.max_heads, d, self.dim)[:, : self.active_heads],
-            self.qkv.bias: lambda t: t.view(n, self.max_heads, d)[:, : self.active_heads],
-            self.out.weight: lambda t: t[:, : self.active_heads * d],
-        }
-
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, n, d = self.active_heads, self.projections, self.head_dim
         w = self.qkv.weight.view(n, self.max_heads, d, self.dim)[:, :h].reshape(n * h * d, self.dim)
@@ -156,12 +144,6 @@ class ElasticFFN(nn.Module):
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.active_dim = int(state["active_dim"])
-
-    def active_views(self) -> dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]:
-        """For each parameter the forward slices, the view of a same-shaped tensor that the active
-        units read (see :meth:`ElasticAttention.active_views`)."""
-        return {self.up.weight: lambda t: t[: self.active_dim], self.up.bias: lambda t: t[: self.active_dim],
-                self.down.weight: lambda t: t[:, : self.active_dim]}  # fmt: skip
 
     def forward(self, x):
         hidden = self.act(self.up(x, out_features=self.active_dim))

@@ -20,13 +20,6 @@ One step::
 Anything that changes the fp32 module outside the optimiser (loading a state, elastic growth or
 pruning, which also change plain attributes such as the active widths) is followed by
 :meth:`Bf16Master.rebuild`.
-
-Elastic modules (``elm.supernet.elastic``) store every parameter at its maximum size and compute
-on a slice; they say which (``active_views()``: parameter -> the view of a same-shaped tensor that
-the forward reads). The refresh and the gradient copy then move only those views: the rest of the
-replica is never read, and the rest of the gradient is zero. With the default search's FFNs at
-132-264 of 792 stored units this skips most of the copy traffic; the training is bitwise the same
-(``tests/test_search_trainer.py``).
 """
 
 from __future__ import annotations
@@ -40,8 +33,8 @@ from torch import nn
 
 
 class Bf16Master:
-    def __init__(self, module: nn.Module, active_only: bool = True) -> None:
-        self.module, self.active_only = module, active_only
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -51,23 +44,15 @@ class Bf16Master:
         for p in self.compute.parameters():
             p.data = p.data.to(torch.bfloat16)
         self.compute.train(self.module.training)
-        views: dict[nn.Parameter, Any] = {}
-        if self.active_only:
-            for sub in self.module.modules():
-                views.update(sub.active_views() if hasattr(sub, "active_views") else {})
-        self._params = [(m, low, views.get(m)) for m, low in zip(self.module.parameters(), self.compute.parameters(), strict=True)]
-        self._trained = [item for item in self._params if item[0].requires_grad]
+        self._params = list(zip(self.module.parameters(), self.compute.parameters(), strict=True))
+        self._trained = [(m, low) for m, low in self._params if m.requires_grad]
 
     def gradients_to_master(self) -> None:
         """Add the replica's gradients (bf16) to the fp32 parameters' ``.grad`` and clear them."""
-        for master, low, view in self._trained:
+        for master, low in self._trained:
             if low.grad is None:
                 continue
-            if view is not None:  # the rest of the gradient is zero
-                if master.grad is None:
-                    master.grad = torch.zeros_like(master)
-                view(master.grad).add_(view(low.grad))
-            elif master.grad is None:
+            if master.grad is None:
                 master.grad = low.grad.float()
             else:
                 master.grad.add_(low.grad)
@@ -76,8 +61,8 @@ class Bf16Master:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the fp32 weights into the replica (after each optimiser step or a loaded state)."""
-        for master, low, view in self._params:
-            (low if view is None else view(low)).copy_(master if view is None else view(master))
+        for master, low in self._params:
+            low.copy_(master)
 
 
 def bf16_teacher(teacher: Any) -> Any:
