@@ -212,18 +212,16 @@ class SearchTrainer(TrainLoop):
         rows = data[index]
         return {k: torch.as_tensor(rows[k], device=self.device) for k in ("input_ids", "attention_mask")}
 
-    def train_batches(self, epoch: int, first_step: int = 0):
-        """Per step, this rank's micro-batches of the global batch, in a seeded epoch order
-        (the order depends only on seed and epoch, so a resumed epoch skips what it has seen)."""
+    def batches(self, epoch: int, first: int):
+        """Per step from ``first`` on: this rank's micro-batches of the global batch, in a seeded epoch
+        order (it depends only on seed and epoch, so a resumed epoch skips what it has seen), and the
+        global batch's tokens (this rank's x world)."""
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(self.train_data), generator=g).tolist()
-        for step in range(first_step, self.steps_per_epoch):
-            base = step * self.batch_size
-            yield [
-                self._rows(self.train_data, order[start : start + self.micro_batch])
-                for micro in range(self.grad_accum)
-                for start in [base + (micro * self.world + self.rank) * self.micro_batch]
-            ]
+        for step in range(first, self.steps_per_epoch):
+            starts = [step * self.batch_size + (i * self.world + self.rank) * self.micro_batch for i in range(self.grad_accum)]
+            micro = [self._rows(self.train_data, order[a : a + self.micro_batch]) for a in starts]
+            yield micro, sum(int(b["attention_mask"].sum()) for b in micro) * self.world, None
 
     def val_batches(self):
         """The validation batches that score candidates: the first ``eval_batches x batch_size``
@@ -275,10 +273,6 @@ class SearchTrainer(TrainLoop):
             return (module or self.distiller)(hidden, batch["attention_mask"], batch["input_ids"], chain)
 
     # ---- one step (elm.train.TrainLoop hooks) ----------------------------------------------
-    def batches(self, epoch: int, first: int):
-        for micro in self.train_batches(epoch, first):
-            yield micro, sum(int(b["attention_mask"].sum()) for b in micro) * self.world, None
-
     def start_epoch(self) -> None:
         if self.master is not None:  # init, a loaded state, growth and pruning changed the fp32 supernet
             self.master.rebuild()

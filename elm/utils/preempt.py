@@ -53,12 +53,12 @@ def maybe_inject_kill(step: int) -> None:
 
 
 def step_checkpoint(step: int, every: int | None, preemption: Preemption, save: Callable[[], object],
-                    state_path: Path, *, writer: bool = True, stop: bool | None = None) -> None:  # fmt: skip
+                    state_path: Path, *, stop: bool | None = None) -> None:  # fmt: skip
     """At a step boundary: checkpoint every ``every`` steps; on SIGTERM checkpoint and raise
-    :class:`Preempted`. ``writer``: whether this rank writes files; ``stop``: the (all-rank) stop flag."""
+    :class:`Preempted`. ``save`` runs on every rank; ``stop``: the (all-rank) stop flag."""
     stop = preemption.requested if stop is None else stop
     periodic = bool(every) and step % every == 0
-    if (periodic or stop) and writer:
+    if periodic or stop:
         save()
     if stop:
         raise Preempted(f"preempted at step {step}: checkpoint in {state_path}; "
