@@ -156,6 +156,7 @@ class TrainLoop:
         self.trained_parameters = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = configure_optimizer(module, loop.lr, loop.weight_decay)
         self.total_steps = loop.epochs * self.steps_per_epoch
+        # warm-up clamped to the run's steps (retrain's plan records it so); the search's ramp never was
         self.warmup_steps = min(loop.warmup_steps, self.total_steps) if loop.schedule != "ramped_cosine" else loop.warmup_steps
         self.scheduler = SCHEDULES[loop.schedule](self.optimizer, self.warmup_steps, max(1, self.total_steps))
         self.epoch, self.step = 0, 0
