@@ -22,6 +22,8 @@ TINY = ["space=tiny", "search.epochs=1", "search.steps_per_epoch=1", "search.bat
 CASES = [
     ("search", ["space.blocks=[bert,transformerxl]"], "transformerxl"),
     ("search", ["space.shares=[none,qk]"], "qk"),
+    ("search", ["space.families.mobilebert.heads=0"], "space.families.mobilebert.heads must be a positive integer, got 0"),
+    ("search", ["+space.families.llama={heads: 2}"], "unknown block famil(ies) ['llama']"),
     ("search", ["search.budgets.small=10"], "below the smallest architecture"),
     ("search", ["search.budgets.small=9e12"], "above the largest architecture"),
     ("search", ["data.seq_len=4096"], "4096"),

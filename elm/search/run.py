@@ -46,7 +46,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     rank, _ = dist_info()
     seed_everything(cfg.seed)
-    space = to_dataclass(SpaceConfig, cfg.space, "space")
+    space = to_dataclass(SpaceConfig, cfg.space, "space").check_families()  # before the teacher loads
     pca, cka = to_dataclass(PCAConfig, cfg.pca, "pca"), to_dataclass(CKAConfig, cfg.cka, "cka")
     s = cfg.search
     check_search_settings(cfg, space.num_layers)  # before the teacher and the data load

@@ -89,13 +89,7 @@ class SpaceConfig:
             raise ArchError("space.hidden_size is not set; resolve it from the teacher first (SpaceConfig.resolve)")
         for name in ("num_layers", "hidden_size", "embedding_size", "head_dim", "ffn_init", "ffn_unit", "ffn_max"):
             _positive_int(f"space.{name}", getattr(self, name))
-        if not isinstance(self.families, dict) or any(not isinstance(v, dict | None) for v in self.families.values()):
-            raise ArchError(f"space.families={self.families!r} must map block families to their settings")
-        bad = [name for name in self.families if name not in BLOCKS]
-        if bad:
-            raise ArchError(f"space.families has settings for unknown block famil(ies) {bad}; valid: {tuple(BLOCKS)}")
-        for name in dict.fromkeys([*self.blocks, *self.families]):  # the families in use and any set
-            family(name).check_settings(self)
+        self.check_families()
         if not isinstance(self.causal, bool):
             raise ArchError(f"space.causal must be true or false, got {self.causal!r}")
         dropout = self.dropout
@@ -121,6 +115,19 @@ class SpaceConfig:
                     f"space.layer_map={m} must list {self.num_layers + 1} non-decreasing teacher hidden-state "
                     f"indices (integers >= 0), one per student layer boundary"
                 )
+        return self
+
+    def check_families(self) -> SpaceConfig:
+        """The family settings (known families, known keys, positive integers): what can be checked
+        before the teacher is loaded (``validate`` does it too)."""
+        if not isinstance(self.families, dict) or any(not isinstance(v, dict | None) for v in self.families.values()):
+            raise ArchError(f"space.families={self.families!r} must map block families to their settings")
+        bad = [name for name in self.families if name not in BLOCKS]
+        if bad:
+            raise ArchError(f"space.families has settings for unknown block famil(ies) {bad}; valid: {tuple(BLOCKS)}")
+        for name in dict.fromkeys([*self.blocks, *self.families]):  # the families in use and any set
+            if name in BLOCKS:  # an unknown name in space.blocks is validate()'s error
+                family(name).check_settings(self)
         return self
 
     def resolve(self, teacher_hidden_size: int) -> SpaceConfig:
