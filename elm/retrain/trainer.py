@@ -80,7 +80,7 @@ class RetrainTrainer(TrainLoop):
     itself is :class:`elm.train.TrainLoop`.
 
     Args:
-        loop: epochs, batch, optimiser, schedule (``linear`` | ``cosine``), checkpoints, seed, device, precision.
+        loop: epochs, batch, optimiser, schedule (``elm.train.SCHEDULES``), checkpoints, seed, device, precision.
         kd: the distillation's settings (:class:`RetrainSettings`).
         teacher_head: a fitted MLM head for a head-less teacher (``teacher_head.py``) or None.
         point_target: ``(Basis, variance)`` for the point-wise term (``elm.retrain.init``); needed
