@@ -57,7 +57,7 @@ INVALID = {
         with_layer(0, block="transformer"),
         r"layers\[0\]\.block='transformer' is unknown; valid: bert, mobilebert",
     ),
-    "unknown share": (with_layer(1, share="qk"), r"layers\[1\]\.share='qk' is unknown; valid: none, qv, kv"),
+    "unknown share": (with_layer(1, share="qk"), r"layers\[1\]\.share='qk' is unknown for block='mobilebert'; valid: none, qv, kv"),
     "zero heads": (with_layer(0, num_heads=0), r"layers\[0\]\.num_heads must be a positive integer, got 0"),
     "zero head_dim": (with_layer(2, head_dim=0), r"layers\[2\]\.head_dim must be a positive integer"),
     "zero ffn_dim": (with_layer(0, ffn_dim=0), r"layers\[0\]\.ffn_dim must be a positive integer, got 0"),

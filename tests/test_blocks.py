@@ -42,16 +42,16 @@ def test_every_stage_builds_the_same_layer_fields_from_the_family():
 @pytest.mark.parametrize("name", sorted(n for n, f in BLOCKS.items() if not f.identity))  # skip: tests/test_skip.py
 def test_family_parameter_count_is_exact(name):
     space = SpaceConfig(**SPACE).validate()
-    layer = LayerConfig(num_heads=2, ffn_dim=24, **space.layer_fields(name, "kv"))
+    layer = LayerConfig(num_heads=2, ffn_dim=24, **space.layer_fields(name, family(name).shares(space)[-1]))
     layer.validate(48)
-    built = ElmLayer(_config(), dataclasses.asdict(layer))
+    built = ElmLayer(_config(block_layouts={name: family(name).layout}), dataclasses.asdict(layer))
     assert layer.num_parameters(48) == sum(p.numel() for p in built.parameters())
     assert family(name).width(layer, 48) == (24 if family(name).bottleneck else 48)
 
 
 def test_unknown_and_duplicate_families_are_clear_errors():
-    with pytest.raises(ArchError, match=r"block 'llama' is unknown; valid: bert, mobilebert, skip"):
-        family("llama")
+    with pytest.raises(ArchError, match=r"block 'gpt' is unknown; valid: bert, mobilebert, skip, llama"):
+        family("gpt")
     with pytest.raises(ArchError, match="already registered"):
         register(BLOCKS["bert"])
     with pytest.raises(ArchError, match=r"layer.bottleneck_size=8 is only valid for block='mobilebert'"):
@@ -84,10 +84,10 @@ def test_a_registered_family_is_known_to_the_space_and_the_architecture(monkeypa
         LayerConfig(num_heads=3, ffn_dim=12, **{**space.layer_fields("widebert", "none"), "num_ffn": 2}).validate(48)
 
 
-def _config():
+def _config(**kw):
     from elm.modeling import ElmConfig
 
-    return ElmConfig(hidden_size=48, layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ElmConfig(hidden_size=48, layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
 
 
 def test_bottleneck_structure_follows_the_fields_in_the_exported_layer():

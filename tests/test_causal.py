@@ -486,6 +486,45 @@ def test_causal_search_end_to_end(tiny_teacher_dir, tmp_path):
     assert len(epochs) == 2 and "pca" in epochs[0] and epochs[0]["growth"]  # PCA growth after epoch 1
 
 
+def test_causal_search_with_llama_blocks_exports_a_model_that_generates(tiny_teacher_dir, tmp_path):
+    """The llama family in a causal search beside BERT blocks: the chosen architecture (forced to
+    llama layers here) is exported from the search state, loads through AutoModelForCausalLM and
+    generates."""
+    from transformers import AutoModelForCausalLM
+
+    from elm.retrain.init import init_from_search
+    from elm.teacher import load_teacher
+
+    teacher_dir, _ = tiny_teacher_dir
+    run = tmp_path / "search"
+    cmd = [sys.executable, "-m", "elm.search", "space=tiny", "space.hidden_size=32", "space.causal=true",
+           f"teacher.name={teacher_dir}", "space.blocks=[bert,llama]", "+space.families.llama={heads: 4, group: 2}",
+           "data.max_docs=60", "data.seq_len=32", "search.epochs=2", "search.steps_per_epoch=2", "search.batch_size=4",
+           "search.eval_batches=1", "search.analysis_batch_size=4", "~search.budgets.tiny", "search.budgets.small=40000",
+           "logger=none", "progress=false", "plots.enabled=false", "device=cpu", f"hydra.run.dir={run}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    assert {"L0.llama", "L0.llama.gqa2", "L1.llama.gqa2"} <= set(epochs[-1]["pca"])
+    searched = ArchConfig.from_json(run / "arch.json")
+    heads = epochs[-1]["heads"]
+    arch = ArchConfig(**{**searched.to_dict(), "layers": [
+        LayerConfig("llama", num_heads=heads["L0.llama.gqa2"], head_dim=16, ffn_dim=epochs[-1]["ffn"]["L0.llama.gqa2"], share="gqa2"),
+        LayerConfig("llama", num_heads=heads["L1.llama"], head_dim=16, ffn_dim=epochs[-1]["ffn"]["L1.llama"])]})  # fmt: skip
+    teacher = load_teacher(teacher_dir)
+    model, info = init_from_search(run, arch, teacher, ElmForCausalLM)
+    assert info["candidates"] == ["L0.llama.gqa2", "L1.llama"]
+    model.save_pretrained(tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert loaded.config.block_layouts == {"llama": "llama"}
+    ids = torch.tensor([[5, 9, 17, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+    out = loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 10) and torch.equal(out[:, :4], ids)
+
+
 @pytest.mark.slow
 def test_causal_pipeline_end_to_end(tiny_teacher_dir, tmp_path):
     """The real ``python -m elm.causal.pipeline`` at toy size: every number of the table computed,

@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from elm import ArchConfig, ElmForSequenceClassification, LayerConfig, config_from_arch
+from elm.blocks import family
 from elm.compare import layer_params, measure_latency, measure_side_by_side, random_arch, uniform_arch
 from elm.compare.report import table_csv, table_markdown, write_comparison
 from elm.compare.run import _check_inputs, compose_config, run_compare
@@ -69,7 +70,8 @@ def check_in_space(arch: ArchConfig, space: SpaceConfig) -> None:
     widths = set(range(space.ffn_init, space.ffn_max + 1, space.ffn_unit))
     assert arch.num_layers == space.num_layers and arch.hidden_size == space.hidden_size
     for la in arch.layers:
-        assert la.block in space.blocks and la.share in space.shares and la.ffn_dim in widths
+        assert la.block in space.blocks and la.share in family(la.block).shares(space) and la.ffn_dim in widths
+        assert la.num_heads % family(la.block).head_step(la.share) == 0  # (grouped queries: whole groups)
         assert la.head_dim == space.head_dim_of(la.block)
         assert 1 <= la.num_heads <= space.heads_of(la.block)
         fields = space.layer_fields(la.block, la.share)
@@ -112,6 +114,18 @@ def test_random_arch_draws_mobilebert_heads_of_their_own_width():
         check_in_space(arch, space)
     with pytest.raises(ValueError, match="no random architecture"):
         random_arch(SPACE, 10_000, np.random.default_rng(0), like=like, max_tries=5)
+
+
+def test_random_arch_of_a_space_with_llama_blocks_keeps_whole_query_groups():
+    space = SpaceConfig(hidden_size=256, blocks=["bert", "mobilebert", "llama"], families={"llama": {"heads": 8, "group": 4}})
+    like, budget = searched_arch(), 2_000_000
+    archs = [random_arch(space, budget, np.random.default_rng(s), like=like, min_params=budget - 200_000, max_tries=s % 3 + 1)
+             for s in range(12)]  # fmt: skip
+    shares = {la.share for a in archs for la in a.layers if la.block == "llama"}
+    assert shares == {"none", "gqa4"}
+    for arch in archs:
+        check_in_space(arch, space)
+        assert budget - 200_000 <= layer_params(arch) <= budget
 
 
 def test_latency_is_a_positive_median():

@@ -47,6 +47,7 @@ def mixed_arch(causal: bool) -> ArchConfig:
                 "mobilebert", num_heads=2, head_dim=4, ffn_dim=10, num_ffn=2, bottleneck_size=16, share="kv"
             ),
             LayerConfig("bert", num_heads=3, head_dim=4, ffn_dim=8, share="none"),
+            LayerConfig("llama", num_heads=4, head_dim=4, ffn_dim=12, share="gqa2"),  # pre-RMSNorm, rotary, GQA
         ],
     ).validate()
 
@@ -104,7 +105,8 @@ def cls_export(tmp_path_factory):
 def test_export_folder_is_self_contained(mlm_export, causal_export):
     for arch, _, path in (mlm_export, causal_export):
         files = set(os.listdir(path))
-        assert {"config.json", "model.safetensors", "configuration_elm.py", "modeling_elm.py"} <= files
+        assert {"config.json", "model.safetensors", "configuration_elm.py", "modeling_elm.py",
+                "modeling_elm_llama.py"} <= files  # fmt: skip
         auto_map = json.loads((path / "config.json").read_text())["auto_map"]
         expected = {
             "AutoConfig": "configuration_elm.ElmConfig",
@@ -115,11 +117,12 @@ def test_export_folder_is_self_contained(mlm_export, causal_export):
         if arch.causal:
             expected["AutoModelForCausalLM"] = "modeling_elm.ElmForCausalLM"
         assert auto_map == expected
-        # the shipped code imports only its sibling (relatively), never the elm package
-        for name in ("modeling_elm.py", "configuration_elm.py"):
+        # the shipped code imports only its siblings (relatively), never the elm package
+        for name in ("modeling_elm.py", "configuration_elm.py", "modeling_elm_llama.py"):
             for node in ast.walk(ast.parse((path / name).read_text())):
                 if isinstance(node, ast.ImportFrom) and node.level:
-                    assert node.level == 1 and node.module == "configuration_elm", name
+                    assert node.level == 1 and node.module in ("configuration_elm", "modeling_elm",
+                                                               "modeling_elm_llama"), name  # fmt: skip
                 elif isinstance(node, (ast.Import, ast.ImportFrom)):
                     modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                     assert not any(m == "elm" or m.startswith("elm.") for m in modules), name

@@ -18,7 +18,8 @@ from elm.retrain.onnx import export_onnx, padded_batch
 def _save(tmp_path, cls, **config):
     arch = ArchConfig(hidden_size=32, embedding_size=16, vocab_size=120, max_positions=64, layers=[
         LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=48, share="qv"),
-        LayerConfig("mobilebert", num_heads=2, head_dim=8, ffn_dim=24, num_ffn=2, bottleneck_size=16)]).validate()  # fmt: skip
+        LayerConfig("mobilebert", num_heads=2, head_dim=8, ffn_dim=24, num_ffn=2, bottleneck_size=16),
+        LayerConfig("llama", num_heads=4, head_dim=8, ffn_dim=24, share="gqa2")]).validate()  # fmt: skip
     torch.manual_seed(0)
     model = cls(config_from_arch(arch, **config)).eval()
     model.save_pretrained(tmp_path)

@@ -49,6 +49,11 @@ class BlockFamily:
             carry it per family in ``ElmConfig.block_activations``.
         identity: the block is the identity (no attention, no FFN, no parameters): choosing it for a
             layer removes the layer, so the search trades depth for width (see :data:`SKIP`).
+        layout: the exported layer's layout (``ElmConfig.block_layouts``, read by the remote code):
+            ``post_ln`` (BERT / MobileBERT) or ``llama`` (:mod:`elm.blocks.llama`).
+
+    A family whose blocks are built differently subclasses this and overrides the methods below
+    (:meth:`share_modes`, :meth:`parameters`, :meth:`candidate`, ...): ``elm.blocks.llama`` does.
     """
 
     name: str
@@ -60,6 +65,7 @@ class BlockFamily:
     pca_threshold_field: str | None = None
     activation: str = "gelu"
     identity: bool = False
+    layout: str = "post_ln"
 
     # ---- the space's settings for this family ---------------------------------------------
     def settings(self, space: Any) -> dict[str, Any]:
@@ -93,9 +99,23 @@ class BlockFamily:
     def bottleneck_size(self, space: Any) -> int | None:
         return self.settings(space)["bottleneck_size"] if self.bottleneck else None
 
-    def shares(self, shares: list[str]) -> list[str]:
-        """The sharing modes its candidates take of the space's (an identity block has no attention)."""
-        return ["none"] if self.identity else list(shares)
+    def shares(self, space: Any) -> list[str]:
+        """The sharing modes its candidates take in ``space``: the space's ``shares`` (an identity
+        block has no attention)."""
+        return ["none"] if self.identity else list(space.shares)
+
+    def share_modes(self) -> tuple[str, ...]:
+        """The sharing modes a layer of this family may have (``LayerConfig.share``)."""
+        return ("none",) if self.identity else SHARE_MODES
+
+    def head_step(self, share: str) -> int:  # noqa: ARG002 (a family with head groups reads it)
+        """Heads a layer of this family gains or loses at a time (1; grouped-query attention: the group)."""
+        return 1
+
+    def check_share(self, share: Any, where: str) -> None:
+        if share not in self.share_modes():
+            raise ArchError(f"{where}.share={share!r} is unknown for block={self.name!r}; valid: "
+                            f"{', '.join(self.share_modes())}")  # fmt: skip
 
     def layer_fields(self, space: Any, share: str) -> dict[str, Any]:
         """``LayerConfig`` fields of this family's candidates in ``space`` (all but heads and FFN width)."""
@@ -140,6 +160,40 @@ class BlockFamily:
         w = layer.bottleneck_size
         return (hidden_size * w + w + 2 * w) + (w * hidden_size + hidden_size + 2 * hidden_size)
 
+    def parameters(self, layer: Any, hidden_size: int) -> int:
+        """Exact parameter count of one layer of this family, from its description alone."""
+        if self.identity:
+            return 0
+        w = self.width(layer, hidden_size)
+        n = attention_parameters(w, layer.num_heads, layer.head_dim, layer.share)
+        n += layer.num_ffn * ffn_parameters(w, layer.ffn_dim)
+        return n + self.extra_parameters(layer, hidden_size)
+
+    # ---- its elastic candidate in a supernet --------------------------------------------------
+    def candidate(self, hidden_size: int, max_heads: int, head_dim: int, share: str, ffn_init: int, ffn_max: int,
+                  num_ffn: int = 1, bottleneck_size: int | None = None, dropout: float = 0.1,
+                  attention_dropout: float | None = None):  # fmt: skip
+        """A supernet candidate of this family (``elm.supernet.elastic``; imported here on use)."""
+        from ..supernet.elastic import CandidateBlock, IdentityCandidate
+
+        if self.identity:
+            return IdentityCandidate(self.name, hidden_size)
+        return CandidateBlock(self.name, hidden_size, max_heads, head_dim, share, ffn_init, ffn_max, num_ffn=num_ffn,
+                              bottleneck_size=bottleneck_size, dropout=dropout, attention_dropout=attention_dropout)  # fmt: skip
+
+
+SHARE_MODES = ("none", "qv", "kv")  # the attention sharing modes of the BERT families [paper]
+
+
+def attention_parameters(width: int, num_heads: int, head_dim: int, share: str) -> int:
+    a = num_heads * head_dim
+    projections = 3 if share == "none" else 2
+    return projections * (width * a + a) + a * width + width + 2 * width
+
+
+def ffn_parameters(width: int, ffn_dim: int) -> int:
+    return 2 * width * ffn_dim + ffn_dim + width + 2 * width
+
 
 BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, defaults=(("heads", 8),))
 # W-PCA: 4 heads behind a bottleneck (head width: the space's unless set, e.g. 4 x 33 in ELM-Small) and
@@ -155,7 +209,9 @@ MOBILEBERT = BlockFamily("mobilebert", "MobileBERT", "#ffb703", bottleneck=True,
 # each kept layer keeps the teacher state it was distilled towards (Supernet.kept_boundaries).
 SKIP = BlockFamily("skip", "skip", "#d9d9d9", bottleneck=False, stacked_ffns=False, identity=True)
 
-BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT, SKIP)}
+from .llama import LLAMA  # noqa: E402 (a family subclass: needs BlockFamily above)
+
+BLOCKS: dict[str, BlockFamily] = {f.name: f for f in (BERT, MOBILEBERT, SKIP, LLAMA)}
 DEFAULT_BLOCKS = (BERT.name, MOBILEBERT.name)  # SpaceConfig.blocks when none are given
 # space settings that were flat ``SpaceConfig`` fields before they moved under ``space.families``:
 # states and run dirs written then still load (``SpaceConfig.from_dict``)

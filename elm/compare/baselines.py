@@ -104,11 +104,12 @@ def _ffn_choices(space: SpaceConfig) -> list[int]:
 
 def _random_layer(space: SpaceConfig, rng: np.random.Generator) -> LayerConfig:
     """A layer the searched space holds: the block family's own head count and head width (its
-    ``head_dim`` setting when set), an FFN width the growth can reach."""
+    ``head_dim`` setting when set; a grouped-query family rounds the heads up to whole groups), an
+    FFN width the growth can reach."""
     block = str(rng.choice(space.blocks))
     heads = int(rng.integers(1, max(1, space.heads_of(block)) + 1))
     ffn_dim = int(rng.choice(_ffn_choices(space)))
-    share = str(rng.choice(family(block).shares(space.shares)))
+    share = str(rng.choice(family(block).shares(space)))
     return LayerConfig(**family(block).layer_config_fields(space, share, heads, ffn_dim))
 
 
@@ -117,8 +118,9 @@ def _moves(space: SpaceConfig, layer: LayerConfig, sign: int) -> list[dict[str, 
     widths, moves = _ffn_choices(space), []
     if family(layer.block).identity:  # nothing to widen or narrow
         return moves
-    heads = layer.num_heads + sign
-    if 1 <= heads <= space.heads_of(layer.block):
+    step = family(layer.block).head_step(layer.share)  # (grouped-query attention: whole groups)
+    heads = layer.num_heads + sign * step
+    if step <= heads <= space.heads_of(layer.block):
         moves.append({"num_heads": heads})
     i = widths.index(layer.ffn_dim) + sign if layer.ffn_dim in widths else -1
     if 0 <= i < len(widths):

@@ -44,9 +44,11 @@ def register() -> None:
 
 def config_from_arch(arch: ArchConfig, **kwargs) -> ElmConfig:
     """An ``ElmConfig`` for a validated architecture (extra kwargs: dropout, num_labels, ...), with
-    the FFN activation of each of its block families (``elm.blocks``)."""
+    the FFN activation and layer layout of each of its block families (``elm.blocks``)."""
     arch = arch.validate()
     kwargs.setdefault("block_activations", {layer.block: family(layer.block).activation for layer in arch.layers})
+    kwargs.setdefault("block_layouts", {layer.block: family(layer.block).layout for layer in arch.layers
+                                        if family(layer.block).layout != "post_ln"})  # fmt: skip
     return ElmConfig.from_arch_dict(arch.to_dict(), **kwargs)
 
 

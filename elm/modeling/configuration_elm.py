@@ -32,6 +32,7 @@ class ElmConfig(PretrainedConfig):
         classifier_dropout: float | None = None,
         pad_token_id: int | None = 0,
         block_activations: dict[str, str] | None = None,
+        block_layouts: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -52,6 +53,8 @@ class ElmConfig(PretrainedConfig):
         # FFN activation per block family ({"bert": "gelu", ...}), written from elm's block registry
         # so that the remote code needs none (modeling_elm.block_activation)
         self.block_activations = dict(block_activations or {})
+        # layer layout per block family when not the post-LayerNorm one ({"llama": "llama"}), idem
+        self.block_layouts = dict(block_layouts or {})
         kwargs.setdefault("is_decoder", causal)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

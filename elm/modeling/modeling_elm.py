@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
 
 from .configuration_elm import ElmConfig
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # FFN activations by name (ElmConfig.block_activations)
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}  # FFN activations by name (ElmConfig.block_activations)
 
 
 def block_activation(config: ElmConfig, layer: dict) -> str:
@@ -36,6 +36,14 @@ def block_activation(config: ElmConfig, layer: dict) -> str:
     before ``block_activations`` existed had GELU in BERT blocks and ReLU in bottleneck blocks."""
     named = (getattr(config, "block_activations", None) or {}).get(layer["block"])
     return named or ("relu" if layer.get("bottleneck_size") is not None else "gelu")
+
+
+def block_layout(config: ElmConfig, layer: dict) -> str:
+    """The layer layout of a layer's family, as the export recorded it (``ElmConfig.block_layouts``):
+    ``post_ln`` (BERT / MobileBERT: post-LayerNorm attention and FFNs, the default) or ``llama``
+    (pre-RMSNorm grouped-query attention with rotary positions and a SwiGLU FFN,
+    ``modeling_elm_llama``)."""
+    return (getattr(config, "block_layouts", None) or {}).get(layer["block"], "post_ln")
 
 # Auto classes an export loads with under ``trust_remote_code=True``. ``save_pretrained`` only
 # writes the saved class into ``config.auto_map``; ElmPreTrainedModel.save_pretrained adds all of them.
@@ -213,10 +221,15 @@ class ElmLayer(nn.Module):
             self.bottleneck_out = nn.Linear(width, h)
             self.norm_out = nn.LayerNorm(h, eps=config.layer_norm_eps)
             self.dropout = Dropout(config.hidden_dropout_prob)
-        self.attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
-        self.ffns = nn.ModuleList(
-            ElmFFN(config, width, layer["ffn_dim"], block_activation(config, layer)) for _ in range(layer.get("num_ffn", 1))
-        )
+        heads, head_dim, share, ffns = layer["num_heads"], layer["head_dim"], layer["share"], layer.get("num_ffn", 1)
+        if block_layout(config, layer) == "llama":  # (shipped beside this file, imported on use)
+            from .modeling_elm_llama import ElmGroupedAttention, ElmSwiGLU
+
+            self.attention = ElmGroupedAttention(config, width, heads, head_dim, share)
+            self.ffns = nn.ModuleList(ElmSwiGLU(config, width, layer["ffn_dim"]) for _ in range(ffns))
+            return
+        self.attention = ElmAttention(config, width, heads, head_dim, share)
+        self.ffns = nn.ModuleList(ElmFFN(config, width, layer["ffn_dim"], block_activation(config, layer)) for _ in range(ffns))
 
     def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False, cache=None,
                 layer_idx: int = 0):  # fmt: skip

@@ -162,9 +162,9 @@ def untrained_twin(supernet: Supernet, cand: CandidateBlock) -> CandidateBlock:
     width = supernet.space.ffn_init
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TWIN_SEED)
-        twin = CandidateBlock(cand.block, cand.hidden_size, cfg.num_heads, cfg.head_dim, cand.share,
-                              ffn_init=width, ffn_max=width, num_ffn=cfg.num_ffn,
-                              bottleneck_size=cand.bottleneck_size, dropout=0.0)  # fmt: skip
+        twin = family(cand.block).candidate(cand.hidden_size, cfg.num_heads, cfg.head_dim, cand.share,
+                                            ffn_init=width, ffn_max=width, num_ffn=cfg.num_ffn,
+                                            bottleneck_size=cand.bottleneck_size, dropout=0.0)  # fmt: skip
     return twin.to(next(cand.parameters()).device).eval()
 
 

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..blocks import BLOCKS, ArchError, family
+from ..blocks import BLOCKS, SHARE_MODES, ArchError, family  # noqa: F401 (SHARE_MODES: re-exported)
 
 BLOCK_TYPES = tuple(BLOCKS)  # the built-in block families; checks read elm.blocks.BLOCKS (registry)
-SHARE_MODES = ("none", "qv", "kv")
 FFN_UNIT = 132  # [paper] FFN widths move in units of 132
 
 BlockType = str  # a name in BLOCK_TYPES
-ShareMode = Literal["none", "qv", "kv"]
+ShareMode = str  # one of its family's share_modes(): "none", "qv", "kv" (BERT families), "gqa<g>" (llama)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -62,8 +61,7 @@ class LayerConfig:
     def validate(self, hidden_size: int, where: str = "layer") -> None:
         if self.block not in BLOCKS:
             raise ArchError(f"{where}.block={self.block!r} is unknown; valid: {', '.join(BLOCKS)}")
-        if self.share not in SHARE_MODES:
-            raise ArchError(f"{where}.share={self.share!r} is unknown; valid: {', '.join(SHARE_MODES)}")
+        family(self.block).check_share(self.share, where)
         if not family(self.block).identity:  # (an identity block checks its zeros itself)
             for name in ("num_heads", "head_dim", "ffn_dim", "num_ffn"):
                 _positive_int(f"{where}.{name}", getattr(self, name))
@@ -185,21 +183,6 @@ def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(data)
 
 
-def attention_parameters(width: int, num_heads: int, head_dim: int, share: str) -> int:
-    a = num_heads * head_dim
-    projections = 3 if share == "none" else 2
-    return projections * (width * a + a) + a * width + width + 2 * width
-
-
-def ffn_parameters(width: int, ffn_dim: int) -> int:
-    return 2 * width * ffn_dim + ffn_dim + width + 2 * width
-
-
 def layer_parameters(layer: LayerConfig, hidden_size: int) -> int:
-    """Exact parameter count of one block, from its description alone."""
-    if family(layer.block).identity:
-        return 0
-    w = layer.width(hidden_size)
-    n = attention_parameters(w, layer.num_heads, layer.head_dim, layer.share)
-    n += layer.num_ffn * ffn_parameters(w, layer.ffn_dim)
-    return n + family(layer.block).extra_parameters(layer, hidden_size)
+    """Exact parameter count of one block, from its description alone (its family's count)."""
+    return family(layer.block).parameters(layer, hidden_size)

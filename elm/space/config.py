@@ -69,7 +69,7 @@ class SpaceConfig:
     def candidates(self) -> list[tuple[str, str]]:
         """``(block, share)`` of every candidate of a layer: ``blocks`` x ``shares``, one per family
         that takes no sharing mode (the identity ``skip``)."""
-        return [(block, share) for block in self.blocks for share in family(block).shares(self.shares)]
+        return [(block, share) for block in self.blocks for share in family(block).shares(self)]
 
     def validate(self) -> SpaceConfig:
         bad = [b for b in self.blocks if b not in BLOCKS]

@@ -107,13 +107,17 @@ class ElasticAttention(nn.Module):
             raise ValueError(f"heads {heads} must be distinct active heads of {active}")
         order = list(heads) + [h for h in range(self.max_heads) if h not in heads]
         perm = torch.tensor(order)
-        d, n = self.head_dim, self.projections
-        rows = (torch.arange(n)[:, None, None] * self.max_heads + perm[None, :, None]) * d + torch.arange(d)
-        _permute_(optimizer, self.qkv.weight, rows.flatten(), 0)
-        _permute_(optimizer, self.qkv.bias, rows.flatten(), 0)
-        cols = (perm[:, None] * d + torch.arange(d)).flatten()
+        rows = self.qkv_rows(perm).flatten()
+        _permute_(optimizer, self.qkv.weight, rows, 0)
+        _permute_(optimizer, self.qkv.bias, rows, 0)
+        cols = (perm[:, None] * self.head_dim + torch.arange(self.head_dim)).flatten()
         _permute_(optimizer, self.out.weight, cols, 1)
         self.active_heads = len(heads)
+
+    def qkv_rows(self, perm: torch.Tensor) -> torch.Tensor:
+        """Rows of the fused projection in head order ``perm`` (layout [projection, head, head_dim])."""
+        d, n = self.head_dim, self.projections
+        return (torch.arange(n)[:, None, None] * self.max_heads + perm[None, :, None]) * d + torch.arange(d)
 
 
 class ElasticFFN(nn.Module):
@@ -151,6 +155,10 @@ class ElasticFFN(nn.Module):
             self.last_hidden = hidden.detach()
         return self.norm(x + self.dropout(self.down(hidden, in_features=self.active_dim)))
 
+    def input_projections(self) -> list[ElasticLinear]:
+        """The projections that give a unit its input weights (fresh ones are drawn on growth)."""
+        return [self.up]
+
     @torch.no_grad()
     def grow(self, new_dim: int, optimizer: torch.optim.Optimizer | None = None, std: float = 0.02,
              generator: torch.Generator | None = None) -> None:  # fmt: skip
@@ -165,12 +173,13 @@ class ElasticFFN(nn.Module):
         units = torch.arange(self.max_dim, device=self.inherited.device)[new]
         fresh, kept = units[~self.inherited[new]], units[self.inherited[new]]
         self.down.bias -= self.down.weight[:, kept] @ self.unit_mean[kept]  # they now speak for themselves
-        noise = torch.randn(len(fresh), self.up.weight.shape[1], generator=generator)
-        self.up.weight[fresh] = noise.to(self.up.weight) * std
-        self.up.bias[fresh] = 0
+        for linear in self.input_projections():  # (SwiGLU: the gate, then up)
+            noise = torch.randn(len(fresh), linear.weight.shape[1], generator=generator)
+            linear.weight[fresh] = noise.to(linear.weight) * std
+            linear.bias[fresh] = 0
+            _reset_state(optimizer, linear.weight, new)
+            _reset_state(optimizer, linear.bias, new)
         self.down.weight[:, fresh] = 0
-        _reset_state(optimizer, self.up.weight, new)
-        _reset_state(optimizer, self.up.bias, new)
         _reset_state(optimizer, self.down.weight, (slice(None), new))
         self.active_dim = new_dim
 

@@ -31,7 +31,11 @@ def _copy_attention(dst, src: ElasticAttention) -> None:
 
 @torch.no_grad()
 def copy_candidate(dst: ElmLayer, src: CandidateBlock) -> None:
-    """Copy a candidate's active weights into a standalone layer of the same configuration."""
+    """Copy a candidate's active weights into a standalone layer of the same configuration (a
+    family with its own candidate class copies itself: ``copy_into``)."""
+    if hasattr(src, "copy_into"):
+        src.copy_into(dst)
+        return
     if src.bottleneck:
         h, b = src.hidden_size, src.bottleneck_size
         _copy_linear(dst.bottleneck_in, src.bottleneck_in, b, h)

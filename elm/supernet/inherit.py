@@ -212,7 +212,10 @@ class LayerSource:
 
 @torch.no_grad()
 def inherit_candidate(cand: CandidateBlock, src: LayerSource) -> dict[str, bool]:
-    """Initialise ``cand`` from ``src`` (a MobileBERT candidate then needs :func:`fit_bottleneck_out`)."""
+    """Initialise ``cand`` from ``src`` (a MobileBERT candidate then needs :func:`fit_bottleneck_out`;
+    a family with its own candidate class inherits itself: ``inherit_from``)."""
+    if hasattr(cand, "inherit_from"):
+        return cand.inherit_from(src)
     layer, inputs, head_mean, neuron_mean = src.layer, src.inputs, src.head_mean, src.neuron_mean
     if cand.bottleneck:
         basis = Basis.pca(inputs, cand.bottleneck_size)

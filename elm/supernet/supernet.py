@@ -24,7 +24,7 @@ from ..blocks import family
 from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
 from ..space import ArchConfig, ArchError, SpaceConfig
 from .basis import Basis
-from .elastic import CandidateBlock, IdentityCandidate, uniform_layer_map
+from .elastic import uniform_layer_map
 
 
 class Supernet(nn.Module):
@@ -76,24 +76,12 @@ class Supernet(nn.Module):
         self.active = [0] * space.num_layers
         self.pad_token_id = pad_token_id
 
-    def _candidate(self, block: str, share: str) -> CandidateBlock | IdentityCandidate:
-        s = self.space
-        if family(block).identity:
-            return IdentityCandidate(block, s.hidden_size)
-        fields = s.layer_fields(block, share)
-        return CandidateBlock(
-            block=block,
-            hidden_size=s.hidden_size,
-            max_heads=s.heads_of(block),
-            head_dim=fields["head_dim"],
-            share=share,
-            ffn_init=s.ffn_init,
-            ffn_max=s.ffn_max,
-            num_ffn=fields["num_ffn"],
-            bottleneck_size=fields["bottleneck_size"],
-            dropout=s.dropout,
-            attention_dropout=s.dropout if s.attention_dropout is None else s.attention_dropout,
-        )
+    def _candidate(self, block: str, share: str):
+        s, fields = self.space, self.space.layer_fields(block, share)
+        return family(block).candidate(s.hidden_size, max_heads=s.heads_of(block), head_dim=fields["head_dim"],
+                                       share=share, ffn_init=s.ffn_init, ffn_max=s.ffn_max, num_ffn=fields["num_ffn"],
+                                       bottleneck_size=fields["bottleneck_size"], dropout=s.dropout,
+                                       attention_dropout=s.dropout if s.attention_dropout is None else s.attention_dropout)  # fmt: skip
 
     # ---- search-time path -----------------------------------------------------------------
     @classmethod
