@@ -185,16 +185,14 @@ def generate(
 def left_padded(tokenizer, prompts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded batch of prompts (no special tokens), each keeping its last ``max_tokens`` tokens."""
     from .prompts import encode_prompt
+    from .rollout import left_pad
 
     rows = [encode_prompt(tokenizer, p) for p in prompts]
     if max_tokens is not None:
         rows = [r[-max_tokens:] for r in rows]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt tokenises to nothing; every prompt needs at least one token")
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id, "cpu")
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -53,9 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,9 +65,10 @@ from tqdm.auto import tqdm
 
 from ..distill.losses import forward_kl, reverse_kl
 from ..train import clip_and_step
-from ..utils.io import DONE_FILE, atomic_write_json, replace_dir
+from ..utils.io import DONE_FILE, atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
+from ..utils.settings import check_choice
 from .common import StepBudget, set_threads
 from .prompts import encode_pair, encode_prompt, end_ids
 from .rollout import logits, minillm_loss, newline_ids, sample_rollouts, teacher_forced_kl
@@ -163,10 +162,8 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     ``corpus``: packed blocks (``load_corpus``), needed for ``m.data=corpus`` or ``m.pt_coef > 0``.
     Returns the step budget record, per-step ``history`` and validation metrics before/after.
     """
-    if m.objective not in OBJECTIVES:
-        raise ValueError(f"minillm.objective={m.objective!r} is unknown; valid: {', '.join(OBJECTIVES)}")
-    if m.data not in ("prompts", "corpus"):
-        raise ValueError(f"minillm.data={m.data!r} is unknown; valid: prompts, corpus")
+    check_choice("minillm.objective", m.objective, OBJECTIVES)
+    check_choice("minillm.data", m.data, ("prompts", "corpus"))
     needs_corpus = m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")
     if needs_corpus and corpus is None:
         raise ValueError("minillm.pt_coef > 0 or minillm.data=corpus needs the corpus")
@@ -264,9 +261,7 @@ def export_student(model, tokenizer, out_dir: str | Path, info: dict[str, Any]) 
     """``save_pretrained`` (model + tokenizer + ``minillm_info.json``, ``arch.json`` for ELM models)
     into a temporary sibling directory, renamed to ``out_dir``; ``DONE`` last."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model.config, "model_type", None) == "elm":
@@ -275,10 +270,6 @@ def export_student(model, tokenizer, out_dir: str | Path, info: dict[str, Any]) 
             arch_from_config(model.config).to_json(tmp / "arch.json")
         atomic_write_json(tmp / INFO_FILE, info)
         (tmp / "README.md").write_text(student_card(info))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_json(out_dir / DONE_FILE, {"stage": "minillm", "objective": info.get("objective")})
     return out_dir
 

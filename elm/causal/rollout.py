@@ -52,9 +52,7 @@ class Rollout:
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
-    mask = torch.tensor(
-        [[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device
-    )
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     return ids, mask
 
 

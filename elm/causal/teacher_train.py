@@ -29,9 +29,7 @@ import json
 import logging
 import math
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from tqdm.auto import tqdm
 from ..data.collate import CLMCollator, make_loader
 from ..train import clip_and_step
 from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
-from ..utils.io import atomic_write_json, replace_dir
+from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast, resolve_device, seed_everything
 from ..utils.settings import compose_config
@@ -262,8 +260,6 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.seed)
     from ..data.corpus import load_corpus
 
-    if cfg.data.seq_len > cfg.model.n_positions:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.n_positions={cfg.model.n_positions}")
     data = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
                        seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
     if len(data["train"]) < cfg.train.batch_size:
@@ -300,16 +296,10 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
         "total_time_s": time.perf_counter() - t0,
         "settings": settings,
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / INFO_FILE, info)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if run_dir is not None:
         atomic_write_json(Path(run_dir) / INFO_FILE, {**info, "out_dir": str(out)})
     return {**info, "out_dir": str(out)}

@@ -25,9 +25,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ..search.plots import save_figure
 from ..utils.io import atomic_write_text
 
-DPI = 120
 KD_SUFFIX = "+kd"  # a row's task key for its task-distilled score (elm.compare task_distill.enabled)
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
@@ -189,10 +189,7 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def write_comparison(

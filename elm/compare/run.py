@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig, SpaceConfig
-from ..utils.io import DONE_FILE, atomic_write_json
+from ..utils.io import DONE_FILE, atomic_write_json, read_json
 from ..utils.runtime import resolve_device
 from ..utils.settings import compose_config
 from .baselines import layer_params, random_arch, uniform_arch
@@ -159,24 +159,16 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
             ft = task_config(cfg, ft_cfg, str(task))
             ft.task = str(task)
             base = run_dir / "finetune" / model / task_label(str(task))
-            plain = _stored(base / RESULTS_FILE)
+            plain = read_json(base / RESULTS_FILE)
             if plain is not None:
                 ft.model = plain.get("model")
                 check_same_run(plain, ft, str(plain.get("model")), base / RESULTS_FILE)
             kd_path = base.with_name(base.name + KD_SUFFIX) / RESULTS_FILE
-            kd = _stored(kd_path)
+            kd = read_json(kd_path)
             if kd is not None and cfg.task_distill.enabled:
                 dcfg = distill_config(cfg, ft, str(kd.get("model")), str(retrain_cfg.teacher.name), run_dir)
                 dcfg.train.lr, dcfg.train.lr_sweep = (plain or {}).get("lr", dcfg.train.lr), None
                 check_same_run(kd, dcfg, str(kd.get("model")), kd_path)
-
-
-def _stored(path: Path) -> dict[str, Any] | None:
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return stored if isinstance(stored, dict) else None
 
 
 def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:

@@ -31,10 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,7 +40,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from elm.utils.hub import elm_cache_dir, hub_offline, load_tokenizer
-from elm.utils.io import usual_permissions
+from elm.utils.io import install_dir
 
 CACHE_VERSION = 2
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -420,15 +417,5 @@ def load_corpus(
                 f"of seq_len={seq_len} tokens; use more text, a smaller seq_len or a larger val_fraction"
             )
 
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_root))
-    try:
-        splits.save_to_disk(str(tmp))
-        usual_permissions(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "dataset_dict.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    install_dir(target, lambda tmp: splits.save_to_disk(str(tmp)), "dataset_dict.json")
     return load_from_disk(str(target))

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.hub import quiet_transformers
+
 log = logging.getLogger("elm.distill_task")
 
 
@@ -117,18 +119,14 @@ def augment(rows: list[dict[str, list[int]]], mlm: Any, tokenizer: Any, *, n: in
 
 def load_proposer(spec: str, teacher_source: str, student: str) -> tuple[Any, str]:
     """The masked LM that proposes replacements and where it came from (see the module docstring)."""
-    import transformers
     from transformers import AutoModelForMaskedLM
 
     def masked_lm(path: str, need_head: bool) -> Any:
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
         try:
-            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            with quiet_transformers():
+                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"augment.mlm: cannot load a masked LM from {path!r}: {err}".splitlines()[0]) from None
-        finally:
-            transformers.logging.set_verbosity(verbosity)
         missing = [k for k in info.get("missing_keys", []) if "embeddings" not in k]
         return None if (missing and need_head) else model
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ from ..finetune.run import (
     run_finetune,
 )
 from ..utils.fingerprint import digest
-from ..utils.hub import load_tokenizer
+from ..utils.hub import load_tokenizer, quiet_transformers
+from ..utils.io import replace_dir
 from ..utils.runtime import resolve_device
 from ..utils.settings import check_number
 from .teacher import task_teacher
@@ -122,16 +122,11 @@ class TaskDistiller:
     def teacher_model(self) -> Any:
         """The fine-tuned teacher (eager attention when its maps are distilled), loaded once, frozen."""
         if self._teacher is None:
-            import transformers
             from transformers import AutoModelForSequenceClassification
 
             kwargs = {"attn_implementation": "eager"} if self.kd.attention > 0 else {}
-            verbosity = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()
-            try:
+            with quiet_transformers():
                 model = AutoModelForSequenceClassification.from_pretrained(self.teacher_info["path"], **kwargs)
-            finally:
-                transformers.logging.set_verbosity(verbosity)
             self._teacher = model.eval().requires_grad_(False)
         return self._teacher
 
@@ -189,11 +184,7 @@ class TaskDistiller:
         tmp = out.with_name(out.name + ".tmp")
         Dataset.from_list(rows).save_to_disk(str(tmp))
         (tmp / "elm_rows.json").write_text(json.dumps(meta))
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
         return str(out), meta
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, read_json
 from ..utils.preempt import Preemption, maybe_inject_kill
 from ..utils.runtime import any_rank, barrier, broadcast_object, dist_info
 
@@ -103,11 +103,8 @@ def checkpoint_dirs(seed_dir: Path) -> list[Path]:
 
 def read_marker(ckpt: Path) -> dict[str, Any] | None:
     """The marker of a complete checkpoint (None when absent or unreadable)."""
-    try:
-        marker = json.loads((ckpt / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("step") == _step(ckpt) else None
+    marker = read_json(ckpt / MARKER)
+    return marker if marker is not None and marker.get("step") == _step(ckpt) else None
 
 
 def last_complete_checkpoint(seed_dir: Path, clean: bool = False) -> Path | None:

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
-from ..utils.hub import load_tokenizer, push_model, reach_hub, resolve_model_path
+from ..utils.hub import load_tokenizer, push_model, quiet_transformers, reach_hub, resolve_model_path
 from ..utils.io import atomic_write_json, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision
@@ -228,20 +228,15 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     ``distill``: task distillation (:class:`elm.distill_task.run.TaskDistiller`): its trainer class,
     collator and the training rows it prepared replace the plain ones.
     """
-    import transformers
     from transformers import AutoModelForSequenceClassification, PrinterCallback, Trainer
 
     device = resolve_device(cfg.device)
     rank = dist_info()[0]
     seed_everything(seed)  # the fresh head's init depends on the seed
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is the point here
-    try:
+    with quiet_transformers():  # "newly initialised classifier" is the point here
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=task.num_labels, ignore_mismatched_sizes=bool(cfg.reinit_head)
         )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # causal models pool the last real token
     if task.label_names and len(task.label_names) == task.num_labels:  # pipelines print names, not LABEL_k

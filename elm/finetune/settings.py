@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ..utils.hub import check_hub_settings
-from ..utils.settings import check_number
+from ..utils.settings import check_choice, check_number
 
 
 def batch_sizes(t: DictConfig, world: int) -> tuple[int, int]:
@@ -61,8 +61,7 @@ def check_finetune_settings(cfg: DictConfig) -> list[int]:
     check_number("data.max_eval", d.get("max_eval"), 1, none=True)
     check_number("data.split_seed", d.split_seed, 0)
     check_number("data.holdout", d.get("holdout"), 0, integer=False, strict=True, high=0.99, none=True)
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={cfg.precision!r} is unknown; valid: bf16, fp32")
+    check_choice("precision", cfg.precision, ("bf16", "fp32"))
     hub_seed(cfg, seeds)
     return seeds
 

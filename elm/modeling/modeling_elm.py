@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -355,15 +355,10 @@ class ElmModel(ElmPreTrainedModel):
         causal = self.config.causal
         cache = cache if cache is not None else kwargs.get("past_key_values")  # (the name before transformers 5.24)
         if use_cache and cache is None and causal:
-            from transformers import DynamicCache
-
             cache = DynamicCache()
         cache = cache if causal else None  # a KV cache only makes sense left to right
-        if cache is not None:
-            from transformers import DynamicCache
-
-            if not isinstance(cache, DynamicCache):  # a static cache returns all its slots: the mask would not fit
-                raise ValueError(f"ELM models take a DynamicCache (generate's default), got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, DynamicCache):  # a static cache returns all its slots: the mask would not fit
+            raise ValueError(f"ELM models take a DynamicCache (generate's default), got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
         if past and past + input_ids.shape[1] > self.config.max_position_embeddings:  # (past 0: the embeddings check)
             raise ValueError(f"sequence length {past + input_ids.shape[1]} ({past} cached + {input_ids.shape[1]} new "

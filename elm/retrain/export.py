@@ -19,14 +19,12 @@ schedule, warmup_steps, weights, temperature, tokens_seen, train_time_s, teacher
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..modeling import arch_from_config
 from ..space import ArchConfig
-from ..utils.io import DONE_FILE, atomic_write_json, replace_dir
+from ..utils.io import DONE_FILE, atomic_dir, atomic_write_json
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -191,19 +189,12 @@ def model_card(model, info: dict[str, Any]) -> str:
 
 def export_model(model, tokenizer, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write the export (see the module docstring) atomically; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    info = info or {}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    out_dir, info = Path(out_dir), info or {}
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         arch_from_config(model.config).to_json(tmp / "arch.json")
         (tmp / "README.md").write_text(model_card(model, info))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = parameter_counts(model)
     atomic_write_json(out_dir / DONE_FILE, {"stage": "export", "params": counts["backbone"],
                                             "params_with_lm_head": counts["total"], "eval": info.get("eval")})  # fmt: skip

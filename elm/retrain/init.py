@@ -27,6 +27,7 @@ import torch
 from ..space import ArchConfig, SpaceConfig
 from ..supernet import Supernet, extract
 from ..supernet.basis import Basis
+from ..utils.hub import quiet_transformers
 from ..utils.io import DONE_FILE, SEARCH_STATE_FILE, load_checkpoint
 
 
@@ -207,19 +208,15 @@ def init_from_search(
 def init_from_model(path: str | Path, arch: ArchConfig, model_cls: type, **config_kwargs: Any):
     """A ``model_cls`` for ``arch`` starting from a saved elm model (e.g. a teacher slice written by
     ``elm.compare``); its architecture must be ``arch``. Heads it lacks keep their fresh init."""
-    import transformers
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise InitError(f"init_from={str(path)!r} is not a saved model dir (no config.json)")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a fresh LM head is expected
     try:
-        model = model_cls.from_pretrained(str(path), **config_kwargs)
+        with quiet_transformers():  # a fresh LM head is expected
+            model = model_cls.from_pretrained(str(path), **config_kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise InitError(f"init_from={str(path)!r} cannot be loaded as {model_cls.__name__}: {err}") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     saved = ArchConfig.from_dict(model.config.arch_dict())
     if saved.to_dict() != arch.to_dict():
         raise InitError(f"init_from={str(path)!r} holds another architecture than the one to retrain")

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from ..distill.losses import hidden_loss
 from ..train import SCHEDULES
-from ..utils.settings import check_number
+from ..utils.settings import check_choice, check_number
 
 
 def check_retrain_settings(cfg: DictConfig) -> None:
@@ -20,8 +20,7 @@ def check_retrain_settings(cfg: DictConfig) -> None:
     check_number("retrain.grad_accum", r.get("grad_accum", 1), 1)
     check_number("retrain.lr", r.lr, 0, integer=False, strict=True)
     check_number("retrain.weight_decay", r.weight_decay, 0, integer=False)
-    if r.schedule not in SCHEDULES:
-        raise ValueError(f"retrain.schedule={r.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    check_choice("retrain.schedule", r.schedule, SCHEDULES)
     check_number("retrain.warmup_steps", r.warmup_steps, 0)
     check_number("retrain.grad_clip", r.grad_clip, 0, integer=False, strict=True)
     check_number("retrain.dropout", r.dropout, 0, integer=False, high=0.9)

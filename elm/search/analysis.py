@@ -30,6 +30,7 @@ from ..blocks import family
 from ..distill.losses import cosine_diversity
 from ..space import SpaceConfig
 from ..supernet import CandidateBlock, Supernet
+from ..utils.settings import check_choice
 from .cka import head_cka_matrix, prune_by_cka
 from .pca import PCA_MODES, pca_score
 
@@ -67,10 +68,8 @@ class PCAConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"pca.{name}={value!r} must be in (0, 1]")
-        if self.mode not in PCA_MODES:
-            raise ValueError(f"pca.mode={self.mode!r} is unknown; valid: {', '.join(PCA_MODES)}")
-        if self.scope not in PCA_SCOPES:
-            raise ValueError(f"pca.scope={self.scope!r} is unknown; valid: {', '.join(PCA_SCOPES)}")
+        check_choice("pca.mode", self.mode, PCA_MODES)
+        check_choice("pca.scope", self.scope, PCA_SCOPES)
         return self
 
 
@@ -90,8 +89,7 @@ class CKAConfig:
     enabled: bool = True
 
     def validate(self, space: SpaceConfig) -> CKAConfig:
-        if self.when not in CKA_WHEN:
-            raise ValueError(f"cka.when={self.when!r} is unknown; valid: {', '.join(CKA_WHEN)}")
+        check_choice("cka.when", self.when, CKA_WHEN)
         if not 0 < self.threshold <= 1 or not 0 <= self.margin <= 1:
             raise ValueError(f"cka.threshold={self.threshold!r} must be in (0, 1] and cka.margin={self.margin!r} "
                              f"in [0, 1]")  # fmt: skip

@@ -24,6 +24,7 @@ from ..blocks import family
 from ..space import ArchConfig, ArchError, LayerConfig, SpaceConfig
 from ..supernet import Supernet
 from ..utils.io import atomic_write_json
+from ..utils.settings import check_choice
 from .selection import evolutionary_select, pareto_front, select_under_budget
 
 
@@ -78,8 +79,7 @@ def layer_param_range(space: SpaceConfig, min_heads: int = 1) -> tuple[int, int]
 
 def budget_reference(space: SpaceConfig, reference: str, teacher, min_heads: int = 1) -> int:
     """Layer parameters a fractional budget refers to (see the module doc)."""
-    if reference not in BUDGET_REFERENCES:
-        raise ValueError(f"search.budget_reference={reference!r} is unknown; valid: {', '.join(BUDGET_REFERENCES)}")
+    check_choice("search.budget_reference", reference, BUDGET_REFERENCES)
     return layer_param_range(space, min_heads)[1] if reference == "space" else teacher_layer_parameters(teacher)
 
 
@@ -125,8 +125,7 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
     ``dp`` (default): the exact DP over the block-wise validation scores. ``evolutionary``: the
     W-PCA-style search (:func:`select.evolutionary_select`) with the chained whole-model score of
     ``scorer`` (:class:`elm.search.score.ChainScorer`) as fitness, settings from ``evolution``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"search.strategy={strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    check_choice("search.strategy", strategy, STRATEGIES)
     keys = [[key for li2, _, key, _ in supernet.candidates() if li2 == li] for li in range(len(supernet.layers))]
     table = [[scores[k] for k in row] for row in keys]
     costs = cost_table(supernet)

@@ -42,7 +42,7 @@ def _finite(x: Any) -> bool:
         return False
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
@@ -56,7 +56,7 @@ def _no_data(path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -126,7 +126,7 @@ def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         by_label.values(), by_label.keys(), loc="outside lower center", ncol=min(len(by_label), 7), fontsize=8
     )
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cka_heatmap(
@@ -166,7 +166,7 @@ def plot_cka_heatmap(
     ax.set_xlabel("head" + ("   (red ✗ = pruned)" if marked else ""))
     ax.set_ylabel("head")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diversity(diversity: Mapping[str, Sequence[float]], path: str | Path) -> Path:
@@ -199,7 +199,7 @@ def plot_diversity(diversity: Mapping[str, Sequence[float]], path: str | Path) -
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="distillation loss")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _label(block: str) -> str:
@@ -254,7 +254,7 @@ def plot_architecture(arch: ArchConfig, path: str | Path, title: str = "") -> Pa
         for b in used
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _params_m(point: Mapping[str, Any]) -> float:
@@ -299,4 +299,4 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.margins(0.08)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

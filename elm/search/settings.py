@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..utils.settings import check_choice
 from ..utils.settings import check_number as _number
 from .choose import STRATEGIES
 
@@ -15,8 +16,7 @@ from .choose import STRATEGIES
 def check_search_settings(cfg: DictConfig, num_layers: int) -> None:
     """The ``search``, ``inherit``, ``data`` and ``plots`` settings of ``configs/search.yaml``."""
     s = cfg.search
-    if s.strategy not in STRATEGIES:
-        raise ValueError(f"search.strategy={s.strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    check_choice("search.strategy", s.strategy, STRATEGIES)
     _number("search.epochs", s.epochs, 1)
     _number("search.steps_per_epoch", s.steps_per_epoch, 1, none=True)
     _number("search.batch_size", s.batch_size, 1)

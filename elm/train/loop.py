@@ -54,6 +54,7 @@ from ..utils.optim import configure_optimizer
 from ..utils.precision import resolve_precision
 from ..utils.preempt import Preemption, step_checkpoint
 from ..utils.runtime import any_rank, barrier, dist_info, gather_objects, reduce_mean
+from ..utils.settings import check_choice
 
 
 def ramped_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total: int):
@@ -170,8 +171,7 @@ class TrainLoop:
         """Steps per epoch of ``loop`` over ``train_size`` rows, after checking the plan (one line
         naming the setting; trainers call it first, before building anything)."""
         s, world = cls.stage, dist_info()[1]
-        if loop.schedule not in SCHEDULES:
-            raise ValueError(f"{s}.schedule={loop.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        check_choice(f"{s}.schedule", loop.schedule, SCHEDULES)
         if loop.epochs < 0 or loop.batch_size < 1:
             raise ValueError(f"{s}.epochs={loop.epochs} must be >= 0 and {s}.batch_size={loop.batch_size} >= 1")
         if loop.grad_accum < 1 or loop.batch_size % (world * loop.grad_accum):

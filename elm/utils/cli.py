@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from .io import DONE_FILE
+from .io import DONE_FILE, read_json
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the wheel; ./configs links here
 
@@ -60,14 +59,8 @@ def finished_work(run_dir: Path) -> str | None:
     """What in ``run_dir`` says a stage finished there: ``DONE`` or a complete ``results.json``."""
     if (run_dir / DONE_FILE).is_file():
         return "DONE"
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            complete = json.loads(results.read_text()).get("complete", False)
-        except (ValueError, AttributeError, OSError):
-            complete = False  # unreadable: the stage itself names it
-        return "results.json" if complete else None
-    return None
+    results = read_json(run_dir / "results.json")  # (unreadable: the stage itself names it)
+    return "results.json" if results is not None and results.get("complete", False) else None
 
 
 # each command's Hydra config (configs/<name>.yaml)

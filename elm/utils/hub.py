@@ -28,10 +28,9 @@ was computed: the error names the saved folder and the ``hf upload`` command tha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -90,24 +89,27 @@ def gpt2_tokenizer_path() -> str:
 
     from transformers import GPT2Tokenizer
 
-    from .io import usual_permissions
+    from .io import install_dir
 
     eos = "<|endoftext|>"
     tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges), pad_token=eos, model_max_length=1024)
     if len(tokenizer) != 50257:
         raise TeacherError(f"GPT-2 tokenizer built from {data} has {len(tokenizer)} tokens, expected 50257")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer-", dir=target.parent))
+    return str(install_dir(target, lambda tmp: tokenizer.save_pretrained(str(tmp)), "tokenizer_config.json"))
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs errors only inside the block (loads whose warnings are the point: a fresh
+    head, an unused MLM head), and its verbosity is restored after."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        tokenizer.save_pretrained(str(tmp))
-        usual_permissions(tmp)
-        os.replace(tmp, target)  # atomic; fails if another process won the race (then use theirs)
-    except OSError:
-        if not (target / "tokenizer_config.json").is_file():
-            raise
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+        transformers.logging.set_verbosity(verbosity)
 
 
 def hub_offline(*extra_flags: str) -> bool:

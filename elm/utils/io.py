@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,19 +50,34 @@ def _discard_on_error(tmp: str) -> None:
         pass
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def _atomic_file(path: str | Path, write) -> Path:
+    """``write(tmp)`` a temp file beside ``path``, then rename it over ``path`` (readers see the old
+    file or the new one, never half of one); a failed write leaves no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         _discard_on_error(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
@@ -69,18 +85,7 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _discard_on_error(tmp)
-        raise
-    return path
+    return _atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 class BackgroundSaver:
@@ -131,6 +136,39 @@ class BackgroundSaver:
             self.wait()
         except Exception:  # noqa: BLE001 - the run's own error is the one to report
             pass
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: str | Path):
+    """Yield a temp folder beside ``final_dir``; when the block ends without error it replaces
+    ``final_dir`` (:func:`replace_dir`), on any error it is removed: the folder is complete or absent."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def install_dir(target: Path, write, marker: str) -> Path:
+    """A shared cache folder built by ``write(tmp)`` in a temp sibling, then renamed to ``target``
+    (atomic). When another process installed it first (the rename fails and ``target/marker``
+    exists), theirs is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        usual_permissions(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> Path:

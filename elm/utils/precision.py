@@ -28,6 +28,8 @@ from functools import lru_cache
 
 import torch
 
+from .settings import check_choice
+
 log = logging.getLogger("elm")
 PRECISIONS = ("bf16", "fp32")
 _TOLD: set[tuple[str, str]] = set()  # (stage, device type) already told that bf16 runs as fp32
@@ -86,8 +88,7 @@ def resolve_precision(precision: str, device: torch.device | str, *, master: boo
                       stage: str = "elm") -> Precision:  # fmt: skip
     """``precision`` (bf16 | fp32) on ``device``; ``master``: the caller can train bf16 weights with
     fp32 masters on CPU. Says in one info line when bf16 was asked for but runs as fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     device_type = torch.device(device).type
     if precision == "fp32":
         return Precision(precision, "fp32", device_type)
