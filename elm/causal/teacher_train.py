@@ -61,21 +61,9 @@ log = logging.getLogger("elm.causal")
 
 def corpus_train_texts(source: str, val_fraction: float, seed: int, max_docs: int | None) -> list[str]:
     """The training documents ``load_corpus`` would use (same subsample and split)."""
-    import numpy as np
+    from ..data.corpus import split_corpus
 
-    from ..data import corpus as c
-
-    if source == "bbc":
-        texts = [t for t, _ in c.bbc_documents()]
-    elif (spec := c._hub_spec(source)) is not None:
-        texts = c._hub_documents(source, *spec)
-    else:
-        texts = c.read_documents(source)
-    if max_docs is not None and max_docs < len(texts):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:max_docs])
-        texts = [texts[i] for i in keep]
-    groups = [c.bbc_group_key(t) for t in texts] if source == "bbc" else None
-    train_idx, _ = c.split_documents(texts, val_fraction, seed, groups)
+    texts, train_idx, _ = split_corpus(source, val_fraction, seed, max_docs)
     return [texts[i] for i in train_idx]
 
 

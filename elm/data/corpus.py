@@ -342,6 +342,25 @@ def _source_fingerprint(source: str) -> Any:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _local_files(source)]
 
 
+def split_corpus(source: str, val_fraction: float, seed: int, max_docs: int | None) -> tuple[list[str], list[int], list[int]]:
+    """The documents of ``source`` (a seeded subsample of ``max_docs``) and their train and validation
+    indices, split by document (BBC: by story title, so a retold story stays on one side)."""
+    if source == "bbc":
+        texts = [text for text, _ in _bbc_documents()]
+    elif (spec := _hub_spec(source)) is not None:
+        texts = _hub_documents(source, *spec)
+    else:
+        texts = read_documents(source)
+    if len(texts) < 2:
+        raise CorpusError(f"corpus {source!r} has {len(texts)} document(s); need at least 2 to split")
+    if max_docs is not None and max_docs < len(texts):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:max_docs])
+        texts = [texts[i] for i in keep]
+    groups = [bbc_group_key(t) for t in texts] if source == "bbc" else None
+    train_idx, val_idx = split_documents(texts, val_fraction, seed, groups)
+    return texts, train_idx, val_idx
+
+
 def load_corpus(
     source: str = "bbc",
     tokenizer: Any | None = None,
@@ -389,20 +408,7 @@ def load_corpus(
     if (target / "dataset_dict.json").is_file():
         return load_from_disk(str(target))
 
-    if source == "bbc":
-        texts = [text for text, _ in _bbc_documents()]
-    elif (spec := _hub_spec(source)) is not None:
-        texts = _hub_documents(source, *spec)
-    else:
-        texts = read_documents(source)
-    if len(texts) < 2:
-        raise CorpusError(f"corpus {source!r} has {len(texts)} document(s); need at least 2 to split")
-    if max_docs is not None and max_docs < len(texts):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:max_docs])
-        texts = [texts[i] for i in keep]
-
-    groups = [bbc_group_key(t) for t in texts] if source == "bbc" else None
-    train_idx, val_idx = split_documents(texts, val_fraction, seed, groups)
+    texts, train_idx, val_idx = split_corpus(source, val_fraction, seed, max_docs)
     splits = DatasetDict(
         train=_pack_split([texts[i] for i in train_idx], tokenizer, seq_len),
         validation=_pack_split([texts[i] for i in val_idx], tokenizer, seq_len),
