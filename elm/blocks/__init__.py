@@ -10,9 +10,11 @@ its own space settings with their defaults (``space.families.<name>.<key>``, e.g
 ``SpaceConfig`` field.
 
 Everything outside this package asks the registry (:func:`family`) rather than comparing names.
-One exception by design: ``elm/modeling/modeling_elm.py`` ships inside every export as remote code
-(``trust_remote_code=True``), so it must not import ``elm``; its layer reads the structure from the
-exported layer fields (``bottleneck_size``) and the activation from its own table.
+One exception by design: ``elm/modeling/modeling_elm.py`` (with ``modeling_elm_llama.py`` beside it)
+ships inside every export as remote code (``trust_remote_code=True``), so it must not import
+``elm``; its layer reads the structure from the exported layer fields (``bottleneck_size``) and the
+config (``block_activations``, ``block_layouts``: written from this registry by
+``elm.modeling.config_from_arch``).
 
 This package imports nothing from ``elm`` (``elm.space`` imports it), so it works on any object
 with the fields of a ``LayerConfig`` / ``SpaceConfig``.

@@ -32,7 +32,7 @@ AUTO_CLASSES = {
 def register() -> None:
     """Register ELM with the ``transformers`` Auto classes (idempotent; done on ``import elm``).
 
-    ``register_for_auto_class`` makes ``save_pretrained`` copy this folder's two modelling files
+    ``register_for_auto_class`` makes ``save_pretrained`` copy this folder's modelling files
     into the export and write ``auto_map``, so ``trust_remote_code=True`` loads it without elm.
     """
     AutoConfig.register("elm", ElmConfig, exist_ok=True)

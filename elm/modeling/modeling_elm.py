@@ -1,7 +1,7 @@
-"""Standalone ELM models: any mix of BERT and MobileBERT blocks as a Hugging Face model.
+"""Standalone ELM models: any mix of BERT, MobileBERT and LLaMA-style blocks as a Hugging Face model.
 
-Self-contained (only ``configuration_elm`` beside it) so an export can ship it for
-``trust_remote_code=True``. The supernet's elastic blocks (``elm.supernet``) compute the same
+Self-contained (only ``configuration_elm`` and ``modeling_elm_llama`` beside it) so an export can
+ship it for ``trust_remote_code=True``. The supernet's elastic blocks (``elm.supernet``) compute the same
 function on sliced weights; ``elm.supernet.extract`` copies them here and the outputs agree.
 
 Speed levers (small models are dominated by the vocabulary projection and by overheads):
