@@ -200,3 +200,57 @@ def test_attention_mask_helper_is_shared():
     cand = net.layers[1][llama_candidates(net, 1)["none"]]
     out = cand(torch.randn(1, 4, 24), mask, False)[0]
     assert out.shape == (1, 4, 24) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hidden", [384, 192])
+def test_inherited_llama_candidates_start_closer_to_the_teacher_than_identity_or_random(teacher, hidden, tmp_path):
+    """On MiniLM (held-out batches): after inheritance (mean-pooled GQA keys, gate from the teacher,
+    least-squares residual writers) every llama candidate's block output is closer to its target
+    than passing the input on, and than a random-init candidate, in the identity and a PCA basis."""
+    from elm.data import load_corpus
+    from elm.data.collate import sample_batches
+    from elm.supernet.inherit import inherit_supernet
+
+    data = load_corpus("bbc", teacher.tokenizer, seq_len=64, val_fraction=0.3, max_docs=60, cache_dir=str(tmp_path))
+    fit, held = sample_batches(data["train"], 0, 3, 8), sample_batches(data["validation"], 1, 2, 8)
+    space = SpaceConfig(num_layers=3, hidden_size=hidden, embedding_size=128, head_dim=32, blocks=["llama"],
+                        families={"llama": {"heads": 6, "group": 2}}, dropout=0.0).validate()  # fmt: skip
+    errors = {}
+    for inherit in (True, False):
+        torch.manual_seed(0)
+        net = Supernet.for_teacher(space, teacher)
+        inherit_supernet(net, teacher, fit, weights=inherit)
+        for b in held:
+            states = teacher(b["input_ids"], b["attention_mask"]).hidden_states
+            valid = b["attention_mask"].bool()
+            with torch.no_grad():
+                outs = net.blockwise(states, b["attention_mask"])
+            for li in range(3):
+                y = net.to_student(net.block_targets(states, li))[valid]
+                scale = (y - y.mean(0)).pow(2).mean()
+                errors.setdefault(("identity", li), []).append(float((net.block_inputs(states, li)[valid] - y).pow(2).mean() / scale))
+                for ci, cand in enumerate(net.layers[li]):
+                    errors.setdefault((inherit, cand.name, li), []).append(float((outs[li][ci][valid] - y).pow(2).mean() / scale))
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    for name in ("llama", "llama.gqa2"):
+        for li in range(3):
+            assert mean[(True, name, li)] < 0.9 * min(mean[("identity", li)], mean[(False, name, li)]), (name, li, mean)
+
+
+def test_settings_errors_come_before_anything_is_built():
+    with pytest.raises(ArchError, match=r"the llama head width 5 .* must be even"):
+        SpaceConfig(**{**SPACE, "head_dim": 5}).check_families()
+    from elm.search.analysis import CKAConfig
+
+    space = SpaceConfig(**{**SPACE, "families": {**SPACE["families"], "llama": {"heads": 8, "group": 4}}}).validate()
+    CKAConfig(min_heads=2).validate(space)  # llama.gqa4 holds 2 key/value groups ...
+    with pytest.raises(ValueError, match=r"cka.min_heads=3 must be an integer in \[1, 2\]"):
+        CKAConfig(min_heads=3).validate(space)  # ... so it could never be pruned to 3
+
+
+def test_a_config_without_layouts_still_builds_grouped_query_layers():
+    from elm.modeling import ElmConfig
+
+    layer = dataclasses.asdict(LayerConfig("llama", 4, 4, 8, share="gqa2"))
+    built = ElmLayer(ElmConfig(hidden_size=24, layers=[layer]), layer)
+    assert type(built.attention).__name__ == "ElmGroupedAttention"

@@ -59,6 +59,9 @@ class LlamaFamily(BlockFamily):
         if own["group"] < 2 or own["heads"] % own["group"]:
             raise ArchError(f"space.families.{self.name}.group={own['group']} must be >= 2 and divide "
                             f"space.families.{self.name}.heads={own['heads']}")  # fmt: skip
+        if isinstance(space.head_dim, int) and self.head_dim(space) % 2:
+            raise ArchError(f"the {self.name} head width {self.head_dim(space)} (space.families.{self.name}.head_dim or "
+                            "space.head_dim) must be even: rotary positions rotate pairs")  # fmt: skip
 
     def validate(self, layer: Any, where: str) -> None:
         super().validate(layer, where)

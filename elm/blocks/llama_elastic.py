@@ -173,3 +173,49 @@ class LlamaCandidate(CandidateBlock):
         ffn.down.bias.copy_(layer.down_b + layer.down_w[:, idle] @ mean[idle])
         ffn.norm.weight.copy_(layer.ln1_w)
         return {"attention": done, "ffn": True}
+
+    @torch.no_grad()
+    def fit_to_teacher(self, states) -> None:
+        """Fit the two residual writers to the teacher's states, after :meth:`inherit_from`.
+
+        ``states`` yields ``(x, a, y, valid)`` in the student's coordinates: the block's input, the
+        teacher layer's first LayerNorm output (what its FFN reads), the block's target state and the
+        valid-token mask. [project decision] The teacher's output weights were trained to be followed
+        by a LayerNorm that a pre-norm block does not have, so as they are they start the block far
+        from its target (worse than random init on MiniLM). Instead, by ridge least squares:
+        the attention output so that ``x + attn(x) ~= a``; the FFN's RMSNorm gain is the mean RMS of
+        ``a``, so the inherited gate reads about what the teacher's FFN read; the down projection of
+        the active units so that the block's output ``~= y``. Inherited units that are not active yet
+        keep the teacher's output columns, scaled like the fitted active ones, and each inherited
+        unit's measured mean activation (``unit_mean``) is what growth takes out of the bias."""
+        from ..modeling.modeling_elm import attention_bias
+        from ..supernet.inherit import fit_linear
+
+        was, attn, ffn = self.training, self.attention, self.ffns[0]
+        self.eval()
+        masks = [attention_bias(valid, False, x.shape[1]) for x, _, _, valid in states]
+        attn.capture = True
+
+        def contexts():
+            for (x, a, _, valid), mask in zip(states, masks, strict=True):
+                attn(x, mask, False)
+                yield attn.last_context.permute(0, 2, 1, 3).flatten(2)[valid], (a - x)[valid]
+
+        fit_linear(attn.out, contexts(), attn.active_heads * attn.head_dim)
+        attn.capture, attn.last_context = False, None
+        hidden = [attn(x, mask, False)[0] for (x, *_), mask in zip(states, masks, strict=True)]
+        rms = torch.cat([a[valid].pow(2).mean(-1) for _, a, _, valid in states]).mean().sqrt()
+        ffn.norm.weight.fill_(float(rms))
+
+        def gated(h, units: int):
+            n = ffn.norm(h)
+            return F.silu(F.linear(n, ffn.gate.weight[:units], ffn.gate.bias[:units])) * \
+                F.linear(n, ffn.up.weight[:units], ffn.up.bias[:units])  # fmt: skip
+
+        inherited, active = int(ffn.inherited.sum()), ffn.active_dim  # (inherited units are a prefix)
+        if inherited:
+            ffn.unit_mean[:inherited] = torch.cat([gated(h, inherited)[s[3]] for h, s in zip(hidden, states)]).mean(0)
+        before = ffn.down.weight[:, :active].norm()
+        fit_linear(ffn.down, ((gated(h, active)[v], (y - h)[v]) for h, (_, _, y, v) in zip(hidden, states)), active)
+        ffn.down.weight[:, active:inherited] *= ffn.down.weight[:, :active].norm() / before.clamp_min(1e-12)
+        self.train(was)

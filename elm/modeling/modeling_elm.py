@@ -42,8 +42,9 @@ def block_layout(config: ElmConfig, layer: dict) -> str:
     """The layer layout of a layer's family, as the export recorded it (``ElmConfig.block_layouts``):
     ``post_ln`` (BERT / MobileBERT: post-LayerNorm attention and FFNs, the default) or ``llama``
     (pre-RMSNorm grouped-query attention with rotary positions and a SwiGLU FFN,
-    ``modeling_elm_llama``)."""
-    return (getattr(config, "block_layouts", None) or {}).get(layer["block"], "post_ln")
+    ``modeling_elm_llama``). A config written without layouts: grouped-query sharing is llama's."""
+    named = (getattr(config, "block_layouts", None) or {}).get(layer["block"])
+    return named or ("llama" if str(layer.get("share", "")).startswith("gqa") else "post_ln")
 
 # Auto classes an export loads with under ``trust_remote_code=True``. ``save_pretrained`` only
 # writes the saved class into ``config.auto_map``; ElmPreTrainedModel.save_pretrained adds all of them.

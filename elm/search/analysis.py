@@ -93,10 +93,10 @@ class CKAConfig:
         if not 0 < self.threshold <= 1 or not 0 <= self.margin <= 1:
             raise ValueError(f"cka.threshold={self.threshold!r} must be in (0, 1] and cka.margin={self.margin!r} "
                              f"in [0, 1]")  # fmt: skip
-        most = min(space.heads_of(b) for b in space.blocks if not family(b).identity)
+        most = min(space.heads_of(b) // family(b).head_step(s) for b, s in space.candidates() if not family(b).identity)
         if isinstance(self.min_heads, bool) or not isinstance(self.min_heads, int) or not 1 <= self.min_heads <= most:
             raise ValueError(f"cka.min_heads={self.min_heads!r} must be an integer in [1, {most}] (the fewest "
-                             f"heads a candidate of this space has)")  # fmt: skip
+                             f"heads, or key/value groups, a candidate of this space has)")  # fmt: skip
         return self
 
 

@@ -251,24 +251,33 @@ def fit_bottleneck_out(cand: CandidateBlock, pairs) -> None:
     ``norm_out(x + W f + b)`` then normalises what the teacher's last LayerNorm normalises."""
     was = cand.training
     cand.eval()
-    b = cand.bottleneck_size
-    gram = torch.zeros(b + 1, b + 1, dtype=torch.float64)
-    cross = torch.zeros(b + 1, cand.hidden_size, dtype=torch.float64)
     from ..modeling.modeling_elm import attention_bias
 
-    for x, delta, valid in pairs:
-        h = cand.norm_in(cand.bottleneck_in(x))
-        h, _ = cand.attention(h, attention_bias(valid, False, x.shape[1]), False)
-        for ffn in cand.ffns:
-            h = ffn(h)
-        f = torch.cat([h[valid], torch.ones(int(valid.sum()), 1, dtype=h.dtype)], 1).double().cpu()
-        gram += f.T @ f
-        cross += f.T @ delta[valid].double().cpu()
-    ridge = RIDGE * gram.diagonal()[:-1].mean().clamp_min(1e-12)
-    theta = torch.linalg.solve(gram + ridge * torch.eye(b + 1, dtype=torch.float64), cross)
-    cand.bottleneck_out.weight.copy_(theta[:-1].T.float())
-    cand.bottleneck_out.bias.copy_(theta[-1].float())
+    def rows():
+        for x, delta, valid in pairs:
+            h = cand.norm_in(cand.bottleneck_in(x))
+            h, _ = cand.attention(h, attention_bias(valid, False, x.shape[1]), False)
+            for ffn in cand.ffns:
+                h = ffn(h)
+            yield h[valid], delta[valid]
+
+    fit_linear(cand.bottleneck_out, rows(), cand.bottleneck_size)
     cand.train(was)
+
+
+@torch.no_grad()
+def fit_linear(linear: nn.Module, rows, width: int) -> None:
+    """Ridge least squares of ``linear``'s first ``width`` input columns and its bias over ``rows``
+    of ``(features [N, width], target [N, out])``."""
+    gram = cross = None
+    for f, target in rows:
+        f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], 1).double().cpu()
+        g, c = f.T @ f, f.T @ target.double().cpu()
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+    ridge = RIDGE * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+    theta = torch.linalg.solve(gram + ridge * torch.eye(width + 1, dtype=torch.float64), cross)
+    linear.weight[:, :width] = theta[:-1].T.to(linear.weight)
+    linear.bias.copy_(theta[-1])
 
 
 @torch.no_grad()
@@ -373,7 +382,7 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
     offset = basis.proj.T @ basis.mean  # P^T mean: what a LayerNorm input has beyond to_student(.)
     to_ln = basis.proj.double()  # a teacher LayerNorm input z reaches the student's as P^T z
     sources = source_layers(m)
-    bottlenecks = any(c.bottleneck for layer in supernet.layers for c in layer)
+    fitted = any(c.bottleneck or hasattr(c, "fit_to_teacher") for layer in supernet.layers for c in layer)
     report = {"basis": "identity" if basis.is_identity else "pca", "teacher_layers": sources, "tokens": stats.tokens,
               "attention_inherited": 0, "candidates": 0}  # fmt: skip
     for li, candidates in enumerate(supernet.layers):
@@ -391,11 +400,13 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
                           pre_ln1=pre1 if basis.is_identity else linear_moments(pre1, to_ln),
                           pre_ln2=pre2 if basis.is_identity else linear_moments(pre2, to_ln),
                           out_norm=(last_layer.ln2_w, last_layer.ln2_b))  # fmt: skip
-        pairs = []
-        for hidden, valid in states if bottlenecks else ():
+        pairs, teacher_states = [], []
+        for hidden, valid in states if fitted else ():
             x = basis.to_student(hidden[m[li]])
             z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
             pairs.append((x, basis.to_student(z) + offset - x, valid))
+            a = layer_forward(layers[t], hidden[t], valid)["attn_out"]
+            teacher_states.append((x, basis.to_student(a), basis.to_student(hidden[m[li + 1]]), valid))
         for cand in candidates:
             if cand.identity:  # nothing to inherit
                 continue
@@ -403,6 +414,8 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
             done = inherit_candidate(cand, src)
             if cand.bottleneck:
                 fit_bottleneck_out(cand, pairs)
+            if hasattr(cand, "fit_to_teacher"):  # a family that fits its outputs to the teacher's states
+                cand.fit_to_teacher(teacher_states)
             report["attention_inherited"] += int(done["attention"])
             report["candidates"] += 1
     return report
