@@ -382,7 +382,8 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
     offset = basis.proj.T @ basis.mean  # P^T mean: what a LayerNorm input has beyond to_student(.)
     to_ln = basis.proj.double()  # a teacher LayerNorm input z reaches the student's as P^T z
     sources = source_layers(m)
-    fitted = any(c.bottleneck or hasattr(c, "fit_to_teacher") for layer in supernet.layers for c in layer)
+    bottlenecks = any(c.bottleneck for layer in supernet.layers for c in layer)
+    fitted = any(hasattr(c, "fit_to_teacher") for layer in supernet.layers for c in layer)
     report = {"basis": "identity" if basis.is_identity else "pca", "teacher_layers": sources, "tokens": stats.tokens,
               "attention_inherited": 0, "candidates": 0}  # fmt: skip
     for li, candidates in enumerate(supernet.layers):
@@ -401,12 +402,14 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
                           pre_ln2=pre2 if basis.is_identity else linear_moments(pre2, to_ln),
                           out_norm=(last_layer.ln2_w, last_layer.ln2_b))  # fmt: skip
         pairs, teacher_states = [], []
-        for hidden, valid in states if fitted else ():
+        for hidden, valid in states if bottlenecks or fitted else ():
             x = basis.to_student(hidden[m[li]])
-            z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
-            pairs.append((x, basis.to_student(z) + offset - x, valid))
-            a = layer_forward(layers[t], hidden[t], valid)["attn_out"]
-            teacher_states.append((x, basis.to_student(a), basis.to_student(hidden[m[li + 1]]), valid))
+            if bottlenecks:
+                z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
+                pairs.append((x, basis.to_student(z) + offset - x, valid))
+            if fitted:
+                a = layer_forward(layers[t], hidden[t], valid)["attn_out"]
+                teacher_states.append((x, basis.to_student(a), basis.to_student(hidden[m[li + 1]]), valid))
         for cand in candidates:
             if cand.identity:  # nothing to inherit
                 continue
