@@ -21,7 +21,7 @@ class SpaceConfig:
     Candidates per layer = ``blocks`` x ``shares`` (:meth:`candidates`). Defaults follow the method doc: FFN widths
     start at 132 and move in units of 132 up to 792 [paper / W-PCA]. Each block family's own
     settings (its heads, head width, stacked FFNs, bottleneck width) live under ``families``, e.g.
-    ``{"mobilebert": {"heads": 4, "bottleneck_size": 128}}``, over the family's defaults
+    ``families: {mobilebert: {heads: 4, bottleneck_size: 128}}`` in YAML, over the family's defaults
     (``elm.blocks``: ``BlockFamily.defaults``).
     """
 
