@@ -122,56 +122,48 @@ class LlamaCandidate(CandidateBlock):
 
     @torch.no_grad()
     def inherit_from(self, src) -> dict[str, bool]:
-        """Start from the teacher layer of ``src`` (an ``elm.supernet.inherit.LayerSource``).
+        """Take the inputs of the block from the teacher layer of ``src`` (an
+        ``elm.supernet.inherit.LayerSource``); :meth:`fit_to_teacher`, which inheritance runs next,
+        fits its two residual writers (attention output, FFN down projection and their biases), its
+        FFN RMSNorm gain and the units' means.
 
         [project decision] A post-LN teacher layer has no exact pre-norm equivalent, so this is a
         close start, not the teacher's function:
         * attention: unit ``u`` takes the ``group`` teacher heads ranked ``u*g .. u*g + g - 1`` as its
           queries and the mean of their keys and of their values as its key and value (the
-          mean-pooling GQA conversion of Ainslie et al., 2023); heads left out add their mean
-          output to the output bias; the RMSNorm gain is the input's RMS, so the attention reads
-          the teacher state's scale;
+          mean-pooling GQA conversion of Ainslie et al., 2023); the RMSNorm gain is the input's
+          RMS, so the attention reads the teacher state's scale;
         * FFN: the ranked teacher neurons, ``gate`` = the teacher's input weights and ``up`` = zero
           weights with bias 1, so ``silu(gate) * up`` starts as SiLU of the teacher's
-          pre-activation (close to its GELU); the RMSNorm gain is the teacher's first LayerNorm
-          gain (what its FFN read); idle units' mean outputs go into the down bias.
+          pre-activation (close to its GELU); their output columns are the teacher's (the scale
+          :meth:`fit_to_teacher` adjusts for the units not active yet).
         """
         layer, attn = src.layer, self.attention
         done = attn.query_dim == layer.head_dim and attn.dim == layer.hidden_size
         if done:
             g, d = attn.group, attn.query_dim
             order = src.heads.tolist()
-            units = min(attn.max_heads, len(order) // g)
             fused = attn.qkv.weight.view(attn.max_heads, g + 2, d, attn.dim)
             bias = attn.qkv.bias.view(attn.max_heads, g + 2, d)
-            out_w = attn.out.weight.view(attn.dim, attn.max_heads, g, d)
-            out_w[:, units:] = 0  # stored units the teacher cannot fill: switched off
-            for u in range(units):
-                heads = order[u * g : (u + 1) * g]
-                rows = [slice(h * d, (h + 1) * d) for h in heads]
+            for u in range(min(attn.max_heads, len(order) // g)):
+                rows = [slice(h * d, (h + 1) * d) for h in order[u * g : (u + 1) * g]]
                 for i, r in enumerate(rows):
                     fused[u, i], bias[u, i] = layer.q_w[r], layer.q_b[r]
-                    out_w[:, u, i] = layer.o_w[:, r]
                 fused[u, g] = torch.stack([layer.k_w[r] for r in rows]).mean(0)
                 bias[u, g] = torch.stack([layer.k_b[r] for r in rows]).mean(0)
                 fused[u, g + 1] = torch.stack([layer.v_w[r] for r in rows]).mean(0)
                 bias[u, g + 1] = torch.stack([layer.v_b[r] for r in rows]).mean(0)
-            attn.out.bias.copy_(layer.o_b + src.head_mean[order[units * g :]].sum(0))
             inputs = src.inputs
             power = float(inputs.sum_xx.trace()) / max(inputs.count, 1) / attn.dim
             attn.norm.weight.fill_(math.sqrt(max(power, 1e-12)))
         ffn = self.ffns[0]
         n = min(ffn.max_dim, src.neurons.numel())
-        idx, mean = src.neurons[:n], src.neuron_mean
+        idx = src.neurons[:n]
         ffn.gate.weight[:n], ffn.gate.bias[:n] = layer.up_w[idx], layer.up_b[idx]
         ffn.up.weight[:n], ffn.up.bias[:n] = 0, 1
         ffn.down.weight[:, :n] = layer.down_w[:, idx]
         ffn.down.weight[:, n:] = 0
         ffn.inherited[:n] = True
-        ffn.unit_mean[:n] = mean[idx]
-        idle = src.neurons[ffn.active_dim :]
-        ffn.down.bias.copy_(layer.down_b + layer.down_w[:, idle] @ mean[idle])
-        ffn.norm.weight.copy_(layer.ln1_w)
         return {"attention": done, "ffn": True}
 
     @torch.no_grad()

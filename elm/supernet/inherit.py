@@ -404,11 +404,12 @@ def _inherit_layers(supernet, teacher, layers, stats, basis: Basis, batches) -> 
         pairs, teacher_states = [], []
         for hidden, valid in states if bottlenecks or fitted else ():
             x = basis.to_student(hidden[m[li]])
+            needed = ({last} if bottlenecks else set()) | ({t} if fitted else set())  # (one run when t == last)
+            runs = {i: layer_forward(layers[i], hidden[i], valid) for i in needed}
             if bottlenecks:
-                z = layer_forward(layers[last], hidden[last], valid)["pre_ln2"]
-                pairs.append((x, basis.to_student(z) + offset - x, valid))
+                pairs.append((x, basis.to_student(runs[last]["pre_ln2"]) + offset - x, valid))
             if fitted:
-                a = layer_forward(layers[t], hidden[t], valid)["attn_out"]
+                a = runs[t]["attn_out"]
                 teacher_states.append((x, basis.to_student(a), basis.to_student(hidden[m[li + 1]]), valid))
         for cand in candidates:
             if cand.identity:  # nothing to inherit
