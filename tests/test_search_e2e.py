@@ -64,12 +64,14 @@ def test_search_writes_a_valid_architecture_metrics_and_plots(rkd_run: Path) -> 
     candidates = {f"L{li}.{b}{s}" for li in (0, 1) for b in ("bert", "mobilebert") for s in ("", ".qv")}
     for r in epochs:
         assert set(r["pca"]) == set(r["ffn"]) == set(r["heads"]) == candidates
-        assert set(r["val_loss"]) == candidates | {"embeddings"}  # the embeddings are distilled too
         assert len(r["diversity"]) == 2 and all(-1 <= d <= 1 for d in r["diversity"])
         assert all(0 < v <= 1 for v in r["pca"].values())
-    for r in epochs:  # paired intervals against each layer's best, and the untrained twins' levels
-        assert set(r["val_ci"]) == candidates and set(r["pca_untrained"]) == set(r["cka_untrained"]) == candidates
-        assert all(ci["low"] is None and ci["high"] is None for ci in r["val_ci"].values())  # 1 batch: no interval
+        assert set(r["pca_untrained"]) == set(r["cka_untrained"]) == candidates  # the untrained twins' levels
+    # search.eval_when=final (default): the candidates are scored after the last epoch only
+    assert ["val_loss" in r for r in epochs] == [False, False, True]
+    assert set(epochs[-1]["val_loss"]) == candidates | {"embeddings"}  # the embeddings are distilled too
+    ci = epochs[-1]["val_ci"]  # paired intervals against each layer's best
+    assert set(ci) == candidates and all(c["low"] is None and c["high"] is None for c in ci.values())  # 1 batch
     # per-layer growth (one candidate of each layer) after every epoch but the last
     assert sum(len(r["growth"]) for r in epochs) == 4 and not epochs[-1]["growth"]
     assert all(sorted(e["candidate"][:2] for e in r["growth"]) == ["L0", "L1"] for r in epochs[:-1])
@@ -99,6 +101,21 @@ def test_search_writes_a_valid_architecture_metrics_and_plots(rkd_run: Path) -> 
         assert (rkd_run / png).stat().st_size > 5_000, png
     done = json.loads((rkd_run / "DONE").read_text())
     assert done["stage"] == "search" and Path(done["arch"]) == rkd_run / "arch.json"
+
+
+def test_validating_every_epoch_changes_only_the_records(rkd_run: Path, tmp_path: Path, cache: Path) -> None:
+    """Validation draws no random numbers, so ``search.eval_when=every_epoch`` trains the same
+    supernet and chooses the same architecture as the default ``final``."""
+    run = tmp_path / "every_epoch"
+    proc = search(run, *TINY, "search.eval_when=every_epoch", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final, every = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (rkd_run, run))
+    final, every = [r for r in final if "epoch" in r], [r for r in every if "epoch" in r]
+    assert all(set(r["val_loss"]) == set(final[-1]["val_loss"]) for r in every)
+    for a, b in zip(final, every, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["ffn"] == b["ffn"] and a["heads"] == b["heads"]
+    assert every[-1]["val_loss"] == final[-1]["val_loss"]
+    assert (run / "arch.json").read_text() == (rkd_run / "arch.json").read_text()
 
 
 def test_mse_run_from_the_smoke_experiment_compares_diversity(

@@ -18,7 +18,7 @@ import torch
 from ..modeling import ElmForMaskedLM, config_from_arch
 from ..utils.master import Bf16Master
 from ..utils.precision import resolve_precision
-from .cases import Result, bert_arch, hf_bert, mlm_batch, time_pair, train_step_fn
+from .cases import Result, bert_arch, hf_bert, mlm_batch, random_rows, time_pair, train_step_fn
 from .search_step import epoch_seconds, search_trainer
 
 
@@ -54,17 +54,13 @@ def retrain_trainer(
 ):
     """A ``RetrainTrainer`` of a 4-layer, 256-wide student on random rows: LM + RKD on every layer
     (the default distillation without the fitted teacher head's logit KD)."""
-    from datasets import Dataset
-
     from ..retrain.trainer import RetrainSettings, RetrainTrainer
     from ..supernet import uniform_layer_map
     from ..teacher import load_teacher
     from ..train import LoopConfig
 
     teacher = load_teacher(teacher_name, device=device)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, len(teacher.tokenizer), (8 * batch + 32, seq), generator=g)
-    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    train, held_out = random_rows(len(teacher.tokenizer), 8 * batch, 32, seq)
     arch = bert_arch(4, 256, 4, vocab=len(teacher.tokenizer), seq=seq)
     torch.manual_seed(0)
     model = ElmForMaskedLM(config_from_arch(arch)).to(device)
@@ -72,8 +68,7 @@ def retrain_trainer(
                       run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
     kd = RetrainSettings(layer_map=uniform_layer_map(arch.num_layers, teacher.num_layers),
                          weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 0.0}, eval_batches=1)  # fmt: skip
-    return RetrainTrainer(model, teacher, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
-                          loop, kd)  # fmt: skip
+    return RetrainTrainer(model, teacher, train, held_out, loop, kd)
 
 
 STEPS = {"search": search_trainer, "retrain": retrain_trainer}  # what each real step's trainer is built by

@@ -74,6 +74,15 @@ def hf_bert(arch: ArchConfig, masked_lm: bool):
     return BertForMaskedLM(cfg) if masked_lm else BertModel(cfg, add_pooling_layer=False)
 
 
+def random_rows(vocab: int, train: int, held_out: int, seq: int):
+    """``(train, held-out)`` datasets of unpadded random token rows (ids from 1000 on: no special tokens)."""
+    from datasets import Dataset
+
+    ids = torch.randint(1000, vocab, (train + held_out, seq), generator=torch.Generator().manual_seed(0))
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    return rows.select(range(train)), rows.select(range(train, len(rows)))
+
+
 def mlm_batch(vocab: int, batch: int, seq: int, device, p: float = 0.15, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, vocab, (batch, seq), generator=g)

@@ -17,26 +17,22 @@ import time
 import torch
 
 from ..utils.precision import Precision
-from .cases import _sync, matmul_peak
+from .cases import _sync, matmul_peak, random_rows
 
 
 def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, teacher_name: str | None = None):
     """A default-space ``SearchTrainer`` on random token rows (the default search's batch and length)."""
-    from datasets import Dataset
-
     from ..search.trainer import SearchSettings, SearchTrainer
     from ..space import SpaceConfig
     from ..teacher import load_teacher
 
     teacher = load_teacher(teacher_name, device=device)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, len(teacher.tokenizer), (8 * batch + 64, seq), generator=g)
-    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    train, held_out = random_rows(len(teacher.tokenizer), 8 * batch, 64, seq)
     space = SpaceConfig().resolve(teacher.hidden_size)
     loop = SearchTrainer.default_loop(batch_size=batch, device=device, precision=precision, progress=False,
                                       run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
-    return SearchTrainer(teacher, space, rows.select(range(8 * batch)), rows.select(range(8 * batch, len(rows))),
-                         loop, SearchSettings(eval_batches=1, analysis_batch_size=8, chain_prob=0.5))  # fmt: skip
+    settings = SearchSettings(eval_batches=1, analysis_batch_size=8, chain_prob=0.5)
+    return SearchTrainer(teacher, space, train, held_out, loop, settings)
 
 
 def epoch_seconds(trainer, steps: int) -> float:

@@ -83,7 +83,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
 
     from ..utils.hub import load_tokenizer, resolve_model_path
 
-    resolved = resolve_model_path(str(path))
+    resolved = resolve_model_path(str(path), "model")
     model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=Path(resolved).is_dir())
     return model.to(device).eval(), load_tokenizer(resolved)
 

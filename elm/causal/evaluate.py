@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import CLMCollator, make_loader
+from ..utils.cli import hydra_command
 
 ROUGE_KEY = "rougeL"
 
@@ -263,31 +263,13 @@ def run_evaluate(cfg, run_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-def _main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_eval")
-    def main(cfg) -> None:
-        with fail_cleanly("causal.evaluate"):
-            r = run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
-            say(f"[elm.causal.evaluate] perplexity {r['perplexity']['ppl']:.2f} "
-                  f"({r['perplexity']['tokens']} tokens), ROUGE-L {100 * r['rouge_l']['f']:.2f} "
-                  f"({r['rouge_l']['examples']} prompts); {r['results_path']}")  # fmt: skip
-            say(json.dumps(r["samples"][:2], indent=1))
-
-    main()
+def _report(r, run_dir: str):
+    yield (f"[elm.causal.evaluate] perplexity {r['perplexity']['ppl']:.2f} ({r['perplexity']['tokens']} tokens), "
+           f"ROUGE-L {100 * r['rouge_l']['f']:.2f} ({r['rouge_l']['examples']} prompts); {r['results_path']}")  # fmt: skip
+    yield json.dumps(r["samples"][:2], indent=1)
 
 
-def cli() -> None:
-    """``elm-causal-evaluate`` / ``python -m elm.causal.evaluate``."""
-    from ..utils.cli import guard_run_dir
-
-    guard_run_dir("causal.evaluate")  # before Hydra writes into the run dir
-    sys.exit(_main())
-
+cli = hydra_command("causal.evaluate", __name__, run_evaluate, _report)
 
 if __name__ == "__main__":
     cli()

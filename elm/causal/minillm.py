@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from tqdm.auto import tqdm
 
 from ..distill.losses import forward_kl, reverse_kl
 from ..train import clip_and_step
+from ..utils.cli import hydra_command
 from ..utils.io import DONE_FILE, atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
@@ -328,8 +328,7 @@ def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=No
     if corpus is None and (m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")):
         corpus = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
                              seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
-    logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
-                       config=OmegaConf.to_container(m, resolve=True))  # fmt: skip
+    logger = RunLogger.for_run(run_dir, cfg.logger, OmegaConf.to_container(m, resolve=True))
     try:
         result = distil(student, teacher.model, tokenizer, prompts, m, corpus=corpus,
                         response_end=cfg.prompts.get("response_end", "eos"), seed=cfg.seed, device=device,
@@ -344,34 +343,21 @@ def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=No
     return {**info, "model_dir": str(out)}
 
 
-def _main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_minillm")
-    def main(cfg: DictConfig) -> None:
-        with fail_cleanly("causal.minillm"):
-            t0 = time.perf_counter()
-            r = run_minillm(cfg, HydraConfig.get().runtime.output_dir)
-            b, a = r["val_before"], r["val_after"]
-            say(f"[elm.causal.minillm] {r['objective']}: {r['steps']} steps in {r['train_time_s']:.0f} s; validation "
-                  f"reverse KL {b['reverse_kl']:.4f} -> {a['reverse_kl']:.4f}, forward KL {b['forward_kl']:.4f} -> "
-                  f"{a['forward_kl']:.4f}, reference NLL {b['nll']:.4f} -> {a['nll']:.4f}")  # fmt: skip
-            say(f"[elm.causal.minillm] model in {r['model_dir']} ({time.perf_counter() - t0:.0f} s)")
-            log.debug(json.dumps(r["history"][-1:]))
-
-    main()
+def _run(cfg: DictConfig, run_dir: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    return {**run_minillm(cfg, run_dir), "wall_s": time.perf_counter() - t0}
 
 
-def cli() -> None:
-    """``elm-causal-minillm`` / ``python -m elm.causal.minillm``."""
-    from ..utils.cli import guard_run_dir
+def _report(r, run_dir: str):
+    b, a = r["val_before"], r["val_after"]
+    yield (f"[elm.causal.minillm] {r['objective']}: {r['steps']} steps in {r['train_time_s']:.0f} s; validation "
+           f"reverse KL {b['reverse_kl']:.4f} -> {a['reverse_kl']:.4f}, forward KL {b['forward_kl']:.4f} -> "
+           f"{a['forward_kl']:.4f}, reference NLL {b['nll']:.4f} -> {a['nll']:.4f}")  # fmt: skip
+    yield f"[elm.causal.minillm] model in {r['model_dir']} ({r['wall_s']:.0f} s)"
+    log.debug(json.dumps(r["history"][-1:]))
 
-    guard_run_dir("causal.minillm")  # before Hydra writes into the run dir
-    sys.exit(_main())
 
+cli = hydra_command("causal.minillm", __name__, _run, _report)
 
 if __name__ == "__main__":
     cli()

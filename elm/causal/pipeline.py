@@ -39,6 +39,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..space import ArchConfig
+from ..utils.cli import hydra_command
 from ..utils.io import DONE_FILE, atomic_write_json, atomic_write_text
 from .settings import check_pipeline_settings
 from .teacher_train import default_teacher, read_info
@@ -388,35 +389,20 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_pipeline")
-    def main(cfg: DictConfig) -> None:
-        with fail_cleanly("causal.pipeline"):
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            try:
-                summary = run_pipeline(cfg, run_dir)
-            except StageError as err:
-                raise ValueError(str(err)) from None
-            say((run_dir / "causal_comparison.md").read_text().split("## Notes")[0].rstrip())
-            say(
-                f"[elm.causal.pipeline] {summary['timings_s']['total']:.0f} s; report {run_dir / 'causal_comparison.md'}"
-            )
-
-    main()
+def _run(cfg: DictConfig, run_dir: str) -> dict[str, Any]:
+    try:
+        return run_pipeline(cfg, Path(run_dir))
+    except StageError as err:  # a sub-command's failure is the user's one line, not a traceback
+        raise ValueError(str(err)) from None
 
 
-def cli() -> None:
-    """``elm-causal-pipeline`` / ``python -m elm.causal.pipeline``."""
-    from ..utils.cli import guard_run_dir
+def _report(summary, run_dir: str):
+    report = Path(run_dir, "causal_comparison.md")
+    yield report.read_text().split("## Notes")[0].rstrip()
+    yield f"[elm.causal.pipeline] {summary['timings_s']['total']:.0f} s; report {report}"
 
-    guard_run_dir("causal.pipeline")  # before Hydra writes into the run dir
-    sys.exit(_main())
 
+cli = hydra_command("causal.pipeline", __name__, _run, _report)
 
 if __name__ == "__main__":
     cli()

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.collate import CLMCollator, make_loader
 from ..train import clip_and_step
+from ..utils.cli import hydra_command
 from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
@@ -259,8 +259,7 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     if run_dir is not None:
         from ..utils.logging import RunLogger
 
-        logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
-                           config=settings)  # fmt: skip
+        logger = RunLogger.for_run(run_dir, cfg.logger, settings)
     try:
         result = train_lm(model, data["train"], data["validation"], tokenizer, cfg.train, seed=cfg.seed, device=device,
                           precision=cfg.precision, progress=cfg.progress, logger=logger)  # fmt: skip
@@ -310,37 +309,18 @@ def default_teacher(overrides: list[str] | tuple[str, ...] = (), train_if_missin
     return train_teacher(cfg)["out_dir"]
 
 
-def _main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..utils.cli import CONFIG_DIR, fail_cleanly, say
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="causal_teacher")
-    def main(cfg: DictConfig) -> None:
-        with fail_cleanly("causal.teacher_train"):
-            info = train_teacher(cfg, HydraConfig.get().runtime.output_dir)
-            if info.get("reused"):
-                say(
-                    f"[elm.causal.teacher_train] reusing {info['out_dir']} (same settings; force=true retrains)"
-                )
-            else:
-                t = info["training"]
-                say(f"[elm.causal.teacher_train] {info['params'] / 1e6:.2f}M params, {t['steps']} steps "
-                      f"({t['tokens']:,} tokens, {t['train_time_s']:.0f} s{', time-limited' if t['time_limited'] else ''})")  # fmt: skip
-            say(f"[elm.causal.teacher_train] validation perplexity {info['val_ppl']:.2f} "
-                  f"(untrained {info['val_ppl_init']:.1f}); teacher in {info['out_dir']}")  # fmt: skip
-
-    main()
+def _report(info, run_dir: str):
+    if info.get("reused"):
+        yield f"[elm.causal.teacher_train] reusing {info['out_dir']} (same settings; force=true retrains)"
+    else:
+        t = info["training"]
+        yield (f"[elm.causal.teacher_train] {info['params'] / 1e6:.2f}M params, {t['steps']} steps ({t['tokens']:,} "
+               f"tokens, {t['train_time_s']:.0f} s{', time-limited' if t['time_limited'] else ''})")  # fmt: skip
+    yield (f"[elm.causal.teacher_train] validation perplexity {info['val_ppl']:.2f} "
+           f"(untrained {info['val_ppl_init']:.1f}); teacher in {info['out_dir']}")  # fmt: skip
 
 
-def cli() -> None:
-    """``elm-causal-teacher`` / ``python -m elm.causal.teacher_train``."""
-    from ..utils.cli import guard_run_dir
-
-    guard_run_dir("causal.teacher_train")  # before Hydra writes into the run dir
-    sys.exit(_main())
-
+cli = hydra_command("causal.teacher_train", __name__, train_teacher, _report)
 
 if __name__ == "__main__":
     cli()

@@ -157,7 +157,6 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
     for model in cfg.models:
         for task in cfg.tasks:
             ft = task_config(cfg, ft_cfg, str(task))
-            ft.task = str(task)
             base = run_dir / "finetune" / model / task_label(str(task))
             plain = read_json(base / RESULTS_FILE)
             if plain is not None:
@@ -196,11 +195,11 @@ def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
     return path
 
 
-def _finetune_one(ft_cfg: DictConfig, model_dir: str, task: str, out: Path, resume: bool) -> dict[str, Any]:
-    """Fine-tune one row on one task; on resume a finished run is returned by ``run_finetune`` itself
-    after it has checked that the run's settings are the ones asked for now."""
+def _finetune_one(ft_cfg: DictConfig, model_dir: str, out: Path, resume: bool) -> dict[str, Any]:
+    """Fine-tune one row on one task (``task_config``); on resume a finished run is returned by
+    ``run_finetune`` itself after it has checked that the run's settings are the ones asked for now."""
     cfg = ft_cfg.copy()
-    cfg.model, cfg.task = model_dir, task
+    cfg.model = model_dir
     cfg.resume = resume  # an unfinished fine-tune continues from its checkpoint
     return run_finetune(cfg, out)
 
@@ -265,16 +264,17 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
     check_retrain_settings(retrain_cfg)
     for task in cfg.tasks:  # loads and tokenises once; a bad name or path fails here
         ft = task_config(cfg, ft_cfg, str(task))
-        ft.task = str(task)
         check_finetune_settings(ft)
         prepare_task(ft, tokenizer)
 
 
 def task_config(cfg: DictConfig, ft_cfg: DictConfig, task: str) -> DictConfig:
-    """The fine-tuning config of one task: ``finetune:`` with ``task_finetune.<label>`` merged over it
-    (e.g. more training rows for SST-2 than for BBC), the same for every model."""
+    """The fine-tuning config of one task (``task`` set): ``finetune:`` with ``task_finetune.<label>``
+    merged over it (e.g. more training rows for SST-2 than for BBC), the same for every model."""
     own = (cfg.get("task_finetune") or {}).get(task_label(task))
-    return OmegaConf.merge(ft_cfg, own) if own else ft_cfg.copy()
+    merged = OmegaConf.merge(ft_cfg, own) if own else ft_cfg.copy()
+    merged.task = task
+    return merged
 
 
 def teacher_facts(teacher) -> dict[str, Any]:
@@ -356,12 +356,10 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         row["tasks"] = {}
         for task in cfg.tasks:
             out = run_dir / "finetune" / model / task_label(str(task))
-            res = _finetune_one(task_config(cfg, ft_cfg, str(task)), str(row["model_dir"]), str(task), out,
-                                bool(cfg.resume))
+            ft = task_config(cfg, ft_cfg, str(task))
+            res = _finetune_one(ft, str(row["model_dir"]), out, bool(cfg.resume))
             row["tasks"][str(task)] = {k: res.get(k) for k in RESULT_KEYS}
             if cfg.get("task_distill") and cfg.task_distill.enabled and model in cfg.task_distill.models:
-                ft = task_config(cfg, ft_cfg, str(task))
-                ft.task = str(task)
                 dcfg = distill_config(cfg, ft, str(row["model_dir"]), str(retrain_cfg.teacher.name), run_dir)
                 dcfg.train.lr, dcfg.train.lr_sweep = float(res["lr"]), None  # the rate plain fine-tuning picked
                 res = _distill_one(dcfg, run_dir / "finetune" / model / f"{task_label(str(task))}{KD_SUFFIX}",

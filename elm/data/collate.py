@@ -103,24 +103,6 @@ class MLMCollator:
         return batch
 
 
-class CLMCollator:
-    """Causal-LM batches: ``input_ids``, ``attention_mask``, ``labels`` (= ids, -100 on padding).
-
-    Labels are not shifted: Hugging Face causal models (and elm's) shift inside the loss.
-    """
-
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.pad_id = _pad_id(tokenizer)
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
-        batch = _pad_batch(rows, self.pad_id, self.pad_to_multiple_of)
-        batch.pop("token_type_ids", None)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        return batch
-
-
 class PadCollator:
     """Classification batches: padded inputs plus ``labels`` (long, or float for regression)."""
 
@@ -135,6 +117,19 @@ class PadCollator:
             labels = [r["labels"] for r in rows]
             dtype = torch.float if any(isinstance(v, float) for v in labels) else torch.long
             batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return batch
+
+
+class CLMCollator(PadCollator):
+    """Causal-LM batches: ``input_ids``, ``attention_mask``, ``labels`` (= ids, -100 on padding).
+
+    Labels are not shifted: Hugging Face causal models (and elm's) shift inside the loss.
+    """
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        batch = _pad_batch(rows, self.pad_id, self.pad_to_multiple_of)
+        batch.pop("token_type_ids", None)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
 
 

@@ -79,7 +79,7 @@ def resolve_model(model: Any) -> str:
     """The model directory (aliases as for teachers: ``default`` = the packaged MiniLM)."""
     if model is None or str(model).strip() in ("", "???"):
         raise ValueError("model=<dir> is required: an exported elm dir or any Hugging Face model dir")
-    path = resolve_model_path(str(model))
+    path = resolve_model_path(str(model), "model")
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ValueError(f"model dir {str(model)!r} has no config.json; is it a save_pretrained folder?")
     check_weight_files(path)

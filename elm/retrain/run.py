@@ -174,8 +174,7 @@ def retrain(
 
     logger = None  # rank 0 writes metrics.jsonl / wandb
     if rank == 0:
-        logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
-                           config=_plain(cfg))  # fmt: skip
+        logger = RunLogger.for_run(run_dir, cfg.logger, _plain(cfg))
     try:
         h = cfg.teacher_head
         head = None

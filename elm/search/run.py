@@ -74,14 +74,13 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     resuming = state is not None
     logger = None
     if rank == 0:
-        logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.get("name"),
-                           config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+        logger = RunLogger.for_run(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
     loop = LoopConfig.from_config(s, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
                                   progress=cfg.progress, schedule=s.get("schedule", "ramped_cosine"))  # fmt: skip
     search = SearchSettings(loss=cfg.distill.loss, point=cfg.distill.point, chain_prob=s.chain_prob,
                             train_embeddings=s.train_embeddings, inherit=cfg.inherit.enabled and not resuming,
                             inherit_batches=cfg.inherit.batches, eval_batches=s.eval_batches,
-                            analysis_batch_size=s.analysis_batch_size)  # fmt: skip
+                            analysis_batch_size=s.analysis_batch_size, eval_when=s.get("eval_when", "final"))  # fmt: skip
     trainer = SearchTrainer(teacher, space, data["train"], data["validation"], loop, search, pca=pca, cka=cka,
                             logger=logger, settings=settings)  # fmt: skip
     if state is not None:

@@ -37,6 +37,7 @@ from ..utils.io import SEARCH_STATE_FILE
 from ..utils.logging import RunLogger
 from ..utils.master import bf16_teacher
 from ..utils.runtime import broadcast_object
+from ..utils.settings import check_choice
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level, prune_heads
 from .score import paired_intervals
 
@@ -112,7 +113,12 @@ class SearchSettings:
     teacher (``elm.supernet.inherit``); ``inherit_batches`` corpus batches of the global batch
     size feed its statistics. False (and resumed runs) only install the shared basis.
     ``eval_batches``: validation batches scoring the candidates; ``analysis_batch_size``: the
-    held-out sequences of PCA / CKA (disjoint from them).
+    held-out sequences of PCA / CKA (disjoint from them). ``eval_when``: ``final`` scores the
+    candidates after the last epoch only (the scores the choice reads), ``every_epoch`` after each
+    one too, for the curves in ``metrics.jsonl``. [project decision, issue #15] ``final`` is the
+    default: validation is in eval mode on cached teacher states and draws no random numbers, so
+    the training, the final scores and the choice are the same either way, and the default search
+    is ~7% shorter (5 of its 6 validations, ~14 s of ~200 s on 2 cores).
     """
 
     loss: str = "rkd"
@@ -123,9 +129,11 @@ class SearchSettings:
     inherit_batches: int = 4
     eval_batches: int = 8
     analysis_batch_size: int = 16
+    eval_when: str = "final"
 
     def validate(self) -> SearchSettings:
         hidden_loss(self.loss)  # an unknown name is one line, before anything is built
+        check_choice("search.eval_when", self.eval_when, ("final", "every_epoch"))
         if isinstance(self.point, bool) or not isinstance(self.point, int | float) or self.point < 0:
             raise ValueError(f"distill.point={self.point!r} must be a number >= 0")
         c = self.chain_prob
@@ -173,7 +181,7 @@ class SearchTrainer(TrainLoop):
                              f"search.analysis_batch_size={ab} disjoint validation sequences "
                              f"need {eb * loop.batch_size + ab}, the split has {len(validation)}; "
                              f"lower them or raise data.val_fraction")  # fmt: skip
-        self.eval_batches, self.analysis_batch_size = eb, ab
+        self.eval_batches, self.analysis_batch_size, self.eval_when = eb, ab, search.eval_when
         self.seed, self.batch_size = loop.seed, loop.batch_size
         self.device, self.run_dir = torch.device(loop.device), Path(loop.run_dir)
         self.supernet = Supernet.for_teacher(space, teacher).to(self.device)
@@ -338,14 +346,13 @@ class SearchTrainer(TrainLoop):
         widths = {key: c.ffn_dim for *_, key, c in self.supernet.candidates()}  # what PCA scored
         decisions = self.end_of_epoch(last)
         result = decisions["analysis"]
-        val = self.validate()
+        val = self.validate() if last or self.eval_when == "every_epoch" else {}
         self.last_cka = result.cka
         return {
             "epoch": self.epoch + 1,
             "step": self.step,
             "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_ci": val["ci"],
+            **({"val_loss": val["loss"], "val_ci": val["ci"]} if val else {}),
             "pca": result.pca,
             "pca_untrained": result.pca_untrained,
             "pca_normalised": result.normalised_pca(),

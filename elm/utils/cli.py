@@ -1,4 +1,5 @@
-"""Shared bits of the command-line entry points: where the configs are, one-line errors."""
+"""The command-line entry points: where the configs are, one-line errors, and :func:`hydra_command`,
+the one ``cli()`` every Hydra stage is built from."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from .io import DONE_FILE, read_json
 
@@ -167,3 +170,49 @@ def teacher_shorthand(argv: list[str] | None = None) -> None:
         key, sep, value = arg.partition("=")
         if sep and key == "teacher" and value not in presets:
             argv[i] = f"teacher.name={value}"
+
+
+def _job_name(module: str) -> str:
+    """The job name Hydra gives a ``@hydra.main`` function defined in ``module`` (its run dir's log
+    is ``<job>.log``): the module's last part, or the file's stem when it runs as ``__main__``."""
+    if module != "__main__":
+        return module.rpartition(".")[2]
+    return Path(getattr(sys.modules["__main__"], "__file__", None) or "__main__").stem
+
+
+def hydra_command(stage: str, module: str, run: Callable[[Any, str], Any], report: Callable[[Any, str], Iterable[str]],
+                  *, join_group: bool = False, prepare: Callable[[], None] | None = None) -> Callable[[], None]:  # fmt: skip
+    """``cli()`` of ``python -m elm.<stage>``: ``prepare`` (argv rewrites), :func:`guard_run_dir`,
+    then Hydra with ``configs/<STAGE_CONFIGS[stage]>.yaml`` runs ``run(cfg, run_dir)`` inside
+    :func:`fail_cleanly` and rank 0 says each line of ``report(result, run_dir)``. Under torchrun
+    the other ranks log warnings only, and ``join_group`` joins (and leaves) the process group
+    around the run (the stages whose own loop is data-parallel; the HF Trainer joins by itself)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .runtime import dist_info, init_distributed, shutdown_distributed
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=STAGE_CONFIGS[stage])
+    def main(cfg) -> None:
+        if dist_info()[0] != 0:  # torchrun: rank 0 reports
+            logging.getLogger("elm").setLevel(logging.WARNING)
+        with fail_cleanly(stage):
+            if join_group:
+                init_distributed()
+            run_dir = HydraConfig.get().runtime.output_dir
+            result = run(cfg, run_dir)
+            shutdown_distributed()
+            if dist_info()[0] == 0:
+                for line in report(result, run_dir):
+                    say(line)
+
+    def cli() -> None:
+        if prepare is not None:
+            prepare()
+        guard_run_dir(stage)  # before Hydra writes into the run dir
+        if _override(sys.argv[1:], "hydra.job.name") is None:  # the name Hydra gives a stage's own main
+            sys.argv.append(f"hydra.job.name={_job_name(module)}")
+        sys.exit(main())
+
+    cli.__doc__ = f"``python -m elm.{stage}`` (and its ``elm-*`` script in ``pyproject.toml``)."
+    return cli

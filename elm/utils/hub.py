@@ -141,8 +141,9 @@ def _hub_cached(name: str) -> bool:
     return isinstance(found, str)
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
-    """Map a teacher name to something ``from_pretrained`` can load without surprises.
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None, what: str = "teacher") -> str:
+    """Map a teacher (or, with ``what``, any model) name to something ``from_pretrained`` can load
+    without surprises; errors name it as ``what``.
 
     ``None``/"default"/"minilm" -> the packaged MiniLM; "gpt2-bpe" -> the GPT-2 tokenizer
     directory; an existing directory -> itself. Strings that look like paths (start with ``/``,
@@ -160,9 +161,9 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
     if path.is_dir():
         return str(path.resolve())
     if path.exists():
-        raise TeacherError(f"teacher path {name!r} is a file; expected a model directory (with config.json)")
+        raise TeacherError(f"{what} path {name!r} is a file; expected a model directory (with config.json)")
     if _looks_like_path(name):
-        raise TeacherError(f"teacher path {name!r} does not exist")
+        raise TeacherError(f"{what} path {name!r} does not exist")
     if hub_offline() and not _hub_cached(name):
         raise _hub_error(name, "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not cached")
     return name

@@ -34,6 +34,11 @@ class RunLogger:
             self.run = wandb.init(mode=mode, project=project, name=name, dir=str(run_dir), config=config,
                                   reinit="finish_previous")  # fmt: skip
 
+    @classmethod
+    def for_run(cls, run_dir: str | Path, logger: Any, config: dict | None) -> RunLogger:
+        """The logger a stage's ``logger:`` config group (``mode``, ``project``, ``name``) asks for."""
+        return cls(run_dir, mode=logger.mode, project=logger.project, name=logger.get("name"), config=config)
+
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
