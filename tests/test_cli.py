@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from elm.utils.cli import _job_name
+from elm.utils.cli import _module_name
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -34,11 +34,13 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *overrides], capture_output=True, text=True, timeout=300)
 
 
-def test_job_name_is_the_one_hydra_gives_the_stages_own_main(monkeypatch) -> None:
-    assert _job_name("elm.causal.evaluate") == "evaluate"  # elm-causal-evaluate
-    assert _job_name("elm.search.__main__") == "__main__"  # elm-search
-    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__="/x/elm/causal/minillm.py"))
-    assert _job_name("__main__") == "minillm"  # python -m elm.causal.minillm
+def test_the_module_name_hydra_names_the_job_after(monkeypatch) -> None:
+    assert _module_name("elm.causal.evaluate") == "elm.causal.evaluate"  # elm-causal-evaluate: evaluate.log
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(
+        __file__="/x/elm/causal/minillm.py", __spec__=types.SimpleNamespace(name="elm.causal.minillm")))  # fmt: skip
+    assert _module_name("__main__") == "elm.causal.minillm"  # python -m elm.causal.minillm: minillm.log
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__="/x/run_it.py", __spec__=None))
+    assert _module_name("__main__") == "run_it"  # python run_it.py: run_it.log
 
 
 def test_hydra_command_runs_the_stage_and_says_its_report_in_the_run_dirs_log(tmp_path: Path) -> None:
@@ -59,3 +61,11 @@ def test_hydra_command_errors_are_one_line_and_exit_2(tmp_path: Path, overrides:
     done = _cli(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", *overrides)
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr
+
+
+def test_hydra_command_leaves_hydras_own_flags_working(tmp_path: Path) -> None:
+    """``--cfg job`` after the overrides (what tests/test_scripts.py runs): Hydra prints the config
+    and runs nothing."""
+    done = _cli(tmp_path, "seed=3", "--cfg", "job")
+    assert done.returncode == 0, done.stderr
+    assert "seed: 3" in done.stdout and "ran with seed" not in done.stdout

@@ -72,8 +72,8 @@ from ..utils.settings import check_choice
 from .common import StepBudget, set_threads
 from .prompts import encode_pair, encode_prompt, end_ids
 from .rollout import logits, minillm_loss, newline_ids, sample_rollouts, teacher_forced_kl
+from .settings import MINILLM_DATA, OBJECTIVES
 
-OBJECTIVES = ("minillm", "reverse_kl", "forward_kl")
 INFO_FILE = "minillm_info.json"
 log = logging.getLogger("elm.causal")
 
@@ -163,7 +163,7 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     Returns the step budget record, per-step ``history`` and validation metrics before/after.
     """
     check_choice("minillm.objective", m.objective, OBJECTIVES)
-    check_choice("minillm.data", m.data, ("prompts", "corpus"))
+    check_choice("minillm.data", m.data, MINILLM_DATA)
     needs_corpus = m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")
     if needs_corpus and corpus is None:
         raise ValueError("minillm.pt_coef > 0 or minillm.data=corpus needs the corpus")

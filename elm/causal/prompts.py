@@ -36,7 +36,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from ..data.corpus import CorpusError, bbc_documents, bbc_group_key, read_jsonl_objects, split_documents
-from ..utils.hub import hub_offline
+from ..utils.hub import load_hub_dataset
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\d£$])")
 DEFAULTS: dict[str, Any] = {
@@ -80,19 +80,9 @@ def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _hub_rows(source: str) -> list[dict[str, Any]]:
-    import datasets
-
-    spec = source[3:]
-    path, _, name = spec.partition(":")
+    path, _, name = source[3:].partition(":")
     hint = "use a local .jsonl file with prompt/response fields instead (prompts.source=/path/to/file.jsonl)"
-    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
-        raise PromptError(f"prompts {source!r} need the Hugging Face Hub, which is set offline; {hint}")
-    try:
-        ds = datasets.load_dataset(path, name or None, split="train")
-    except Exception as err:  # ConnectionError, DatasetNotFoundError, ...
-        raise PromptError(
-            f"could not load prompts {source!r} ({err.__class__.__name__}: {err}); {hint}"
-        ) from err
+    ds = load_hub_dataset(PromptError, f"prompts {source!r}", hint, path, name or None, split="train")
     return [dict(r) for r in ds]
 
 

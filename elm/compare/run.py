@@ -195,15 +195,6 @@ def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
     return path
 
 
-def _finetune_one(ft_cfg: DictConfig, model_dir: str, out: Path, resume: bool) -> dict[str, Any]:
-    """Fine-tune one row on one task (``task_config``); on resume a finished run is returned by
-    ``run_finetune`` itself after it has checked that the run's settings are the ones asked for now."""
-    cfg = ft_cfg.copy()
-    cfg.model = model_dir
-    cfg.resume = resume  # an unfinished fine-tune continues from its checkpoint
-    return run_finetune(cfg, out)
-
-
 def distill_config(cfg: DictConfig, ft: DictConfig, model_dir: str, teacher: str, run_dir: Path) -> DictConfig:
     """The ``elm.distill_task`` config of one row and task: that task's fine-tuning settings (the same
     budget as plain fine-tuning), then ``task_distill``'s loss / augmentation / teacher settings; one
@@ -216,13 +207,6 @@ def distill_config(cfg: DictConfig, ft: DictConfig, model_dir: str, teacher: str
     dcfg.student, dcfg.model, dcfg.teacher.name = model_dir, model_dir, teacher
     dcfg.teacher_finetune.cache_dir = str(run_dir / "distill_teacher")
     return dcfg
-
-
-def _distill_one(dcfg: DictConfig, out: Path, resume: bool) -> dict[str, Any]:
-    from ..distill_task import run_distill_task
-
-    dcfg.resume = resume  # a finished run is returned after its settings are checked, as in _finetune_one
-    return run_distill_task(dcfg, out)
 
 
 def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) -> None:
@@ -357,13 +341,17 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for task in cfg.tasks:
             out = run_dir / "finetune" / model / task_label(str(task))
             ft = task_config(cfg, ft_cfg, str(task))
-            res = _finetune_one(ft, str(row["model_dir"]), out, bool(cfg.resume))
+            # resume: an unfinished run continues from its checkpoint, a finished one is returned
+            # after its settings are checked against these (run_finetune, run_distill_task)
+            res = run_finetune(OmegaConf.merge(ft, {"model": str(row["model_dir"]), "resume": bool(cfg.resume)}), out)
             row["tasks"][str(task)] = {k: res.get(k) for k in RESULT_KEYS}
             if cfg.get("task_distill") and cfg.task_distill.enabled and model in cfg.task_distill.models:
+                from ..distill_task import run_distill_task
+
                 dcfg = distill_config(cfg, ft, str(row["model_dir"]), str(retrain_cfg.teacher.name), run_dir)
                 dcfg.train.lr, dcfg.train.lr_sweep = float(res["lr"]), None  # the rate plain fine-tuning picked
-                res = _distill_one(dcfg, run_dir / "finetune" / model / f"{task_label(str(task))}{KD_SUFFIX}",
-                                   bool(cfg.resume))  # fmt: skip
+                dcfg.resume = bool(cfg.resume)
+                res = run_distill_task(dcfg, out.with_name(out.name + KD_SUFFIX))
                 row["tasks"][f"{task}{KD_SUFFIX}"] = {k: res.get(k) for k in (*RESULT_KEYS, "distillation")}
         rows.append(row)
         summary["rows"] = rows

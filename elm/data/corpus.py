@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from elm.utils.hub import elm_cache_dir, hub_offline, load_tokenizer
+from elm.utils.hub import elm_cache_dir, load_hub_dataset, load_tokenizer
 from elm.utils.io import install_dir
 
 CACHE_VERSION = 2
@@ -207,19 +207,8 @@ def _hub_spec(source: str) -> tuple[str, str | None] | None:
 def _hub_documents(source: str, path: str, name: str | None) -> list[str]:
     """Documents of the ``train`` split of a Hub data set (one row = one document, except
     WikiText-style line rows, which are regrouped into articles)."""
-    import datasets
-
     hint = "use a local .txt/.jsonl file or folder instead (data.source=/path/to/corpus)"
-    # datasets reads its offline flag at import; an env var set later cannot make it offline.
-    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
-        raise CorpusError(f"corpus {source!r} needs the Hugging Face Hub, which is set offline; {hint}")
-    try:
-        ds = datasets.load_dataset(path, name, split="train")
-    except Exception as err:  # ConnectionError, OSError, DatasetNotFoundError, ...
-        raise CorpusError(
-            f"could not load corpus {source!r} from the Hugging Face Hub (offline or unreachable: "
-            f"{err.__class__.__name__}); {hint}"
-        ) from err
+    ds = load_hub_dataset(CorpusError, f"corpus {source!r}", hint, path, name, split="train")
     column = (
         "text"
         if "text" in ds.column_names
@@ -413,13 +402,10 @@ def load_corpus(
         train=_pack_split([texts[i] for i in train_idx], tokenizer, seq_len),
         validation=_pack_split([texts[i] for i in val_idx], tokenizer, seq_len),
     )
-    for name, ds, n_docs in (
-        ("train", splits["train"], len(train_idx)),
-        ("validation", splits["validation"], len(val_idx)),
-    ):
-        if len(ds) == 0:
+    for name, idx in (("train", train_idx), ("validation", val_idx)):
+        if len(splits[name]) == 0:
             raise CorpusError(
-                f"corpus {source!r} is too short: the {name} split ({n_docs} documents) gives no block "
+                f"corpus {source!r} is too short: the {name} split ({len(idx)} documents) gives no block "
                 f"of seq_len={seq_len} tokens; use more text, a smaller seq_len or a larger val_fraction"
             )
 

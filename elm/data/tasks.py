@@ -29,7 +29,7 @@ import numpy as np
 from datasets import Dataset
 
 from elm.data.corpus import bbc_documents, bbc_group_key, split_documents
-from elm.utils.hub import hub_offline
+from elm.utils.hub import load_hub_dataset
 
 _TSV_SUFFIXES = (".tsv", ".csv")
 
@@ -281,22 +281,11 @@ def _bbc_task(seed: int) -> tuple[dict[str, dict[str, list]], TaskSpec, list[str
 
 
 def _glue_task(name: str) -> tuple[dict[str, dict[str, list]], TaskSpec, list[str] | None]:
-    import datasets
-
     spec = GLUE_TASKS[name]
     hint = "use a local folder with train.tsv and dev.tsv instead (e.g. task=/path/to/sst2)"
-    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
-        raise TaskError(f"GLUE task {name!r} needs the Hugging Face Hub, which is set offline; {hint}")
-    try:
-        ds = datasets.load_dataset("glue", name)
-    except Exception as err:  # ConnectionError, OSError, DatasetNotFoundError, ...
-        raise TaskError(
-            f"could not load GLUE task {name!r} (Hub offline or unreachable: {err.__class__.__name__}); {hint}"
-        ) from err
-    splits = {}
-    for ours, theirs in (("train", "train"), ("validation", spec.validation_split)):
-        cols = ds[theirs].select_columns([*spec.text_fields, "label"]).to_dict()
-        splits[ours] = cols
+    ds = load_hub_dataset(TaskError, f"GLUE task {name!r}", hint, "glue", name)
+    splits = {ours: ds[theirs].select_columns([*spec.text_fields, "label"]).to_dict()
+              for ours, theirs in (("train", "train"), ("validation", spec.validation_split))}  # fmt: skip
     names = getattr(ds["train"].features["label"], "names", None)
     return splits, spec, names
 

@@ -6,12 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..blocks import BLOCKS, DEFAULT_BLOCKS, FLAT_SPACE_FIELDS, family
-from .arch import SHARE_MODES, ArchError
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArchError(f"{name} must be a positive integer, got {value!r}")
+from .arch import SHARE_MODES, ArchError, _positive_int
 
 
 @dataclass

@@ -152,9 +152,8 @@ def guard_run_dir(stage: str, argv: list[str] | None = None) -> None:
     resume = (_override(argv[1:], "resume") or "false").lower() in ("true", "1", "yes")
     marker = finished_work(path)
     if marker and not resume:
-        print(f"[elm.{stage}] error: hydra.run.dir={run_dir} already holds a finished run ({marker}); choose another "
-              "hydra.run.dir (nothing was written)", file=sys.stderr)  # fmt: skip
-        sys.exit(2)
+        _refuse(stage, f"hydra.run.dir={run_dir} already holds a finished run ({marker}); choose another "
+                       "hydra.run.dir (nothing was written)")  # fmt: skip
     check_overrides(stage, argv)
     if resume and (path / ".hydra").is_dir() and _override(argv[1:], "hydra.output_subdir") is None:
         argv.append(f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -172,12 +171,14 @@ def teacher_shorthand(argv: list[str] | None = None) -> None:
             argv[i] = f"teacher.name={value}"
 
 
-def _job_name(module: str) -> str:
-    """The job name Hydra gives a ``@hydra.main`` function defined in ``module`` (its run dir's log
-    is ``<job>.log``): the module's last part, or the file's stem when it runs as ``__main__``."""
+def _module_name(module: str) -> str:
+    """The importable name of ``module``; ``__main__`` (``python -m``, or a script) becomes its spec's
+    name or the file's stem. Hydra names the job after its last part (the run dir's ``<job>.log``)."""
     if module != "__main__":
-        return module.rpartition(".")[2]
-    return Path(getattr(sys.modules["__main__"], "__file__", None) or "__main__").stem
+        return module
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else Path(getattr(main, "__file__", None) or "__main__").stem
 
 
 def hydra_command(stage: str, module: str, run: Callable[[Any, str], Any], report: Callable[[Any, str], Iterable[str]],
@@ -186,14 +187,14 @@ def hydra_command(stage: str, module: str, run: Callable[[Any, str], Any], repor
     then Hydra with ``configs/<STAGE_CONFIGS[stage]>.yaml`` runs ``run(cfg, run_dir)`` inside
     :func:`fail_cleanly` and rank 0 says each line of ``report(result, run_dir)``. Under torchrun
     the other ranks log warnings only, and ``join_group`` joins (and leaves) the process group
-    around the run (the stages whose own loop is data-parallel; the HF Trainer joins by itself)."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
+    around the run (the stages whose own loop is data-parallel; the HF Trainer joins by itself).
+    Hydra is imported only when the command runs, not when its module is imported."""
 
-    from .runtime import dist_info, init_distributed, shutdown_distributed
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=STAGE_CONFIGS[stage])
     def main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .runtime import dist_info, init_distributed, shutdown_distributed
+
         if dist_info()[0] != 0:  # torchrun: rank 0 reports
             logging.getLogger("elm").setLevel(logging.WARNING)
         with fail_cleanly(stage):
@@ -207,12 +208,13 @@ def hydra_command(stage: str, module: str, run: Callable[[Any, str], Any], repor
                     say(line)
 
     def cli() -> None:
+        import hydra
+
         if prepare is not None:
             prepare()
         guard_run_dir(stage)  # before Hydra writes into the run dir
-        if _override(sys.argv[1:], "hydra.job.name") is None:  # the name Hydra gives a stage's own main
-            sys.argv.append(f"hydra.job.name={_job_name(module)}")
-        sys.exit(main())
+        main.__module__ = _module_name(module)  # Hydra's job name: as if the stage defined main itself
+        sys.exit(hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=STAGE_CONFIGS[stage])(main)())
 
     cli.__doc__ = f"``python -m elm.{stage}`` (and its ``elm-*`` script in ``pyproject.toml``)."
     return cli

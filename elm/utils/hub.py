@@ -118,6 +118,20 @@ def hub_offline(*extra_flags: str) -> bool:
     return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def load_hub_dataset(error: type[Exception], what: str, hint: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset(*args, **kwargs)``, or one ``error`` line naming ``what`` and ``hint``
+    (the local alternative) when offline mode is on or the Hub cannot give it."""
+    import datasets
+
+    # datasets reads its offline flag at import; an env var set later cannot make it offline.
+    if hub_offline("HF_DATASETS_OFFLINE") and not datasets.config.HF_HUB_OFFLINE:
+        raise error(f"{what} needs the Hugging Face Hub, which is set offline; {hint}")
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # ConnectionError, OSError, DatasetNotFoundError, ...
+        raise error(f"could not load {what} from the Hugging Face Hub ({err.__class__.__name__}: {err}); {hint}") from err
+
+
 def _looks_like_path(name: str) -> bool:
     """Paths start with ``/``, ``.`` or ``~`` or have 2+ separators; hub ids are ``org/name``."""
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
