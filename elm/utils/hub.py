@@ -129,7 +129,8 @@ def load_hub_dataset(error: type[Exception], what: str, hint: str, *args: Any, *
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # ConnectionError, OSError, DatasetNotFoundError, ...
-        raise error(f"could not load {what} from the Hugging Face Hub ({err.__class__.__name__}: {err}); {hint}") from err
+        raise error(f"could not load {what} from the Hugging Face Hub (offline or unreachable: "
+                    f"{err.__class__.__name__}); {hint}") from err
 
 
 def _looks_like_path(name: str) -> bool:
