@@ -12,6 +12,8 @@ from ..utils.settings import check_choice
 from ..utils.settings import check_number as _number
 from .choose import STRATEGIES
 
+EVAL_WHEN = ("final", "every_epoch")  # search.eval_when (SearchSettings)
+
 
 def check_search_settings(cfg: DictConfig, num_layers: int) -> None:
     """The ``search``, ``inherit``, ``data`` and ``plots`` settings of ``configs/search.yaml``."""
@@ -22,7 +24,7 @@ def check_search_settings(cfg: DictConfig, num_layers: int) -> None:
     _number("search.batch_size", s.batch_size, 1)
     _number("search.grad_accum", s.get("grad_accum", 1), 1)
     _number("search.eval_batches", s.eval_batches, 1)
-    check_choice("search.eval_when", s.get("eval_when", "final"), ("final", "every_epoch"))
+    check_choice("search.eval_when", s.get("eval_when", "final"), EVAL_WHEN)
     _number("search.analysis_batch_size", s.analysis_batch_size, 2)
     _number("search.checkpoint_every", s.get("checkpoint_every"), 1, none=True)
     _number("search.warmup_steps", s.warmup_steps, 0)

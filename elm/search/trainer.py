@@ -40,6 +40,7 @@ from ..utils.runtime import broadcast_object
 from ..utils.settings import check_choice
 from .analysis import CKAConfig, PCAConfig, analyse, grow_widths, max_pair_level, prune_heads
 from .score import paired_intervals
+from .settings import EVAL_WHEN
 
 STATE_FILE = SEARCH_STATE_FILE
 HELD_OUT_CACHE_BYTES = 1 << 30  # teacher states of fixed held-out batches kept in memory (SearchTrainer.held_out)
@@ -133,7 +134,7 @@ class SearchSettings:
 
     def validate(self) -> SearchSettings:
         hidden_loss(self.loss)  # an unknown name is one line, before anything is built
-        check_choice("search.eval_when", self.eval_when, ("final", "every_epoch"))
+        check_choice("search.eval_when", self.eval_when, EVAL_WHEN)
         if isinstance(self.point, bool) or not isinstance(self.point, int | float) or self.point < 0:
             raise ValueError(f"distill.point={self.point!r} must be a number >= 0")
         c = self.chain_prob
