@@ -14,6 +14,7 @@ from elm.distill.losses import (
     hidden_loss,
     kl_hidden_loss,
     mse_loss,
+    normalised_mse,
     relation_matrix,
     reverse_kl,
     rkd_loss,
@@ -57,6 +58,8 @@ def test_relation_matrix():
     z = torch.nn.functional.normalize(b, dim=-1)
     ((z @ z.transpose(1, 2)) * weights).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+    # its Gram matrix has a one-matmul backward, (g + g^T) @ h: checked against finite differences
+    torch.autograd.gradcheck(relation_matrix, (h.double().requires_grad_(),))
 
 
 def test_rkd_matches_numpy_with_padding():
@@ -131,6 +134,20 @@ def test_mse_with_projection_and_mask():
     torch.testing.assert_close(got, ref)
     with pytest.raises(ValueError, match="pass proj"):
         mse_loss(s, t)
+
+
+def test_normalised_mse_matches_numpy_with_padding():
+    s, t = torch.randn(2, 5, 6, generator=_gen(21)), torch.randn(2, 5, 6, generator=_gen(22))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    sn, tn, valid = s.numpy().astype(np.float64), t.numpy().astype(np.float64), mask.numpy().astype(bool)
+    ref = ((sn - tn) ** 2).sum(-1)[valid].mean() / 2.5
+    np.testing.assert_allclose(normalised_mse(s, t, 2.5, mask).item(), ref, rtol=1e-6)
+    a = s.clone().requires_grad_()
+    normalised_mse(a, t, 2.5, mask).backward()
+    grad = 2 * (sn - tn) * valid[..., None] / (valid.sum() * 2.5)
+    np.testing.assert_allclose(a.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="share one basis"):
+        normalised_mse(s, t[..., :4], 1.0)
 
 
 def _np_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:

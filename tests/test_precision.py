@@ -71,3 +71,18 @@ def test_master_gradients_accumulate_and_track_fp32():
     master.refresh()
     for q, low in zip(model.parameters(), master.compute.parameters(), strict=True):
         assert torch.equal(low, q.to(torch.bfloat16))
+
+
+def test_keep_freed_memory_applies_on_glibc_unless_the_user_set_malloc(monkeypatch):
+    import platform
+    import sys
+
+    from elm.utils.runtime import keep_freed_memory
+
+    monkeypatch.setenv("ELM_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("ELM_KEEP_FREED_MEMORY")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own glibc tuning wins
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert keep_freed_memory() is (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")

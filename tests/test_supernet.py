@@ -20,6 +20,7 @@ from elm.search.analysis import CKAConfig, PCAConfig, analyse, grow_widths, prun
 from elm.space import ArchError
 from elm.supernet import (
     CandidateBlock,
+    CommonDropout,
     ElasticAttention,
     ElasticFFN,
     SpaceConfig,
@@ -554,6 +555,50 @@ def test_attention_dropout_is_its_own_setting() -> None:
     assert all(c.attention.attn_dropout == 0.1 for *_, c in same.candidates())
     with pytest.raises(ArchError, match="space.attention_dropout must be a number in \\[0, 1\\) or null, got 1.5"):
         make_space(attention_dropout=1.5).validate()
+
+
+def test_common_dropout_shares_the_kth_mask_of_a_shape_across_candidates() -> None:
+    """A layer's candidates share masks (common random numbers); within one candidate every dropout
+    still draws its own Bernoulli mask, and outside a layer nothing is shared."""
+    from elm.modeling import modeling_elm
+    from elm.modeling.modeling_elm import apply_dropout
+
+    torch.manual_seed(0)
+    x, p = torch.ones(8, 16, 32), 0.3
+    common = CommonDropout()
+    with common.candidate():
+        a1, a2, narrow = apply_dropout(x, p), apply_dropout(x, p), apply_dropout(x[..., :5], p)
+    with common.candidate():
+        b1, b2, b3 = apply_dropout(x, p), apply_dropout(x, p), apply_dropout(x, p)
+    assert modeling_elm.multiplier_source is None  # restored on leaving
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)  # k-th mask of a shape: common
+    assert not torch.equal(a1, a2) and not torch.equal(b3, b1) and not torch.equal(b3, b2)  # within: distinct
+    assert narrow.shape == (8, 16, 5) and len(common.drawn) == 2
+    masks = torch.stack([a1, a2, b3])
+    assert masks.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    assert abs(masks.ne(0).float().mean().item() - (1 - p)) < 0.02
+    outside = apply_dropout(x, p)
+    assert not any(torch.equal(outside, m) for m in masks)
+
+
+def test_blockwise_common_dropout_draws_a_layers_masks_once(monkeypatch) -> None:
+    from elm.modeling import modeling_elm
+
+    net = make_supernet(dropout=0.1).train()
+    hidden = [torch.randn(2, 5, 32) for _ in range(5)]
+    draws, real = [], modeling_elm.dropout_multiplier
+    monkeypatch.setattr(modeling_elm, "dropout_multiplier", lambda *a: draws.append(a[0]) or real(*a))
+    counts = {}
+    for common in (False, True):
+        draws.clear()
+        outs = net.blockwise(hidden, common_dropout=common)
+        counts[common] = len(draws)
+        assert all(torch.isfinite(o).all() for layer in outs for o in layer)
+    # 6 candidates a layer: each drew its own masks; with common masks a layer draws each once
+    assert 0 < 3 * counts[True] <= counts[False]
+    draws.clear()
+    net.eval().blockwise(hidden, common_dropout=True)
+    assert not draws and modeling_elm.multiplier_source is None
 
 
 def test_analyse_reuses_cached_twins_until_pruning_changes_the_heads(monkeypatch) -> None:

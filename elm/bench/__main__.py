@@ -16,7 +16,7 @@ import torch
 
 from ..utils.cli import fail_cleanly
 from ..utils.precision import resolve_precision
-from ..utils.runtime import resolve_device
+from ..utils.runtime import keep_freed_memory, resolve_device
 from . import bf16, cases, deploy, search_step
 
 CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx", "generate")
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    keep_freed_memory()  # as the stage commands do
     device = resolve_device(args.device)
     reps = 2 if args.quick else 5
     prec = resolve_precision(args.precision, device, master=True, stage="bench")

@@ -110,6 +110,16 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return words.view(torch.int16)[:numel].view(shape) >= round(p * 65536) - 32768
 
 
+def dropout_multiplier(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """What CPU dropout multiplies by: 0 where dropped, 1 / (1 - p) where kept (:func:`keep_mask`)."""
+    return keep_mask(shape, p, device).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+# Set while a search layer's candidates run (elm.supernet.supernet.CommonDropout): a callable with
+# dropout_multiplier's signature that hands the candidates common masks. None everywhere else.
+multiplier_source = None
+
+
 def apply_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout`` with :func:`keep_mask` on CPU; elsewhere (CUDA's fused kernel) and while a graph
     is recorded, ``F.dropout`` itself."""
@@ -117,7 +127,7 @@ def apply_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Ten
         return x
     if x.device.type != "cpu" or not 0 < p < 1 or _recording():
         return F.dropout(x, p, training)
-    return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * (multiplier_source or dropout_multiplier)(x.shape, p, x.device, x.dtype)
 
 
 class Dropout(nn.Dropout):
@@ -144,7 +154,7 @@ def attend(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None
         )
         return out, None
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # scaling q: [B, h, T, d] is T/d times smaller
     if mask is None and causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:

@@ -80,7 +80,8 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     search = SearchSettings(loss=cfg.distill.loss, point=cfg.distill.point, chain_prob=s.chain_prob,
                             train_embeddings=s.train_embeddings, inherit=cfg.inherit.enabled and not resuming,
                             inherit_batches=cfg.inherit.batches, eval_batches=s.eval_batches,
-                            analysis_batch_size=s.analysis_batch_size, eval_when=s.get("eval_when", "final"))  # fmt: skip
+                            analysis_batch_size=s.analysis_batch_size, eval_when=s.get("eval_when", "final"),
+                            common_dropout=s.get("common_dropout", True))  # fmt: skip
     trainer = SearchTrainer(teacher, space, data["train"], data["validation"], loop, search, pca=pca, cka=cka,
                             logger=logger, settings=settings)  # fmt: skip
     if state is not None:

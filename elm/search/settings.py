@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..utils.settings import check_choice
+from ..utils.settings import check_choice, check_flag
 from ..utils.settings import check_number as _number
 from .choose import STRATEGIES
 
@@ -32,6 +32,7 @@ def check_search_settings(cfg: DictConfig, num_layers: int) -> None:
     _number("search.weight_decay", s.weight_decay, 0, integer=False)
     _number("search.grad_clip", s.grad_clip, 0, integer=False, strict=True)
     _number("search.chain_prob", s.chain_prob, 0, integer=False, high=1)
+    check_flag("search.common_dropout", s.get("common_dropout", True))
     _number("inherit.batches", cfg.inherit.batches, 1)
     _number("data.seq_len", cfg.data.seq_len, 2)
     _number("data.val_fraction", cfg.data.val_fraction, 0, integer=False, strict=True, high=0.5)

@@ -65,9 +65,11 @@ class BlockwiseDistiller(nn.Module):
     simply receive zero gradients.
     """
 
-    def __init__(self, supernet: Supernet, loss: str, point: float, train_embeddings: bool) -> None:
+    def __init__(self, supernet: Supernet, loss: str, point: float, train_embeddings: bool,
+                 common_dropout: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.supernet, self.loss, self.point, self.train_embeddings = supernet, loss, point, train_embeddings
+        self.common_dropout = common_dropout
         self.hidden = hidden_loss(loss)
         self.keys = [key for *_, key, _ in supernet.candidates()] + [EMBEDDINGS] * train_embeddings
 
@@ -91,7 +93,8 @@ class BlockwiseDistiller(nn.Module):
     def forward(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, input_ids=None, chain=None) -> torch.Tensor:
         dtype = next(self.supernet.layers.parameters()).dtype  # bf16 in a Bf16Master replica
         inputs = hidden if hidden[0].dtype == dtype else tuple(h.to(dtype) for h in hidden)
-        outputs = self.supernet.blockwise(inputs, mask, chain=chain)  # targets stay in the teachers' fp32
+        # targets stay in the teachers' fp32
+        outputs = self.supernet.blockwise(inputs, mask, chain=chain, common_dropout=self.common_dropout)
         losses = []
         for li, outs in enumerate(outputs):
             target = self.targets(hidden, li + 1, mask)
@@ -119,7 +122,9 @@ class SearchSettings:
     one too, for the curves in ``metrics.jsonl``. [project decision, issue #15] ``final`` is the
     default: validation is in eval mode on cached teacher states and draws no random numbers, so
     the training, the final scores and the choice are the same either way, and the default search
-    is ~7% shorter (5 of its 6 validations, ~14 s of ~200 s on 2 cores).
+    is ~7% shorter (5 of its 6 validations, ~14 s of ~200 s on 2 cores). ``common_dropout``: a
+    layer's candidates share their dropout masks in each step (``elm.supernet.CommonDropout``:
+    each candidate's own masks are unchanged in distribution; the default, ~15% of a CPU step).
     """
 
     loss: str = "rkd"
@@ -131,6 +136,7 @@ class SearchSettings:
     eval_batches: int = 8
     analysis_batch_size: int = 16
     eval_when: str = "final"
+    common_dropout: bool = True
 
     def validate(self) -> SearchSettings:
         hidden_loss(self.loss)  # an unknown name is one line, before anything is built
@@ -188,7 +194,8 @@ class SearchTrainer(TrainLoop):
         self.supernet = Supernet.for_teacher(space, teacher).to(self.device)
         self.inherit_report = self.initialise(search.inherit, search.inherit_batches)
         self.supernet.embeddings.requires_grad_(search.train_embeddings)
-        self.distiller = BlockwiseDistiller(self.supernet, search.loss, self.point, search.train_embeddings)
+        self.distiller = BlockwiseDistiller(self.supernet, search.loss, self.point, search.train_embeddings,
+                                            search.common_dropout)  # fmt: skip
         # bf16 on a CPU with native bf16: train steps on a bf16 replica, fp32 master weights
         # (elm.utils.master); validation scores, PCA/CKA and the choice stay fp32
         super().__init__(self.distiller, len(train), loop, logger=logger)

@@ -9,10 +9,11 @@ from .elastic import (
     uniform_layer_map,
 )
 from .extract import copy_candidate, extract
-from .supernet import SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
+from .supernet import CommonDropout, SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
 
 __all__ = [
     "CandidateBlock",
+    "CommonDropout",
     "IdentityCandidate",
     "ElasticAttention",
     "ElasticFFN",

@@ -193,10 +193,11 @@ def hydra_command(stage: str, module: str, run: Callable[[Any, str], Any], repor
     def main(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from .runtime import dist_info, init_distributed, shutdown_distributed
+        from .runtime import dist_info, init_distributed, keep_freed_memory, shutdown_distributed
 
         if dist_info()[0] != 0:  # torchrun: rank 0 reports
             logging.getLogger("elm").setLevel(logging.WARNING)
+        keep_freed_memory()
         with fail_cleanly(stage):
             if join_group:
                 init_distributed()
