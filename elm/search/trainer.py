@@ -124,7 +124,8 @@ class SearchSettings:
     the training, the final scores and the choice are the same either way, and the default search
     is ~7% shorter (5 of its 6 validations, ~14 s of ~200 s on 2 cores). ``common_dropout``: a
     layer's candidates share their dropout masks in each step (``elm.supernet.CommonDropout``:
-    each candidate's own masks are unchanged in distribution; the default, ~15% of a CPU step).
+    each candidate's own masks are unchanged in distribution; the default: the bf16 CPU step
+    took 649 ms instead of 727).
     """
 
     loss: str = "rkd"
