@@ -61,12 +61,8 @@ class StepBudget:
 
 
 def set_threads(threads: int | None) -> None:
-    """``torch.set_num_threads(threads)`` when given (null = leave torch's default).
-
-    On a CPU shared with other jobs one intra-op thread is often faster than two: OpenMP
-    workers wait at every barrier for a sibling that the scheduler has parked (measured here:
-    a 4-layer GPT-2 training step took 2.6-4.7 s on 1 thread and 5.4-10.8 s on 2 under load).
-    """
+    """``torch.set_num_threads(threads)`` when given (null = leave torch's default). Why one
+    thread is the default on a shared CPU: docs/causal.md, "Timing" under "Stages"."""
     if threads:
         torch.set_num_threads(int(threads))
 
@@ -86,6 +82,21 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
     resolved = resolve_model_path(str(path), "model")
     model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=Path(resolved).is_dir())
     return model.to(device).eval(), load_tokenizer(resolved)
+
+
+def load_causal_corpus(cfg, tokenizer):
+    """``load_corpus`` of ``cfg.data`` (with ``cfg.seed``): packed train/validation blocks."""
+    from ..data.corpus import load_corpus
+
+    d = cfg.data
+    return load_corpus(d.source, tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction, seed=cfg.seed,
+                       max_docs=d.get("max_docs"))
+
+
+def max_positions(model) -> int | None:
+    """The positions ``model`` can attend over (``max_position_embeddings`` or GPT-2's ``n_positions``)."""
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
 def num_parameters(model) -> dict[str, int]:

@@ -33,11 +33,6 @@ from ..utils.cli import hydra_command
 ROUGE_KEY = "rougeL"
 
 
-# ---------------------------------------------------------------------------------------------
-# Perplexity
-# ---------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def perplexity(
     model, dataset, tokenizer, *, batch_size: int = 16, max_batches: int | None = None, device="cpu"
@@ -68,11 +63,6 @@ def perplexity(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "blocks": blocks}
 
 
-# ---------------------------------------------------------------------------------------------
-# ROUGE-L
-# ---------------------------------------------------------------------------------------------
-
-
 def rouge_l(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, Any]:
     """Mean ROUGE-L precision / recall / F-measure of ``rouge_score`` (fractions in [0, 1])."""
     from rouge_score import rouge_scorer
@@ -90,11 +80,6 @@ def rouge_l(predictions: list[str], references: list[str], use_stemmer: bool = T
         "f": sum(s.fmeasure for s in scores) / n,
         "per_example": [s.fmeasure for s in scores],
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
 
 
 class _NewlineStop:
@@ -147,9 +132,11 @@ def generate(
     """
     from transformers import StoppingCriteriaList
 
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    from .common import max_positions
+    from .prompts import encode_prompt
+    from .rollout import left_pad
+
+    limit = max_positions(model)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -157,9 +144,12 @@ def generate(
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = left_padded(tokenizer, chunk, max_prompt_tokens)
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            if max_prompt_tokens is not None:
+                rows = [r[-max_prompt_tokens:] for r in rows]
+            if not all(rows):
+                raise ValueError("a prompt tokenises to nothing; every prompt needs at least one token")
+            ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
             if limit is not None and ids.shape[1] + max_new_tokens > limit:
                 raise ValueError(
                     f"prompt ({ids.shape[1]} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
@@ -182,40 +172,19 @@ def generate(
     return out
 
 
-def left_padded(tokenizer, prompts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """Left-padded batch of prompts (no special tokens), each keeping its last ``max_tokens`` tokens."""
-    from .prompts import encode_prompt
-    from .rollout import left_pad
-
-    rows = [encode_prompt(tokenizer, p) for p in prompts]
-    if max_tokens is not None:
-        rows = [r[-max_tokens:] for r in rows]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("a prompt tokenises to nothing; every prompt needs at least one token")
-    ids, mask = left_pad(rows, tokenizer.pad_token_id, "cpu")
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole evaluation of one model
-# ---------------------------------------------------------------------------------------------
-
-
 def evaluate_model(model, tokenizer, cfg, *, corpus=None, prompts=None, device="cpu") -> dict[str, Any]:
     """Perplexity + ROUGE-L + samples for a loaded model under ``cfg`` (``configs/causal_eval.yaml``).
 
     ``corpus`` (a ``DatasetDict`` from ``load_corpus``) and ``prompts`` (from
     ``elm.causal.prompts.load_prompts``) may be passed in to share them between models.
     """
-    from ..data.corpus import load_corpus
-    from .common import num_parameters
+    from .common import load_causal_corpus, num_parameters
     from .prompts import load_prompts
 
     e = cfg.eval
     t0 = time.perf_counter()
     if corpus is None:
-        corpus = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
-                             seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+        corpus = load_causal_corpus(cfg, tokenizer)
     ppl = perplexity(model, corpus["validation"], tokenizer, batch_size=e.batch_size,
                      max_batches=e.get("ppl_batches"), device=device)  # fmt: skip
     t1 = time.perf_counter()

@@ -38,8 +38,7 @@ Objectives (``minillm.objective``):
   Rollouts sample at temperature 1 with dropout off (the estimator is for samples from q / p~
   exactly) and stop at eos (and, with ``prompts.response_end=newline``, at a token holding a
   newline once some text was generated: a BBC response is one paragraph) or after
-  ``max_new_tokens``; the teacher keeps a KV
-  cache, the ELM student (none) re-encodes the short prefix. The loss pass runs without dropout too.
+  ``max_new_tokens``; teacher and student both keep a KV cache. The loss pass runs without dropout too.
 
 Reported per step: the losses, ``rkl_token`` (importance-weighted mean of the exact per-step
 reverse KL on sampled prefixes), ``rkl_seq`` (importance-weighted mean of log q/p on the sampled
@@ -69,7 +68,7 @@ from ..utils.io import DONE_FILE, atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
 from ..utils.settings import check_choice
-from .common import StepBudget, set_threads
+from .common import StepBudget, max_positions, set_threads
 from .prompts import encode_pair, encode_prompt, end_ids
 from .rollout import logits, minillm_loss, newline_ids, sample_rollouts, teacher_forced_kl
 from .settings import MINILLM_DATA, OBJECTIVES
@@ -85,16 +84,10 @@ log = logging.getLogger("elm.causal")
 
 def right_pad(rows: list[dict[str, list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(len(r["input_ids"]) for r in rows)
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.tensor(
-            [r[key] + [value] * (width - len(r[key])) for r in rows], dtype=torch.long, device=device
-        )
-
-    batch = {"input_ids": pad("input_ids", pad_id), "score_mask": pad("score_mask", 0)}
-    batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows], dtype=torch.long, device=device)  # fmt: skip
-    return batch
+    rows = [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows]
+    fill = {"input_ids": pad_id, "score_mask": 0, "attention_mask": 0}
+    return {k: torch.tensor([r[k] + [v] * (width - len(r[k])) for r in rows], dtype=torch.long, device=device)
+            for k, v in fill.items()}
 
 
 class Batches:
@@ -129,8 +122,7 @@ def encode_examples(rows, tokenizer, m: Any, response_end: str) -> list[dict[str
 def validation_metrics(student, teacher, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int,
                        device) -> dict[str, float]:  # fmt: skip
     """Teacher-forced on reference responses: forward KL, reverse KL, student NLL (token means)."""
-    sums = {"forward_kl": 0.0, "reverse_kl": 0.0, "nll": 0.0}
-    count = 0
+    sums, count = {"forward_kl": 0.0, "reverse_kl": 0.0, "nll": 0.0}, 0
     for start in range(0, len(examples), batch_size):
         batch = right_pad(examples[start : start + batch_size], pad_id, device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -144,9 +136,7 @@ def validation_metrics(student, teacher, examples: list[dict[str, list[int]]], p
         sums["nll"] += float(nll[scored.flatten().bool()].sum())
         count += k
     out = {k: v / max(count, 1) for k, v in sums.items()}
-    out["ppl"] = math.exp(min(out["nll"], 50.0))
-    out["tokens"] = count
-    return out
+    return {**out, "ppl": math.exp(min(out["nll"], 50.0)), "tokens": count}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,17 +154,14 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     """
     check_choice("minillm.objective", m.objective, OBJECTIVES)
     check_choice("minillm.data", m.data, MINILLM_DATA)
-    needs_corpus = m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")
-    if needs_corpus and corpus is None:
+    on_corpus = m.objective != "minillm" and m.data == "corpus"
+    if (m.pt_coef > 0 or on_corpus) and corpus is None:
         raise ValueError("minillm.pt_coef > 0 or minillm.data=corpus needs the corpus")
     device = torch.device(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    longest = m.max_prompt_tokens + max(m.max_new_tokens, m.max_response_tokens)
     for model in (student, teacher):
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None
-        )
-        longest = max(m.max_prompt_tokens + m.max_new_tokens, m.max_prompt_tokens + m.max_response_tokens)
-        if limit is not None and longest > limit:
+        if (limit := max_positions(model)) is not None and longest > limit:
             raise ValueError(f"minillm.max_prompt_tokens + max_new_tokens/max_response_tokens = {longest} exceeds "
                              f"the {limit} positions of {type(model).__name__}")  # fmt: skip
     student.to(device).eval()  # dropout off throughout (see the module docstring)
@@ -188,10 +175,9 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     budget = StepBudget(m.steps, m.get("max_time_s"), warmup_steps=m.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor)
     generator = torch.Generator(device=device).manual_seed(seed)
-    source_n = len(corpus["train"]) if (m.objective != "minillm" and m.data == "corpus") else len(train_rows)
-    stream = Batches(source_n, m.batch_size, seed)
+    stream = Batches(len(corpus["train"]) if on_corpus else len(train_rows), m.batch_size, seed)
     pt_stream = Batches(len(corpus["train"]), m.pt_batch_size, seed + 1) if m.pt_coef > 0 else None
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop_ids = end_ids(tokenizer, "eos")
     end_tokens = newline_ids(tokenizer) if response_end == "newline" else []
     history: list[dict[str, float]] = []
     sums: dict[str, float] = {}
@@ -303,11 +289,10 @@ def student_card(info: dict[str, Any]) -> str:
 
 def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=None) -> dict[str, Any]:
     """Load student and teacher, distil with ``cfg.minillm``, export; returns the info dict (+ ``model_dir``)."""
-    from ..data.corpus import load_corpus
     from ..teacher import check_vocab, load_teacher
     from ..utils.logging import RunLogger
     from ..utils.runtime import resolve_device, seed_everything
-    from .common import load_causal_lm
+    from .common import load_causal_corpus, load_causal_lm
     from .prompts import load_prompts
     from .settings import check_minillm_settings
 
@@ -326,8 +311,7 @@ def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=No
     if prompts is None:
         prompts = load_prompts(cfg.prompts)
     if corpus is None and (m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")):
-        corpus = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
-                             seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+        corpus = load_causal_corpus(cfg, tokenizer)
     logger = RunLogger.for_run(run_dir, cfg.logger, OmegaConf.to_container(m, resolve=True))
     try:
         result = distil(student, teacher.model, tokenizer, prompts, m, corpus=corpus,

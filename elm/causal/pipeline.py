@@ -1,21 +1,18 @@
 """The causal-LM path end to end: ``python -m elm.causal.pipeline [hydra overrides]``.
 
-Reads like the procedure (``configs/causal_pipeline.yaml``; every stage writes into the run dir):
+Reads like the procedure (``configs/causal_pipeline.yaml``; every stage writes into the run dir;
+the stages in detail: docs/causal.md, "Stages"):
 
 1. **teacher** — ``teacher.name`` (a causal HF model dir, or a hub name when online), or, when
    null, the local GPT-2-style teacher of ``configs/causal_teacher.yaml`` (+
    ``teacher.train_overrides``), trained by :mod:`elm.causal.teacher_train` if it is not cached;
 2. **search** — the real ``python -m elm.search`` with ``space.causal=true teacher.name=<teacher>``
-   (+ ``search.overrides``) into ``search/``: causal candidate blocks, block-wise RKD from the
-   teacher's hidden states, PCA growth, CKA pruning, budgeted choice -> ``arch_<budget>.json``;
+   (+ ``search.overrides``) into ``search/`` -> ``arch_<budget>.json``;
 3. **uniform baseline** — ``elm.compare.baselines.uniform_arch``: the same BERT block in every
-   layer, the searched model's depth/hidden/embedding sizes, total parameters within
-   ``uniform.tolerance`` of the searched model and layer parameters under the same budget;
-4. **retrain** — the real ``python -m elm.retrain`` for both (same settings, ``retrain.overrides``):
-   the searched arch from the supernet's weights, the uniform one from scratch
-   (``ElmForCausalLM``: CLM loss + hidden-state RKD + forward-KL logit KD);
-5. **MiniLLM** — :mod:`elm.causal.minillm` on both exports with the same ``minillm`` settings
-   (reverse KL on student samples; objective selectable);
+   layer, the searched model's sizes, parameters within ``uniform.tolerance`` under the same budget;
+4. **retrain** — the real ``python -m elm.retrain`` for both (same ``retrain.overrides``): the
+   searched arch from the supernet's weights, the uniform one from scratch;
+5. **MiniLLM** — :mod:`elm.causal.minillm` on both exports with the same ``minillm`` settings;
 6. **evaluate** — :mod:`elm.causal.evaluate` on the teacher and the four students: held-out
    perplexity, ROUGE-L of greedy responses, sampled responses;
 7. ``causal_comparison.md`` / ``comparison.json`` (every number computed here), ``DONE``.
@@ -45,7 +42,6 @@ from .settings import check_pipeline_settings
 from .teacher_train import default_teacher, read_info
 
 log = logging.getLogger("elm.causal")
-STUDENTS = ("searched", "uniform")
 
 
 class StageError(RuntimeError):
@@ -95,9 +91,8 @@ def run_stage(
     name: str, module: str, overrides: list[str], run_dir: Path, threads: int | None = None
 ) -> float:
     """``python -m <module> <overrides>`` with its output in ``<run_dir>/logs/<name>.log``; returns seconds."""
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{name}.log"
+    log_path = run_dir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", module, *overrides]
     log.info("[%s] %s", name, " ".join(cmd))
     t0 = time.perf_counter()
@@ -116,10 +111,6 @@ def run_stage(
     return time.perf_counter() - t0
 
 
-def _done(path: Path) -> bool:
-    return (path / DONE_FILE).is_file()
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
@@ -129,13 +120,13 @@ def stage_teacher(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.teacher.get("name"):
         return {"path": str(cfg.teacher.name), "trained_here": False, "info": read_info(cfg.teacher.name)}
     overrides = teacher_overrides(cfg)
-    path = default_teacher(overrides, train_if_missing=True)
+    path = default_teacher(overrides)
     return {"path": path, "trained_here": True, "overrides": overrides, "info": read_info(path)}
 
 
 def stage_search(cfg: DictConfig, run_dir: Path, teacher: str) -> tuple[Path, float]:
     out = run_dir / "search"
-    if _done(out):
+    if (out / DONE_FILE).is_file():
         return out, 0.0
     overrides = [*search_overrides(cfg, teacher), "resume=true", f"hydra.run.dir={out}"]
     return out, run_stage("search", "elm.search", overrides, run_dir, cfg.get("threads"))
@@ -166,7 +157,7 @@ def stage_uniform(
 def stage_retrain(cfg: DictConfig, run_dir: Path, name: str, arch_path: Path, teacher: str,
                   search_dir: Path | None) -> tuple[Path, float]:  # fmt: skip
     out = run_dir / f"retrain_{name}"
-    if _done(out):
+    if (out / DONE_FILE).is_file():
         return out, 0.0
     init = [f"search_dir={search_dir}"] if search_dir is not None else []
     overrides = [f"arch={arch_path}", *init, *retrain_overrides(cfg, teacher), "resume=true", f"hydra.run.dir={out}"]
@@ -174,12 +165,12 @@ def stage_retrain(cfg: DictConfig, run_dir: Path, name: str, arch_path: Path, te
 
 
 def stage_minillm(
-    cfg: DictConfig, run_dir: Path, name: str, student: Path, teacher: str, prompts
+    cfg: DictConfig, run_dir: Path, name: str, student: str, teacher: str, prompts
 ) -> dict[str, Any]:
     from .minillm import INFO_FILE, run_minillm
 
     out = run_dir / f"minillm_{name}"
-    if _done(out / "model") and (out / INFO_FILE).is_file():
+    if (out / "model" / DONE_FILE).is_file() and (out / INFO_FILE).is_file():
         return json.loads((out / INFO_FILE).read_text())
     sub = OmegaConf.create({"student": str(student), "teacher": {"name": teacher}, "out_dir": str(out / "model"),
                             "seed": cfg.seed, "device": cfg.device, "precision": cfg.precision, "threads": cfg.get("threads"),
@@ -193,30 +184,24 @@ def stage_minillm(
 def stage_evaluate(
     cfg: DictConfig, run_dir: Path, models: dict[str, str], prompts
 ) -> dict[str, dict[str, Any]]:
-    from ..data.corpus import load_corpus
     from ..utils.runtime import resolve_device, seed_everything
-    from .common import load_causal_lm
+    from .common import load_causal_corpus, load_causal_lm
     from .evaluate import evaluate_model
 
     device = resolve_device(cfg.device)
-    out_dir = run_dir / "eval"
     results, corpus = {}, None
     for name, path in models.items():
-        target = out_dir / f"{name}.json"
+        target = run_dir / "eval" / f"{name}.json"
         if target.is_file():
             results[name] = json.loads(target.read_text())
             continue
         seed_everything(cfg.seed)
         model, tokenizer = load_causal_lm(path, device)
         if corpus is None:  # every model shares the teacher's tokenizer, hence the blocks
-            corpus = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len,
-                                 val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
-        result = {
-            "model": path,
-            **evaluate_model(model, tokenizer, cfg, corpus=corpus, prompts=prompts, device=device),
-        }
-        atomic_write_json(target, result)
-        results[name] = result
+            corpus = load_causal_corpus(cfg, tokenizer)
+        result = evaluate_model(model, tokenizer, cfg, corpus=corpus, prompts=prompts, device=device)
+        results[name] = {"model": path, **result}
+        atomic_write_json(target, results[name])
         del model
     return results
 
@@ -249,13 +234,11 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> str:
-    rows, ev = [], summary["eval"]
-    labels = {"teacher": ("teacher", "GPT-2 teacher"), "searched_retrain": ("searched (ELM)", "retrain"),
-              "searched": ("searched (ELM)", "retrain + MiniLLM"), "uniform_retrain": ("uniform", "retrain"),
-              "uniform": ("uniform", "retrain + MiniLLM")}  # fmt: skip
-    for key in ("teacher", "searched", "searched_retrain", "uniform", "uniform_retrain"):
-        if key in ev:
-            rows.append({"name": labels[key][0], "stage": labels[key][1], "eval": ev[key]})
+    ev = summary["eval"]
+    labels = {"teacher": ("teacher", "GPT-2 teacher"), "searched": ("searched (ELM)", "retrain + MiniLLM"),
+              "searched_retrain": ("searched (ELM)", "retrain"), "uniform": ("uniform", "retrain + MiniLLM"),
+              "uniform_retrain": ("uniform", "retrain")}  # table order
+    rows = [{"name": n, "stage": s, "eval": ev[k]} for k, (n, s) in labels.items() if k in ev]
     t, first = summary["teacher"], next(iter(ev.values()))
     tinfo = t.get("info") or {}
     ml = summary["minillm"]
@@ -324,10 +307,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.get("threads"))
-    t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
+    t_start = t0 = time.perf_counter()
     teacher = stage_teacher(cfg, run_dir)
     timings["teacher"] = time.perf_counter() - t0
     atomic_write_json(run_dir / "teacher.json", teacher)
@@ -350,11 +332,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     prompts = load_prompts(cfg.prompts)
     runs = {}
-    for name in STUDENTS:
+    for name in ("searched", "uniform"):
         t0 = time.perf_counter()
-        runs[name] = stage_minillm(
-            cfg, run_dir, name, Path(exports[f"{name}_retrain"]), teacher["path"], prompts
-        )
+        runs[name] = stage_minillm(cfg, run_dir, name, exports[f"{name}_retrain"], teacher["path"], prompts)
         timings[f"minillm_{name}"] = time.perf_counter() - t0
         exports[name] = runs[name].get("model_dir", str(run_dir / f"minillm_{name}" / "model"))
 

@@ -75,10 +75,6 @@ def bbc_rows(response_sentences: int = 1) -> list[dict[str, str]]:
     return rows
 
 
-def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in read_jsonl_objects(path, PromptError)]
-
-
 def _hub_rows(source: str) -> list[dict[str, Any]]:
     path, _, name = source[3:].partition(":")
     hint = "use a local .jsonl file with prompt/response fields instead (prompts.source=/path/to/file.jsonl)"
@@ -114,11 +110,8 @@ def load_prompts(cfg: Any = None) -> DatasetDict:
     """
     cfg = cfg or {}
     source = str(_get(cfg, "source"))
-    template, val_fraction, seed = (
-        str(_get(cfg, "template")),
-        float(_get(cfg, "val_fraction")),
-        int(_get(cfg, "seed")),
-    )
+    template = str(_get(cfg, "template"))
+    val_fraction, seed = float(_get(cfg, "val_fraction")), int(_get(cfg, "seed"))
     if source == "bbc":
         raw = bbc_rows(int(_get(cfg, "response_sentences")))
         groups = [bbc_group_key(text) for text, _ in bbc_documents()]  # exactly load_corpus's keys
@@ -132,7 +125,7 @@ def load_prompts(cfg: Any = None) -> DatasetDict:
                 raise PromptError(
                     f"prompts.source={source!r} is not 'bbc', 'hf:<name>' or an existing .jsonl file"
                 )
-            raw = _jsonl_rows(path)
+            raw = [row for _, row in read_jsonl_objects(path, PromptError)]
         response_field, where = str(_get(cfg, "response_field")), f"a row of {source}"
         prompt_field = str(_get(cfg, "prompt_field"))
         template = template if template != DEFAULTS["template"] else "{" + prompt_field + "}"

@@ -21,19 +21,9 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def logits(model, ids: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-    """[B, T, V] logits (or [B, V] of the last position) with explicit positions.
-
-    ELM students compute the vocabulary projection of the last position only when asked;
-    Hugging Face models get ``logits_to_keep=1``.
-    """
-    pos = positions(mask)
-    if last_only and hasattr(model, "elm") and hasattr(model, "lm_head"):  # ElmForCausalLM
-        h = model.elm(ids, mask, None, pos).last_hidden_state[:, -1]
-        return model.lm_head(h, model.elm.embeddings.word.weight)
-    kwargs = {"logits_to_keep": 1} if last_only else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs).logits
-    return out[:, -1] if last_only else out
+def logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits with explicit positions (:func:`positions`)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
 
 
 @dataclass

@@ -202,10 +202,12 @@ def _teacher_width(name: str) -> int | None:
 
 
 @contextmanager
-def _named(what: str) -> Iterator[None]:
-    """A sub-command's refusal names the pipeline key its settings came from."""
+def _composed(name: str, overrides: list[str], what: str) -> Iterator[DictConfig]:
+    """A sub-command's config (``compose_config``); a refusal inside names the pipeline key ``what``
+    its overrides came from."""
+    cfg = compose_config(name, overrides, what=what)
     try:
-        yield
+        yield cfg
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
 
@@ -232,14 +234,10 @@ def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]
     if cfg.teacher.get("name"):
         width = _teacher_width(str(cfg.teacher.name))
     else:
-        tcfg = compose_config(
-            "causal_teacher", sub_overrides["causal_teacher"], what="teacher.train_overrides"
-        )
-        with _named("teacher.train_overrides"):
+        with _composed("causal_teacher", sub_overrides["causal_teacher"], "teacher.train_overrides") as tcfg:
             check_teacher_settings(tcfg)
         width = tcfg.model.n_embd
-    scfg = compose_config("search", sub_overrides["search"], what="search.overrides")
-    with _named("search.overrides"):
+    with _composed("search", sub_overrides["search"], "search.overrides") as scfg:
         space = to_dataclass(SpaceConfig, scfg.space, "space")
         check_number("space.num_layers", space.num_layers, 1)
         if width is not None or space.hidden_size is not None:
@@ -249,6 +247,5 @@ def check_pipeline_settings(cfg: DictConfig, sub_overrides: dict[str, list[str]]
     if cfg.search.budget not in budgets:
         raise ValueError(f"search.budget={cfg.search.budget!r} is not a budget of the search; its budgets: "
                          f"{', '.join(budgets) or 'none'}")  # fmt: skip
-    rcfg = compose_config("retrain", sub_overrides["retrain"], what="retrain.overrides")
-    with _named("retrain.overrides"):
+    with _composed("retrain", sub_overrides["retrain"], "retrain.overrides") as rcfg:
         check_retrain_settings(rcfg)

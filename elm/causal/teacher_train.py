@@ -11,8 +11,8 @@
 3. model: ``transformers.GPT2LMHeadModel`` (``model.*``: layers, width, heads, positions; tied
    input/output embeddings), AdamW (decay on matrices only), linear warm-up + cosine decay,
    gradient clipping, bf16 autocast on CUDA;
-4. ``train.steps`` steps of ``train.batch_size`` blocks; with ``train.max_time_s`` the run is
-   shortened once after a few calibration steps so that it fits (``elm.causal.common.StepBudget``);
+4. ``train.steps`` steps of ``train.batch_size`` blocks, or fewer when ``train.max_time_s`` runs
+   out first, the LR still decaying to 0 at the end (``elm.causal.common.StepBudget``);
 5. validation perplexity (``elm.causal.evaluate.perplexity``) before and after training;
 6. ``save_pretrained`` of model + tokenizer + ``teacher_info.json`` into a temporary sibling
    directory that is renamed to ``out_dir`` (complete or absent).
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import re
 import time
@@ -45,13 +44,12 @@ from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast, resolve_device, seed_everything
 from ..utils.settings import compose_config
-from .common import StepBudget, move, set_threads
+from .common import StepBudget, load_causal_corpus, move, set_threads
 from .evaluate import perplexity
 from .settings import check_teacher_settings
 
 INFO_FILE = "teacher_info.json"
 EOS = "<|endoftext|>"
-log = logging.getLogger("elm.causal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,15 +57,7 @@ log = logging.getLogger("elm.causal")
 # ---------------------------------------------------------------------------------------------
 
 
-def corpus_train_texts(source: str, val_fraction: float, seed: int, max_docs: int | None) -> list[str]:
-    """The training documents ``load_corpus`` would use (same subsample and split)."""
-    from ..data.corpus import split_corpus
-
-    texts, train_idx, _ = split_corpus(source, val_fraction, seed, max_docs)
-    return [texts[i] for i in train_idx]
-
-
-def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | None = None):
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     """A GPT-2-style byte-level BPE trained on ``texts`` (``<|endoftext|>`` = bos = eos = unk = pad).
 
     [project decision] Pre-tokenisation = GPT-2's byte-level regex, except that a run of newlines
@@ -91,11 +81,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path |
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS,
-                                        unk_token=EOS, pad_token=EOS, model_max_length=1024)  # fmt: skip
-    if out_dir is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS,
+                                   unk_token=EOS, pad_token=EOS, model_max_length=1024)  # fmt: skip
 
 
 def build_tokenizer(spec: str, data: DictConfig, seed: int):
@@ -103,9 +90,11 @@ def build_tokenizer(spec: str, data: DictConfig, seed: int):
     spec = str(spec)
     if spec.lower() in ("gpt2", "gpt2-bpe"):
         return load_tokenizer(gpt2_tokenizer_path())
-    if m := re.fullmatch(r"bpe:(\d+)", spec):
-        texts = corpus_train_texts(str(data.source), data.val_fraction, seed, data.get("max_docs"))
-        return train_bpe_tokenizer(texts, int(m.group(1)))
+    if m := re.fullmatch(r"bpe:(\d+)", spec):  # trained on the documents load_corpus trains on
+        from ..data.corpus import split_corpus
+
+        texts, train_idx, _ = split_corpus(str(data.source), data.val_fraction, seed, data.get("max_docs"))
+        return train_bpe_tokenizer([texts[i] for i in train_idx], int(m.group(1)))
     tokenizer = load_tokenizer(spec)
     if tokenizer.eos_token_id is None:
         raise ValueError(
@@ -119,13 +108,11 @@ def build_tokenizer(spec: str, data: DictConfig, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(tokenizer, model_cfg: Any):
-    """A fresh ``GPT2LMHeadModel`` for ``tokenizer`` (vocabulary = ``len(tokenizer)``)."""
+def build_model(tokenizer, m: Any):
+    """A fresh ``GPT2LMHeadModel`` for ``tokenizer`` (vocabulary = ``len(tokenizer)``) and the
+    ``model`` config node ``m`` (checked by ``check_teacher_settings``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    m = model_cfg
-    if m.n_embd % m.n_head:
-        raise ValueError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
         resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, tie_word_embeddings=True,
@@ -143,9 +130,8 @@ def train_lm(model, train, validation, tokenizer, t: Any, *, seed: int = 0, devi
     """
     device = torch.device(device)
     collator = CLMCollator(tokenizer)
-    init = perplexity(
-        model, validation, tokenizer, batch_size=t.batch_size, max_batches=t.eval_batches, device=device
-    )
+    ppl_kw = dict(batch_size=t.batch_size, max_batches=t.eval_batches, device=device)
+    init = perplexity(model, validation, tokenizer, **ppl_kw)
     optimizer = configure_optimizer(model, t.lr, t.weight_decay)
     budget = StepBudget(t.steps, t.get("max_time_s"), warmup_steps=t.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor)
@@ -182,9 +168,7 @@ def train_lm(model, train, validation, tokenizer, t: Any, *, seed: int = 0, devi
         epoch += 1
     bar.close()
     train_time = budget.elapsed()
-    final = perplexity(
-        model, validation, tokenizer, batch_size=t.batch_size, max_batches=t.eval_batches, device=device
-    )
+    final = perplexity(model, validation, tokenizer, **ppl_kw)
     tokens = step * t.batch_size * len(train[0]["input_ids"])
     return {**budget.record(step), "train_time_s": train_time, "tokens": tokens, "epochs_started": epoch,
             "history": history, "val_init": init, "val": final}  # fmt: skip
@@ -246,10 +230,7 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.seed)
-    from ..data.corpus import load_corpus
-
-    data = load_corpus(cfg.data.source, tokenizer, seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
-                       seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    data = load_causal_corpus(cfg, tokenizer)
     if len(data["train"]) < cfg.train.batch_size:
         raise ValueError(
             f"the training split has {len(data['train'])} blocks, fewer than one batch of {cfg.train.batch_size}"
@@ -292,20 +273,14 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     return {**info, "out_dir": str(out)}
 
 
-def default_teacher(overrides: list[str] | tuple[str, ...] = (), train_if_missing: bool = True) -> str:
-    """Directory of the causal teacher of ``configs/causal_teacher.yaml`` (+ overrides).
-
-    Trains it first (``train_teacher``) when it is not there and ``train_if_missing``; else
-    raises ``FileNotFoundError`` naming the command that builds it.
-    """
+def default_teacher(overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Directory of the causal teacher of ``configs/causal_teacher.yaml`` (+ overrides), trained
+    first (``train_teacher``) when it is not there."""
     cfg = compose_config("causal_teacher", list(overrides), what="teacher.train_overrides")
     out = teacher_dir(cfg)
     info = read_info(out)
     if info is not None and info.get("settings") == _settings(cfg):
         return str(out)
-    if not train_if_missing:
-        raise FileNotFoundError(f"no causal teacher at {out}; build it with: python -m elm.causal.teacher_train "
-                                + " ".join(overrides))  # fmt: skip
     return train_teacher(cfg)["out_dir"]
 
 
