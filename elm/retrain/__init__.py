@@ -6,17 +6,11 @@ Public API (the comparison stage calls it with a composed ``configs/retrain.yaml
     result = retrain(cfg, arch, run_dir, search_dir=None)
     # {"model_dir": str, "val_loss": float, "val_ppl": float, "params": int, "train_time_s": float}
 
-* ``cfg``: ``omegaconf.DictConfig`` composed from ``configs/retrain.yaml`` (e.g. with
-  ``hydra.compose("retrain", overrides=[...])``); its ``arch``/``search_dir`` keys are only read
-  by the CLI.
-* ``arch``: an :class:`elm.space.ArchConfig`; ``ElmForMaskedLM`` is trained, or
-  ``ElmForCausalLM`` when ``arch.causal``.
-* ``run_dir``: gets ``retrain_state.pt`` (each epoch), ``metrics.jsonl``, the export
-  ``<export.dir>/`` (default ``model/``) and ``DONE``. ``cfg.resume=true`` continues a checkpoint.
-* ``search_dir``: a finished ``elm.search`` run dir (with ``DONE``) whose supernet initialises
-  the student; the arch must be one of its candidates' configurations. None = random init.
-* Returns the export dir, final validation LM loss and perplexity, backbone parameters
-  (embeddings + layers) and the seconds of training + validation.
+``cfg`` is composed from ``configs/retrain.yaml`` (e.g. ``hydra.compose("retrain", overrides=[...])``);
+``run_dir`` gets ``retrain_state.pt`` (each epoch), ``metrics.jsonl``, the export ``<export.dir>/``
+(default ``model/``) and ``DONE``; ``search_dir`` is a finished ``elm.search`` run dir whose
+supernet initialises the student (the arch must be one of its candidates' configurations). The
+arguments and results in full: :func:`elm.retrain.run.retrain`.
 
 Modules: ``run.py`` (orchestration), ``trainer.py`` (the distillation loop), ``init.py``
 (supernet -> student), ``teacher_head.py`` (MLM head for a head-less teacher), ``export.py``

@@ -41,13 +41,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def architecture_table(arch: ArchConfig) -> list[str]:
-    rows = ["| layer | block | heads x head dim | FFN width | FFNs | bottleneck | shared Q/K/V | params |",
-            "|---:|---|---|---:|---:|---:|---|---:|"]  # fmt: skip
-    for i, layer in enumerate(arch.layers):
-        rows.append(f"| {i} | {layer.block} | {layer.num_heads} x {layer.head_dim} | {layer.ffn_dim} | "
-                    f"{layer.num_ffn} | {_fmt(layer.bottleneck_size)} | {layer.share} | "
-                    f"{layer.num_parameters(arch.hidden_size):,} |")  # fmt: skip
-    return rows
+    return ["| layer | block | heads x head dim | FFN width | FFNs | bottleneck | shared Q/K/V | params |",
+            "|---:|---|---|---:|---:|---:|---|---:|",
+            *(f"| {i} | {layer.block} | {layer.num_heads} x {layer.head_dim} | {layer.ffn_dim} | "
+              f"{layer.num_ffn} | {_fmt(layer.bottleneck_size)} | {layer.share} | "
+              f"{layer.num_parameters(arch.hidden_size):,} |" for i, layer in enumerate(arch.layers))]
 
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged default teacher is
@@ -57,9 +55,7 @@ def public_name(name: Any) -> str:
     """A name fit for a published card: hub ids and built-in sources as they are, a local path
     reduced to its last part (``local:<name>``), so no machine's paths leak into a card."""
     text = str(name or "-")
-    if text.startswith("all-MiniLM-L6-v2 (package"):
-        return MINILM_HUB_ID
-    if text in ("-", "bbc") or text.startswith("hf:"):
+    if text in ("-", "bbc", MINILM_HUB_ID) or text.startswith("hf:"):
         return text
     is_path = text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
     return f"local:{Path(text).name}" if is_path else text
@@ -142,8 +138,7 @@ def model_card(model, info: dict[str, Any]) -> str:
         + (f"logit KD at temperature {_fmt(training.get('temperature'), 2)})."
            if training.get("logit_kd", True) else "logit KD off: the teacher has no LM head and none was fitted)."),
     ]  # fmt: skip
-    head = training.get("teacher_head")
-    if head:
+    if head := training.get("teacher_head"):
         lines.append(f"- Teacher MLM head fitted on the frozen encoder: {head.get('steps')} steps, "
                      f"final MLM loss {_fmt(head.get('final_loss'))}.")  # fmt: skip
     tokens = training.get("tokens_seen")
@@ -163,13 +158,10 @@ def model_card(model, info: dict[str, Any]) -> str:
         f"| scored tokens | {_fmt(scores.get('val_tokens'))} |",
         "",
     ]
-    history = info.get("history") or []
-    if history:
-        lines += ["| epoch | step | train loss | val loss | val perplexity |", "|---:|---:|---:|---:|---:|"]
-        for r in history:
-            lines.append(f"| {r['epoch']} | {r['step']} | {_fmt(r['train_loss'].get('total'))} | "
-                         f"{_fmt(r['val_loss'])} | {_fmt(r['val_ppl'], 2)} |")  # fmt: skip
-        lines.append("")
+    if history := info.get("history"):
+        lines += ["| epoch | step | train loss | val loss | val perplexity |", "|---:|---:|---:|---:|---:|",
+                  *(f"| {r['epoch']} | {r['step']} | {_fmt(r['train_loss'].get('total'))} | "
+                    f"{_fmt(r['val_loss'])} | {_fmt(r['val_ppl'], 2)} |" for r in history), ""]
     auto = "AutoModelForCausalLM" if arch.causal else "AutoModelForMaskedLM"
     lines += [
         "## Usage",

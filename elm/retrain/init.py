@@ -1,10 +1,8 @@
 """Initialise a retrained student from a finished search: the supernet's weights for an ``arch.json``.
 
-Steps: check the search dir (its ``DONE`` file says the search finished) -> load
-``search_state.pt`` -> rebuild the :class:`~elm.supernet.Supernet` exactly as the search trainer
-built it (same space, teacher dims and tokenizer) -> restore each candidate's elastic state
-(active heads, FFN width) -> find, layer by layer, the candidate matching the architecture ->
-:func:`elm.supernet.extract` copies the active slices into a standalone Hugging Face model.
+The :class:`~elm.supernet.Supernet` of a finished search (``DONE``) is rebuilt from
+``search_state.pt`` exactly as the search built it, with its elastic state; the candidates matching
+the architecture are copied into a standalone Hugging Face model (:func:`elm.supernet.extract`).
 
 [project decision] A layer of an architecture is matched to the candidate with the same
 ``(block, share)`` pair: the candidates of a layer are exactly ``blocks x shares``, so the pair
@@ -54,8 +52,7 @@ def load_search_state(search_dir: str | Path) -> dict[str, Any]:
     """The ``search_state.pt`` dict of a finished search (on CPU)."""
     path = check_search_dir(search_dir) / SEARCH_STATE_FILE
     state = load_checkpoint(path, "cpu", "search state", "supernet")  # tensors only: no code runs
-    missing = {"supernet", "space", "layer_map"} - set(state)
-    if missing:
+    if missing := {"supernet", "space", "layer_map"} - set(state):
         raise InitError(f"{path} lacks {sorted(missing)}; it was not written by elm.search")
     return state
 
@@ -68,10 +65,8 @@ def supernet_from_state(state: dict[str, Any], teacher) -> Supernet:
         supernet.load_state_dict(supernet.with_elastic(state["supernet"], state.get("elastic")))
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise InitError(
-            f"the search state does not fit a supernet for teacher {teacher.name!r} "
-            f"(searched with another teacher?): {first}"
-        ) from None
+        raise InitError(f"the search state does not fit a supernet for teacher {teacher.name!r} "
+                        f"(searched with another teacher?): {first}") from None
     supernet.layer_map = list(state["layer_map"])
     return supernet
 
@@ -87,32 +82,24 @@ def match_choice(supernet: Supernet, arch: ArchConfig, recorded: list[list[int]]
     if arch.num_layers < len(supernet.layers) and any(ci is not None for ci in skips):
         return _match_with_skips(supernet, arch, skips, recorded or [])
     if arch.num_layers != len(supernet.layers):
-        raise InitError(
-            f"arch has {arch.num_layers} layers but the searched supernet has {len(supernet.layers)}"
-        )
+        raise InitError(f"arch has {arch.num_layers} layers but the searched supernet has "
+                        f"{len(supernet.layers)}")
     for name, value in supernet.arch_base.items():
         if getattr(arch, name) != value:
             raise InitError(f"arch.{name}={getattr(arch, name)!r} but the searched supernet has {value!r}")
     choice = []
-    for li, layer in enumerate(arch.layers):
-        found = [
-            ci for ci, c in enumerate(supernet.layers[li]) if (c.block, c.share) == (layer.block, layer.share)
-        ]
+    for li, (layer, cands) in enumerate(zip(arch.layers, supernet.layers)):
+        found = [ci for ci, c in enumerate(cands) if (c.block, c.share) == (layer.block, layer.share)]
         if not found:
-            names = [c.name for c in supernet.layers[li]]
-            raise InitError(
-                f"layers[{li}] (block={layer.block}, share={layer.share}) is not a candidate of the "
-                f"searched space; candidates: {names}"
-            )
-        cand = supernet.layers[li][found[0]]
+            raise InitError(f"layers[{li}] (block={layer.block}, share={layer.share}) is not a candidate "
+                            f"of the searched space; candidates: {[c.name for c in cands]}")
+        cand = cands[found[0]]
         active = cand.layer_config()
         for f in dataclasses.fields(layer):
             want, have = getattr(layer, f.name), getattr(active, f.name)
             if want != have:
-                raise InitError(
-                    f"layers[{li}].{f.name}={want!r} but the searched candidate L{li}.{cand.name} has "
-                    f"{f.name}={have!r}; this arch does not come from this search"
-                )
+                raise InitError(f"layers[{li}].{f.name}={want!r} but the searched candidate L{li}.{cand.name}"
+                                f" has {f.name}={have!r}; this arch does not come from this search")
         choice.append(found[0])
     return choice
 
@@ -146,12 +133,6 @@ def recorded_choices(search_dir: str | Path) -> list[list[int]]:
         return []
 
 
-def embeddings_learned(state: dict[str, Any]) -> bool:
-    """Whether the search's student embeddings are worth keeping: inherited from the teacher or
-    trained (searches before inheritance left them at PyTorch's untrained N(0, 1) init)."""
-    return bool(state.get("train_embeddings") or (state.get("inherit") or {}).get("inherited"))
-
-
 def basis_from_state(state: dict[str, Any]) -> tuple[Basis, torch.Tensor]:
     """The search's shared teacher -> student basis and the variance of each mapped teacher state in
     it (the point-wise loss of retraining continues in the coordinates the blocks were trained in)."""
@@ -175,20 +156,20 @@ def init_from_search(
     for the card (``state``: the already loaded ``search_state.pt``, to read it once).
 
     [project decision] The embeddings are the supernet's (inherited from the teacher and distilled
-    during the search) unless the search left them untrained (``embeddings_learned``); then, or with
-    ``keep_embeddings=False``, they get the Hugging Face model's own init (normal, std
-    ``initializer_range``): untrained PyTorch-default ``N(0, 1)`` embeddings would start the tied
-    LM head at an MLM loss of ~24 instead of ~ln(vocab). The LM / classifier heads keep their
-    fresh init.
+    during the search) unless the search left them untrained (neither inherited nor trained: searches
+    before inheritance); then, or with ``keep_embeddings=False``, they get the Hugging Face model's
+    own init (normal, std ``initializer_range``): untrained PyTorch-default ``N(0, 1)`` embeddings
+    would start the tied LM head at an MLM loss of ~24 instead of ~ln(vocab). The LM / classifier
+    heads keep their fresh init.
     """
     state = load_search_state(search_dir) if state is None else state
-    keep = embeddings_learned(state) if keep_embeddings is None else keep_embeddings
+    inherited = bool((state.get("inherit") or {}).get("inherited"))
+    keep = bool(state.get("train_embeddings") or inherited) if keep_embeddings is None else keep_embeddings
     supernet = supernet_from_state(state, teacher)
     choice = match_choice(supernet, arch, recorded_choices(search_dir))
     model = extract(supernet, model_cls, choice, **config_kwargs)
     if not keep:  # [project decision] see the docstring
-        backbone = getattr(model, "elm", model)
-        backbone.embeddings.apply(model._init_weights)
+        getattr(model, "elm", model).embeddings.apply(model._init_weights)
     boundaries = supernet.kept_boundaries(choice)
     info = {
         "search_dir": str(Path(search_dir).resolve()),
@@ -199,7 +180,7 @@ def init_from_search(
         "layer_map": [supernet.layer_map[b] for b in boundaries],
         "search_epochs": state.get("epoch"),
         "search_steps": state.get("step"),
-        "inherited_from_teacher": bool((state.get("inherit") or {}).get("inherited")),
+        "inherited_from_teacher": inherited,
         "embeddings": "supernet" if keep else "fresh init",
     }
     return model, info
@@ -208,7 +189,6 @@ def init_from_search(
 def init_from_model(path: str | Path, arch: ArchConfig, model_cls: type, **config_kwargs: Any):
     """A ``model_cls`` for ``arch`` starting from a saved elm model (e.g. a teacher slice written by
     ``elm.compare``); its architecture must be ``arch``. Heads it lacks keep their fresh init."""
-
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise InitError(f"init_from={str(path)!r} is not a saved model dir (no config.json)")

@@ -1,21 +1,16 @@
 """ONNX export of an exported student (``python -m elm.retrain.onnx <model dir> [--out F]``).
 
-``torch.onnx.export(..., dynamo=True)`` with batch and sequence length dynamic and the attention
-mask a real graph input (the legacy tracer froze the all-ones shortcut of
-``elm.modeling.modeling_elm.attention_bias`` into the graph and dropped the mask). What is
-exported follows the directory's ``config.architectures``: a fine-tuned classifier
-(``ElmForSequenceClassification``) gives ``logits``; a masked or causal LM export gives the
-encoder's ``last_hidden_state`` (the features a deployment embeds or classifies on).
-
-After writing, the file is run with onnxruntime on a padded batch (rows of different lengths)
-and compared with PyTorch eager; a difference above ``tolerance`` (default 1e-4) is an error and
-the file is removed. Needs ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install -e
-".[onnx]"``; the dev extra brings them too).
+``torch.onnx.export(..., dynamo=True)``, batch and sequence length dynamic, the attention mask a
+real graph input (the legacy tracer froze the all-ones shortcut of
+``elm.modeling.modeling_elm.attention_bias`` into the graph and dropped the mask). A classifier
+gives ``logits``, an LM export the encoder's ``last_hidden_state``; the file is checked against
+PyTorch eager with onnxruntime on padded batches (docs/retrain.md, "ONNX export").
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -26,8 +21,6 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def check_packages() -> None:
-    import importlib.util
-
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         raise ValueError(f"ONNX export needs {', '.join(missing)}: pip install {' '.join(ONNX_PACKAGES)}")

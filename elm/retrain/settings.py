@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from ..distill.losses import hidden_loss
 from ..train import SCHEDULES
-from ..utils.settings import check_choice, check_number
+from ..utils.settings import check_choice, check_flag, check_number
 
 
 def check_retrain_settings(cfg: DictConfig) -> None:
@@ -34,8 +34,7 @@ def check_retrain_settings(cfg: DictConfig) -> None:
     if cfg.distill.get("loss") is not None:
         hidden_loss(cfg.distill.loss)
     h = cfg.teacher_head
-    if not isinstance(h.fit, bool):
-        raise ValueError(f"teacher_head.fit={h.fit!r} must be true or false")
+    check_flag("teacher_head.fit", h.fit)
     if h.fit:
         check_number("teacher_head.steps", h.steps, 1)
         check_number("teacher_head.lr", h.lr, 0, integer=False, strict=True)

@@ -1,10 +1,8 @@
 """An MLM head for a head-less encoder teacher, fitted on the corpus with the encoder frozen.
 
-The default teacher (all-MiniLM-L6-v2, a sentence encoder) ships without its MLM head, so it
-has no logits to distil. With ``teacher_head.fit=true`` the retrain first fits a
-``BertOnlyMLMHead``-style head on top of the frozen encoder (dense H -> E, GELU, LayerNorm,
-decoder tied to the teacher's word embeddings, plus a bias) for ``steps`` steps of masked-LM
-on the training split, then uses its logits for logit KD.
+The default teacher (all-MiniLM-L6-v2, a sentence encoder) ships without its MLM head, so it has
+no logits to distil; ``teacher_head.fit=true`` first fits a ``BertOnlyMLMHead``-style head
+(:class:`TeacherMLMHead`) for ``steps`` masked-LM steps on the training split.
 
 [project decision] The decoder is the teacher's own (frozen) word-embedding matrix, as in BERT,
 so only ``H*E + 2E + V`` parameters are fitted; a few hundred steps suffice for a usable head.
@@ -26,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import MLMCollator, make_loader
+from ..train import clip_and_step
 from ..utils.io import atomic_torch_save, load_checkpoint
 from ..utils.runtime import autocast, broadcast_object, dist_info
 
@@ -63,16 +62,9 @@ class FittedTeacherHead:
         return self.head(hidden, self.teacher.model.get_input_embeddings().weight)
 
 
-def _meta(teacher, train, steps: int, lr: float, batch_size: int, mlm_probability: float, seed: int) -> dict:
-    return {"teacher": teacher.name, "hidden_size": teacher.hidden_size, "vocab_size": len(teacher.tokenizer),
-            "train_blocks": len(train), "seq_len": len(train[0]["input_ids"]), "steps": steps, "lr": lr,
-            "batch_size": batch_size, "mlm_probability": mlm_probability, "seed": seed}  # fmt: skip
-
-
 def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_probability: float, seed: int,
-             precision: str = "bf16", progress: bool = False, layer: int = -1) -> tuple[TeacherMLMHead, list[float]]:  # fmt: skip
-    """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen), reading
-    the teacher's hidden state ``layer`` (-1 = the last)."""
+             precision: str = "bf16", progress: bool = False) -> tuple[TeacherMLMHead, list[float]]:
+    """Fit a fresh head for ``steps`` masked-LM steps on ``train`` (the teacher stays frozen)."""
     embed = teacher.model.get_input_embeddings().weight
     head = new_head(teacher).to(teacher.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -88,16 +80,14 @@ def fit_head(teacher, train, *, steps: int, lr: float, batch_size: int, mlm_prob
         loader = make_loader(train, collator, batch_size, shuffle=True, seed=seed + epoch, drop_last=True)
         for batch in loader:
             with autocast(teacher.device, precision):
-                hidden = teacher(batch["input_ids"], batch["attention_mask"]).hidden_states[layer]
+                hidden = teacher(batch["input_ids"], batch["attention_mask"]).hidden_states[-1]
             labels = batch["labels"].to(hidden.device)
             selected = labels != -100
             logits = head(hidden[selected].float(), embed.float())
             loss = F.cross_entropy(logits, labels[selected])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
+            clip_and_step(head.parameters(), optimizer, scheduler, 1.0)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -114,19 +104,18 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
     """The teacher's MLM head to distil logits from, or None (head-ful or causal teacher, or not asked)."""
     if not fit or teacher.has_lm_head or teacher.causal:
         return None
-    if steps < 1:
-        raise ValueError(f"teacher_head.steps={steps} must be >= 1 when teacher_head.fit=true")
     cache = Path(path).expanduser() if path else Path(run_dir) / HEAD_FILE
-    meta = _meta(teacher, train, steps, lr, batch_size, mlm_probability, seed)
+    meta = {"teacher": teacher.name, "hidden_size": teacher.hidden_size, "vocab_size": len(teacher.tokenizer),
+            "train_blocks": len(train), "seq_len": len(train[0]["input_ids"]), "steps": steps, "lr": lr,
+            "batch_size": batch_size, "mlm_probability": mlm_probability, "seed": seed}  # the cache's key
     head = new_head(teacher)
     if cache.is_file():
         saved = load_checkpoint(cache, "cpu", "teacher MLM head cache", "meta")  # tensors only: no code runs
         if saved.get("meta") == meta:
             head.load_state_dict(saved["state"])
             log.info("teacher MLM head loaded from %s", cache)
-            return FittedTeacherHead(
-                head.to(teacher.device), teacher, {**meta, "final_loss": saved["final_loss"]}
-            )
+            return FittedTeacherHead(head.to(teacher.device), teacher,
+                                     {**meta, "final_loss": saved["final_loss"]})
         log.info("teacher MLM head cache %s was fitted with other settings; refitting", cache)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,9 +125,7 @@ def teacher_head(teacher, train, run_dir: str | Path, *, fit: bool, steps: int, 
     final = sum(tail) / len(tail)
     if not math.isfinite(final):
         raise FloatingPointError(f"teacher MLM head fit diverged (loss {final}); lower teacher_head.lr")
-    atomic_torch_save(
-        {"meta": meta, "state": head.state_dict(), "final_loss": final, "losses": losses}, cache
-    )
+    atomic_torch_save(dict(meta=meta, state=head.state_dict(), final_loss=final, losses=losses), cache)
     if logger is not None:
         logger.log({"teacher_head": {"steps": steps, "first_loss": losses[0], "final_loss": final}})
     return FittedTeacherHead(head, teacher, {**meta, "final_loss": final})

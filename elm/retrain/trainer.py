@@ -13,28 +13,22 @@
 [project decision] Hidden-state loss = the one the search used (``distill.loss``, looked up in
 ``elm.distill.losses.HIDDEN_LOSSES``; relational KD by default), on the output of every student
 layer l against the teacher's hidden state ``layer_map[l + 1]`` in the shared basis; ``mse``
-leaves the point-wise term alone (``hidden`` is then 0). The
-point-wise term (``elm.distill.losses.normalised_mse``) compares the same states in the shared
-teacher -> student basis: the search's (so retraining continues in the coordinates the searched
-blocks were trained in), or one fitted on the teacher's states (the identity at the teacher's
-width). Logit KD
-is the forward KL at the masked positions (MLM) or at every real token (CLM), with Hinton's
-T^2 scaling. Both models see the same masked batch.
+leaves the point-wise term alone (``hidden`` is then 0). The point-wise term
+(``elm.distill.losses.normalised_mse``) compares the same states in the shared teacher -> student
+basis: the search's (so retraining continues in the coordinates the searched blocks were trained
+in), or one fitted on the teacher's states (the identity at the teacher's width). Logit KD is the
+forward KL at the masked positions (MLM) or at every real token (CLM), with Hinton's T^2
+scaling. Both models see the same masked batch.
 
 Reproducibility: each epoch's order and masks come from generators seeded by (seed, epoch); the
 global RNG (dropout) is saved in the checkpoint, so a run resumed from the end of epoch k ends
 with the same weights as an uninterrupted one.
 
-Data parallel (``torchrun``): ``batch_size`` is the *global* batch. Every rank draws and masks
-the same global batch (cheap), keeps its ``batch_size / (world x grad_accum)`` rows per
-micro-step and the model is wrapped in ``DistributedDataParallel`` (gradients all-reduced on the
-last micro-step only). Each term is a mean over its own units (masked tokens for MLM/KD,
-predicted tokens for CLM, sequences for RKD), so a micro-batch's term is weighted by
-``its units / the global batch's units`` (x world, undoing DDP's gradient averaging): the
-gradient, and the logged loss, are those of the whole global batch, whatever the split — 2 ranks
-match 1 rank, and ``grad_accum`` only trades memory for time. Validation batches are shared out
-round-robin and their sums all-reduced. Rank 0 writes checkpoints (with every rank's RNG state),
-metrics and the export.
+Data parallel (``torchrun``, docs/retrain.md "Several GPUs / nodes"): ``batch_size`` is the
+*global* batch; every rank draws and masks it and keeps its ``batch_size / (world x grad_accum)``
+rows per micro-step. A micro-batch's term is weighted by ``its units / the global batch's units``
+(x world, undoing DDP's gradient averaging): the gradient and the logged loss are the global
+batch's, whatever the split.
 """
 
 from __future__ import annotations
@@ -96,14 +90,13 @@ class RetrainTrainer(TrainLoop):
         if kd.temperature <= 0:
             raise ValueError(f"distill.temperature={kd.temperature} must be > 0")
         num_layers = model.config.num_hidden_layers
-        layer_map = kd.layer_map
-        if len(layer_map) != num_layers + 1 or not all(0 <= t <= teacher.num_layers for t in layer_map):
-            raise ValueError(f"layer_map={list(layer_map)} must list {num_layers + 1} teacher hidden-state "
-                             f"indices in [0, {teacher.num_layers}]")  # fmt: skip
+        if len(kd.layer_map) != num_layers + 1 or not all(0 <= t <= teacher.num_layers for t in kd.layer_map):
+            raise ValueError(f"layer_map={list(kd.layer_map)} must list {num_layers + 1} teacher "
+                             f"hidden-state indices in [0, {teacher.num_layers}]")  # fmt: skip
         self.plan_steps(loop, len(train))  # a bad plan is one line, before anything is built
         self.model, self.teacher, self.teacher_head = model, teacher, teacher_head
         self.train_data, self.val_data = train, validation
-        self.layer_map, self.temperature = list(layer_map), kd.temperature
+        self.layer_map, self.temperature = list(kd.layer_map), kd.temperature
         self.weights = {"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0, **kd.weights}
         self.hidden = hidden_loss(kd.loss)  # distill.loss: the search's by default (elm.distill.losses)
         if self.hidden.main is None:  # mse: the point-wise term is the hidden-state loss
@@ -118,8 +111,7 @@ class RetrainTrainer(TrainLoop):
             if tuple(basis.proj.shape) != (teacher.hidden_size, model.config.hidden_size):
                 raise ValueError(f"the point-wise basis maps {tuple(basis.proj.shape)}, the student needs "
                                  f"{(teacher.hidden_size, model.config.hidden_size)}")  # fmt: skip
-            device = torch.device(loop.device)
-            self.basis, self.variance = basis.to(device), variance.to(device)
+            self.basis, self.variance = basis.to(loop.device), variance.to(loop.device)
         self.causal = bool(model.config.causal)
         self.mlm_probability, self.eval_batches = kd.mlm_probability, kd.eval_batches
         self.has_logits = teacher_head is not None or teacher.has_lm_head
@@ -170,12 +162,8 @@ class RetrainTrainer(TrainLoop):
         """What each loss term of :meth:`losses` is a mean over, counted in ``batch``."""
         labels, mask = batch["labels"], batch["attention_mask"]
         lm = int((labels[:, 1:] if self.causal else labels).ne(-100).sum())
-        return {
-            "lm": lm,
-            "hidden": int(self.hidden.count(mask)),
-            "point": int(mask.sum()),
-            "kd": int(mask.sum()) if self.causal else lm,
-        }
+        return {"lm": lm, "hidden": int(self.hidden.count(mask)), "point": int(mask.sum()),
+                "kd": int(mask.sum()) if self.causal else lm}
 
     @property
     def term_names(self) -> list[str]:
@@ -223,9 +211,8 @@ class RetrainTrainer(TrainLoop):
         """Forward KL at the masked positions (MLM: the student's logits are [num_masked, V]) or tokens (CLM)."""
         vocab = student_logits.shape[-1]
         if self.causal:
-            return forward_kl(
-                student_logits, t.logits[..., :vocab].float(), batch["attention_mask"], self.temperature
-            )
+            return forward_kl(student_logits, t.logits[..., :vocab].float(), batch["attention_mask"],
+                              self.temperature)
         selected = batch["labels"] != -100
         if student_logits.dim() == 3:  # config.mlm_masked_only=False: [B, T, V]
             student_logits = student_logits[selected]
