@@ -20,24 +20,22 @@ from typing import Any
 import torch
 
 from .utils.hub import (  # noqa: F401  (where models come from; re-exported for existing imports)
-    DEFAULT_ALIASES,
     GPT2_BPE_ALIASES,
     TeacherError,
     _hub_error,
     default_teacher_path,
-    elm_cache_dir,
     gpt2_tokenizer_path,
     hub_offline,
     load_tokenizer,
     resolve_model_path,
 )
+from .utils.io import check_weight_files
 
 # model_type values of decoder-only families (used when config.is_decoder is not set).
 CAUSAL_MODEL_TYPES = frozenset(
     "gpt2 gpt_neo gpt_neox gptj llama mistral mixtral qwen2 qwen3 phi phi3 opt bloom falcon "
     "gemma gemma2 smollm3 olmo olmo2 codegen ctrl openai-gpt transfo-xl xglm biogpt".split()
 )
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,12 +76,6 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _ensure_eager_attention(self) -> None:
-        """Attention maps need the eager kernel in transformers 5 (sdpa does not return them)."""
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        if impl != "eager" and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("eager")
-
     @torch.no_grad()
     def forward(
         self,
@@ -100,8 +92,10 @@ class Teacher:
             kwargs["attention_mask"] = attention_mask.to(device)
         if token_type_ids is not None and not self.causal:
             kwargs["token_type_ids"] = token_type_ids.to(device)
-        if output_attentions:
-            self._ensure_eager_attention()
+        if output_attentions:  # attention maps need the eager kernel (transformers 5's sdpa gives none)
+            impl = getattr(self.model.config, "_attn_implementation", None)
+            if impl != "eager" and hasattr(self.model, "set_attn_implementation"):
+                self.model.set_attn_implementation("eager")
             kwargs["output_attentions"] = True
         out = self.model(**kwargs)
         hidden = tuple(out.hidden_states)
@@ -174,8 +168,6 @@ def load_teacher(
         raise TeacherError(
             f"teacher directory {path!r} has no config.json; expected a save_pretrained model directory"
         )
-    from .utils.io import check_weight_files
-
     check_weight_files(path)
     local_only = hub_offline() or is_dir
     try:

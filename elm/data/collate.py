@@ -85,21 +85,18 @@ class MLMCollator:
         self.mlm_probability = mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = _pad_id(tokenizer)
-        self.special_ids = torch.tensor(
-            sorted(set(tokenizer.all_special_ids) | {self.pad_id}), dtype=torch.long
-        )
+        specials = sorted(set(tokenizer.all_special_ids) | {self.pad_id})
+        self.special_ids = torch.tensor(specials, dtype=torch.long)
         self._hf = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._hf.generator = self.generator  # None -> the global torch RNG
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         batch = _pad_batch(rows, self.pad_id, self.pad_to_multiple_of)
         ids = batch["input_ids"]
         special = torch.isin(ids, self.special_ids) | (batch["attention_mask"] == 0)
-        self._hf.generator = self.generator
-        batch["input_ids"], batch["labels"] = self._hf.torch_mask_tokens(
-            ids.clone(), special_tokens_mask=special
-        )
+        self._hf.generator = self.generator  # None -> the global torch RNG
+        masked = self._hf.torch_mask_tokens(ids.clone(), special_tokens_mask=special)
+        batch["input_ids"], batch["labels"] = masked
         return batch
 
 
@@ -152,16 +149,9 @@ def make_loader(
     if len(dataset) == 0:
         raise ValueError("cannot make a loader over an empty dataset")
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        collate_fn=collator,
-        drop_last=drop_last,
-        generator=generator,
-        num_workers=0,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, collate_fn=collator, drop_last=drop_last, generator=generator,
+                      num_workers=0)
 
 
 def sample_batches(dataset: Any, seed: int, count: int, batch_size: int, device: Any = "cpu") -> list[dict[str, torch.Tensor]]:
@@ -170,8 +160,6 @@ def sample_batches(dataset: Any, seed: int, count: int, batch_size: int, device:
     importance, the shared basis), the same ones for the same seed."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[: max(1, count) * batch_size].tolist()
-    out = []
-    for i in range(0, len(order), batch_size):
-        rows = dataset[order[i : i + batch_size]]
-        out.append({k: torch.as_tensor(rows[k], device=device) for k in ("input_ids", "attention_mask")})
-    return out
+    batches = (dataset[order[i : i + batch_size]] for i in range(0, len(order), batch_size))
+    keys = ("input_ids", "attention_mask")
+    return [{k: torch.as_tensor(rows[k], device=device) for k in keys} for rows in batches]

@@ -209,11 +209,8 @@ def _hub_documents(source: str, path: str, name: str | None) -> list[str]:
     WikiText-style line rows, which are regrouped into articles)."""
     hint = "use a local .txt/.jsonl file or folder instead (data.source=/path/to/corpus)"
     ds = load_hub_dataset(CorpusError, f"corpus {source!r}", hint, path, name, split="train")
-    column = (
-        "text"
-        if "text" in ds.column_names
-        else next((c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None)
-    )
+    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    column = "text" if "text" in ds.column_names else next(iter(strings), None)
     if column is None:
         raise CorpusError(f"corpus {source!r} has no text column (columns: {ds.column_names})")
     rows = ds[column]
@@ -245,9 +242,8 @@ def split_documents(
     ranked = sorted(rank, key=rank.__getitem__)
     n_val = min(max(1, math.ceil(val_fraction * len(ranked))), len(ranked) - 1) if len(ranked) > 1 else 0
     val_keys = set(ranked[:n_val])
-    train = [i for i, k in enumerate(keys) if k not in val_keys]
     val = [i for i, k in enumerate(keys) if k in val_keys]
-    return train, val
+    return [i for i, k in enumerate(keys) if k not in val_keys], val
 
 
 def bbc_group_key(text: str) -> str:
@@ -264,28 +260,19 @@ def is_encoder_tokenizer(tokenizer: Any) -> bool:
 def _packer(tokenizer: Any, seq_len: int):
     """The batched ``Dataset.map`` function turning a batch of ``text`` rows into blocks."""
     encoder = is_encoder_tokenizer(tokenizer)
-    if encoder:
-        head, sep, body = [tokenizer.cls_token_id], tokenizer.sep_token_id, seq_len - 2
-    else:
-        if tokenizer.eos_token_id is None:
-            raise CorpusError(
-                f"causal tokenizer {tokenizer.name_or_path!r} has no eos token to separate documents"
-            )
-        head, sep, body = [], tokenizer.eos_token_id, seq_len
+    if not encoder and tokenizer.eos_token_id is None:
+        raise CorpusError(f"causal tokenizer {tokenizer.name_or_path!r} has no eos token to separate "
+                          "documents")
+    sep, body = (tokenizer.sep_token_id, seq_len - 2) if encoder else (tokenizer.eos_token_id, seq_len)
 
     def pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(
-            batch["text"],
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
+        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
+                            return_token_type_ids=False, verbose=False)["input_ids"]
         stream = np.fromiter((t for ids in encoded for t in (*ids, sep)), dtype=np.int64)
         n_blocks = len(stream) // body
         blocks = stream[: n_blocks * body].reshape(n_blocks, body)
         if encoder:
-            cls_col, sep_col = np.full((n_blocks, 1), head[0]), np.full((n_blocks, 1), sep)
+            cls_col, sep_col = np.full((n_blocks, 1), tokenizer.cls_token_id), np.full((n_blocks, 1), sep)
             blocks = np.concatenate([cls_col, blocks, sep_col], axis=1)
         return {"input_ids": blocks.tolist(), "attention_mask": np.ones_like(blocks).tolist()}
 
@@ -294,13 +281,8 @@ def _packer(tokenizer: Any, seq_len: int):
 
 def _pack_split(texts: list[str], tokenizer: Any, seq_len: int) -> Dataset:
     docs = Dataset.from_dict({"text": texts})
-    return docs.map(
-        _packer(tokenizer, seq_len),
-        batched=True,
-        batch_size=_MAP_BATCH,
-        remove_columns=["text"],
-        desc=f"packing {len(texts)} documents",
-    )
+    return docs.map(_packer(tokenizer, seq_len), batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
+                    desc=f"packing {len(texts)} documents")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +294,8 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     """Stable identity of a tokenizer (its vocabulary, specials and normaliser; not its padding state)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        body = json.dumps(
-            {k: v for k, v in spec.items() if k not in ("truncation", "padding")}, sort_keys=True
-        )
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        body = json.dumps(spec, sort_keys=True)
     else:
         body = repr(sorted(tokenizer.get_vocab().items()))
     specials = repr(sorted(tokenizer.all_special_ids))
@@ -380,17 +360,8 @@ def load_corpus(
     if not 0.0 < val_fraction < 1.0:
         raise CorpusError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
 
-    key = json.dumps(
-        [
-            CACHE_VERSION,
-            _source_fingerprint(source),
-            _tokenizer_fingerprint(tokenizer),
-            seq_len,
-            val_fraction,
-            seed,
-            max_docs,
-        ]
-    )
+    fingerprints = [_source_fingerprint(source), _tokenizer_fingerprint(tokenizer)]
+    key = json.dumps([CACHE_VERSION, *fingerprints, seq_len, val_fraction, seed, max_docs])
     cache_root = Path(cache_dir).expanduser() if cache_dir else elm_cache_dir() / "corpus"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name or source)[:40]
     target = cache_root / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -136,37 +137,22 @@ def _read_table(path: Path) -> list[dict[str, str]]:
     tsv = path.suffix == ".tsv"
     try:
         with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(
-                fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-            )
-            rows = list(reader)
+            quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+            rows = list(csv.DictReader(fh, delimiter="\t" if tsv else ",", quoting=quoting))
     except UnicodeDecodeError as err:
         raise TaskError(f"task file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not rows:
         raise TaskError(f"task file {str(path)!r} has no rows")
     bad = next((i for i, r in enumerate(rows, 2) if None in r or None in r.values()), None)
     if bad is not None:
-        raise TaskError(
-            f"task file {str(path)!r} line {bad} has a different number of fields than its header"
-        )
+        raise TaskError(f"task file {str(path)!r} line {bad} has a different number of fields than "
+                        "its header")
     return rows
 
 
-def _text_fields(columns: list[str], where: str) -> tuple[str, ...]:
-    for fields in _TEXT_COLUMN_SETS:
-        if all(f in columns for f in fields):
-            return fields
-    raise TaskError(
-        f"{where} has no known text columns (sentence, sentence1/sentence2, text, ...): {columns}"
-    )
-
-
 def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        for suffix in _TSV_SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-    return None
+    candidates = (folder / f"{name}{suffix}" for name in names for suffix in _TSV_SUFFIXES)
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _is_int(value: Any) -> bool:
@@ -194,12 +180,8 @@ def _label_ids(
         return [float(v) for v in train], [[float(v) for v in o] for o in others], None
     if all(_is_int(v) for v in every):
         ids, present = sorted({int(v) for v in every}), {int(v) for v in train}
-        missing: list[Any] = []
-        for i in range(max(ids[-1] + 1, 0)):  # at most len(present) + 6 steps, whatever the max
-            if i not in present:
-                missing.append(i)
-                if len(missing) > 5:
-                    break
+        # the first 6 absent ids: at most len(present) + 6 steps, whatever the max
+        missing: list[Any] = list(islice((i for i in range(max(ids[-1] + 1, 0)) if i not in present), 6))
         if ids[0] < 0 or missing:
             shown = missing[:5] + (["..."] if len(missing) > 5 else [])
             raise TaskError(f"{where}: integer labels must be the class ids 0..K-1, each in the training split; got "
@@ -220,28 +202,23 @@ def _local_task(path: Path, seed: int) -> tuple[dict[str, dict[str, list]], Task
     """Columns ``text fields + label`` per split of a local folder or single file."""
     glue = GLUE_TASKS.get(path.stem.lower().replace("-", "").replace("_", ""))
     if path.is_dir():
-        files = {
-            "train": _find_split(path, ("train",)),
-            "validation": _find_split(
-                path, ("dev", "validation", "valid", "dev_matched", "validation_matched")
-            ),
-            "test": _find_split(path, ("test",)),
-        }
+        dev_names = ("dev", "validation", "valid", "dev_matched", "validation_matched")
+        files = {"train": _find_split(path, ("train",)), "validation": _find_split(path, dev_names),
+                 "test": _find_split(path, ("test",))}
         if files["train"] is None or files["validation"] is None:
-            raise TaskError(
-                f"task folder {str(path)!r} needs train.tsv/.csv and dev.tsv/.csv (or validation.*)"
-            )
+            raise TaskError(f"task folder {str(path)!r} needs train.tsv/.csv and dev.tsv/.csv "
+                            "(or validation.*)")
         tables = {k: _read_table(f) for k, f in files.items() if f is not None}
     else:
         rows = _read_table(path)
         train_idx, val_idx = split_documents([repr(sorted(r.items())) for r in rows], 0.2, seed)
         tables = {"train": [rows[i] for i in train_idx], "validation": [rows[i] for i in val_idx]}
     columns = list(tables["train"][0])
-    fields = (
-        glue.text_fields
-        if glue and all(f in columns for f in glue.text_fields)
-        else _text_fields(columns, str(path))
-    )
+    known = ((glue.text_fields,) if glue else ()) + _TEXT_COLUMN_SETS  # a GLUE folder's own columns first
+    fields = next((fs for fs in known if all(f in columns for f in fs)), None)
+    if fields is None:
+        raise TaskError(f"{path} has no known text columns (sentence, sentence1/sentence2, text, ...): "
+                        f"{columns}")
     if "label" not in columns:
         raise TaskError(f"task {str(path)!r} has no 'label' column: {columns}")
     if "test" in tables and "label" not in tables["test"][0]:
@@ -290,12 +267,6 @@ def _glue_task(name: str) -> tuple[dict[str, dict[str, list]], TaskSpec, list[st
     return splits, spec, names
 
 
-def _resolve_name(name: str) -> str:
-    key = name.strip().lower()
-    key = key[5:] if key.startswith("glue/") or key.startswith("glue:") else key
-    return key.replace("-", "").replace("_", "")
-
-
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -322,35 +293,24 @@ def _tokenise(columns: dict[str, list], fields: tuple[str, ...], tokenizer: Any,
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         if causal_pair:
-            first, second = (
-                tokenizer(batch[f], add_special_tokens=False, verbose=False)["input_ids"] for f in fields
-            )
+            first, second = (tokenizer(batch[f], add_special_tokens=False, verbose=False)["input_ids"]
+                             for f in fields)
             pairs = [_truncate_pair(a, b, max_length - 1) for a, b in zip(first, second)]
             input_ids = [a + [tokenizer.eos_token_id] + b for a, b in pairs]
             enc = {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids]}
         else:
-            enc = tokenizer(
-                *(batch[f] for f in fields), truncation=True, max_length=max_length, verbose=False
-            )
+            enc = tokenizer(*(batch[f] for f in fields), truncation=True, max_length=max_length,
+                            verbose=False)
         token_types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "token_type_ids": token_types,
-            "labels": batch["label"],
-        }
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "token_type_ids": token_types, "labels": batch["label"]}
 
     ds = Dataset.from_dict(columns)
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenising")
 
 
-def load_task(
-    name: str,
-    tokenizer: Any,
-    max_length: int = 128,
-    max_train: int | None = None,
-    seed: int = 0,
-) -> TaskData:
+def load_task(name: str, tokenizer: Any, max_length: int = 128, max_train: int | None = None,
+              seed: int = 0) -> TaskData:
     """Load and tokenise a classification / regression task (see the module docstring).
 
     Args:
@@ -363,14 +323,16 @@ def load_task(
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
         raise TaskError(f"max_length must be an integer >= 4, got {max_length!r}")
     path = Path(str(name)).expanduser()
-    key = _resolve_name(str(name))
-    if str(name).strip().lower() == "bbc":
+    lowered = str(name).strip().lower()
+    glue_prefix = lowered.startswith(("glue/", "glue:"))
+    key = (lowered[5:] if glue_prefix else lowered).replace("-", "").replace("_", "")
+    if lowered == "bbc":
         splits, spec, label_names = _bbc_task(seed)
     elif path.exists():
         if path.is_file() and path.suffix not in _TSV_SUFFIXES:
             raise TaskError(f"task file {str(name)!r} must be a .tsv or .csv file")
         splits, spec, label_names = _local_task(path.resolve(), seed)
-    elif str(name).strip().lower().startswith(("glue/", "glue:")) or key in GLUE_TASKS:
+    elif glue_prefix or key in GLUE_TASKS:
         if key not in GLUE_TASKS:
             raise TaskError(f"unknown GLUE task {name!r}; known: {', '.join(sorted(GLUE_TASKS))}")
         splits, spec, label_names = _glue_task(key)
@@ -385,13 +347,6 @@ def load_task(
         keep = np.sort(np.random.default_rng(seed).permutation(len(splits["train"]["label"]))[:max_train])
         splits["train"] = {k: [v[i] for i in keep] for k, v in splits["train"].items()}
     data = {s: _tokenise(cols, spec.text_fields, tokenizer, max_length) for s, cols in splits.items()}
-    return TaskData(
-        name=str(name),
-        train=data["train"],
-        validation=data["validation"],
-        test=data.get("test"),
-        num_labels=spec.num_labels,
-        metric=list(spec.metrics),
-        label_names=label_names,
-        text_fields=spec.text_fields,
-    )
+    return TaskData(name=str(name), train=data["train"], validation=data["validation"], test=data.get("test"),
+                    num_labels=spec.num_labels, metric=list(spec.metrics), label_names=label_names,
+                    text_fields=spec.text_fields)

@@ -38,14 +38,12 @@ def fail_cleanly(stage: str):
         print(f"[elm.{stage}] {stop.message}", file=sys.stderr)
         sys.exit(143)
     except (ValueError, FileNotFoundError, FloatingPointError, HubError) as err:
-        print(f"[elm.{stage}] error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(stage, str(err))
     except OSError as err:  # the machine, not elm: no permission, a full or read-only disk
         if not (isinstance(err, PermissionError) or err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)):
             raise
         where = f" ({err.filename})" if err.filename else ""
-        print(f"[elm.{stage}] error: {err.strerror or err}{where}; nothing finished was removed", file=sys.stderr)
-        sys.exit(2)
+        _refuse(stage, f"{err.strerror or err}{where}; nothing finished was removed")
 
 
 def _override(argv: list[str], key: str) -> str | None:

@@ -238,9 +238,8 @@ def check_hub_settings(hub: Any) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(
-            f"hub.repo_id={repo_id!r} is not a valid repo id: {str(err).splitlines()[0]}"
-        ) from None
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"hub.repo_id={repo_id!r} is not a valid repo id: {reason}") from None
     if not isinstance(hub.get("private", True), bool):
         raise ValueError(f"hub.private={hub.get('private')!r} must be true or false")
     revision = hub.get("revision")

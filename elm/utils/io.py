@@ -31,23 +31,13 @@ def usual_permissions(path: str | Path) -> Path:
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (setting it to read it
     back would race with other threads creating files)."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _discard_on_error(tmp: str) -> None:
-    """A failed write (full disk, interrupt) leaves no orphan temp file beside the good one."""
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
 
 
 def _atomic_file(path: str | Path, write) -> Path:
@@ -61,8 +51,9 @@ def _atomic_file(path: str | Path, write) -> Path:
         write(tmp)
         usual_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        _discard_on_error(tmp)
+    except BaseException:  # a failed write (full disk, interrupt) leaves no orphan temp file
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return path
 
@@ -131,11 +122,9 @@ class BackgroundSaver:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.wait()
-            return
-        try:
-            self.wait()
-        except Exception:  # noqa: BLE001 - the run's own error is the one to report
-            pass
+        else:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                self.wait()
 
 
 @contextlib.contextmanager

@@ -64,13 +64,10 @@ class RunLogger:
 def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            out[name] = value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
         elif isinstance(value, dict):
-            out.update(_scalars(value, name + "/"))
+            out.update(_scalars(value, f"{prefix}{key}/"))
     return out
 
 

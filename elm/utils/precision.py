@@ -10,8 +10,7 @@
   weights, the optimiser updates fp32 master weights. The rest (fine-tuning through the HF
   Trainer, the causal stages) uses autocast, which is what those loops support.
 - **CPU without it** (AVX2-only x86, e.g. the AMD EPYC this project's CI runs on): fp32, and one
-  info line says so. There bf16 is emulated: a 2048² bf16 matmul ran at under 1 GFLOP/s against
-  125 GFLOP/s in fp32, and an autocast search step took 14.5 s against 2.3 s.
+  info line says so: emulated bf16 ran a matmul >100x and a search step 6x slower (docs/benchmarks.md).
 
 ``ELM_CPU_BF16=1`` / ``=0`` overrides the CPU detection (tests use ``=1`` to check the bf16 path's
 losses on any CPU; it is slow where bf16 is emulated).
@@ -96,10 +95,9 @@ def resolve_precision(precision: str, device: torch.device | str, *, master: boo
         return Precision(precision, "autocast", device_type)
     if device_type == "cpu" and cpu_bf16_native():
         return Precision(precision, "master" if master else "autocast", device_type)
-    if (stage, device_type) in _TOLD:
-        return Precision(precision, "fp32", device_type)
-    _TOLD.add((stage, device_type))
-    log.info("[%s] precision=bf16 runs as fp32 here: this %s has no native bf16 (%s); fp32 is several times "
-             "faster than emulated bf16", stage, "CPU" if device_type == "cpu" else device_type,
-             "looked for " + "/".join(CPU_BF16_FLAGS) if device_type == "cpu" else "no bf16 kernels")  # fmt: skip
+    if (stage, device_type) not in _TOLD:
+        _TOLD.add((stage, device_type))
+        log.info("[%s] precision=bf16 runs as fp32 here: this %s has no native bf16 (%s); fp32 is several "
+                 "times faster than emulated bf16", stage, "CPU" if device_type == "cpu" else device_type,
+                 "looked for " + "/".join(CPU_BF16_FLAGS) if device_type == "cpu" else "no bf16 kernels")
     return Precision(precision, "fp32", device_type)

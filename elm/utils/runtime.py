@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # glibc mallopt parameters (malloc.h) and what keep_freed_memory sets them to
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -74,8 +75,6 @@ def dist_info() -> tuple[int, int]:
 
 def init_distributed() -> bool:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); False when not launched by torchrun."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
         return dist.is_initialized()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -88,8 +87,6 @@ def init_distributed() -> bool:
 def reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; identity when not distributed)."""
     if dist_info()[1] > 1:
-        import torch.distributed as dist
-
         x = x.clone()
         dist.all_reduce(x)
     return x
@@ -103,8 +100,6 @@ def reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's (picklable) object on every rank (identity when not distributed)."""
     if dist_info()[1] > 1:
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -114,8 +109,6 @@ def broadcast_object(obj: Any) -> Any:
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's object, in rank order, on every rank (``[obj]`` when not distributed)."""
     if dist_info()[1] > 1:
-        import torch.distributed as dist
-
         out: list[Any] = [None] * dist_info()[1]
         dist.all_gather_object(out, obj)
         return out
@@ -131,14 +124,10 @@ def any_rank(flag: bool, device: Any = "cpu") -> bool:
 
 def barrier() -> None:
     if dist_info()[1] > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def shutdown_distributed() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
