@@ -91,9 +91,7 @@ class BlockFamily:
         return 0 if self.identity else self.settings(space)["heads"]
 
     def head_dim(self, space: Any) -> int:
-        if self.identity:
-            return 0
-        return self.settings(space).get("head_dim") or space.head_dim
+        return 0 if self.identity else (self.settings(space).get("head_dim") or space.head_dim)
 
     def num_ffn(self, space: Any) -> int:
         return 0 if self.identity else self.settings(space).get("num_ffn", 1)
@@ -155,21 +153,17 @@ class BlockFamily:
         if not self.stacked_ffns and layer.num_ffn != 1:
             raise ArchError(f"{where}.num_ffn={layer.num_ffn}: a {self.name!r} block has exactly 1 FFN")
 
-    def extra_parameters(self, layer: Any, hidden_size: int) -> int:
-        """Parameters beyond the attention and FFNs (the bottleneck projections and their LayerNorms)."""
-        if not self.bottleneck:
-            return 0
-        w = layer.bottleneck_size
-        return (hidden_size * w + w + 2 * w) + (w * hidden_size + hidden_size + 2 * hidden_size)
-
     def parameters(self, layer: Any, hidden_size: int) -> int:
         """Exact parameter count of one layer of this family, from its description alone."""
         if self.identity:
             return 0
-        w = self.width(layer, hidden_size)
-        n = attention_parameters(w, layer.num_heads, layer.head_dim, layer.share)
-        n += layer.num_ffn * ffn_parameters(w, layer.ffn_dim)
-        return n + self.extra_parameters(layer, hidden_size)
+        w, h, a = self.width(layer, hidden_size), hidden_size, layer.num_heads * layer.head_dim
+        projections = 3 if layer.share == "none" else 2  # Q=V or K=V: one projection serves two roles
+        n = projections * (w * a + a) + a * w + w + 2 * w  # Q/K/V, O, LayerNorm
+        n += layer.num_ffn * (2 * w * layer.ffn_dim + layer.ffn_dim + w + 2 * w)  # up, down, LayerNorm
+        if self.bottleneck:  # H -> B and B -> H projections, each with its LayerNorm
+            n += (h * w + w + 2 * w) + (w * h + h + 2 * h)
+        return n
 
     # ---- its elastic candidate in a supernet --------------------------------------------------
     def candidate(self, hidden_size: int, max_heads: int, head_dim: int, share: str, ffn_init: int, ffn_max: int,
@@ -185,16 +179,6 @@ class BlockFamily:
 
 
 SHARE_MODES = ("none", "qv", "kv")  # the attention sharing modes of the BERT families [paper]
-
-
-def attention_parameters(width: int, num_heads: int, head_dim: int, share: str) -> int:
-    a = num_heads * head_dim
-    projections = 3 if share == "none" else 2
-    return projections * (width * a + a) + a * width + width + 2 * width
-
-
-def ffn_parameters(width: int, ffn_dim: int) -> int:
-    return 2 * width * ffn_dim + ffn_dim + width + 2 * width
 
 
 BERT = BlockFamily("bert", "BERT", "#8ecae6", bottleneck=False, stacked_ffns=False, defaults=(("heads", 8),))

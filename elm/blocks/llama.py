@@ -1,12 +1,10 @@
 """The LLaMA-style block family (issue #17): pre-RMSNorm, rotary positions, grouped-query attention
 and a SwiGLU FFN with elastic width, causal or bidirectional.
 
-What it declares, all here: its settings (``space.families.llama``: ``heads``, ``head_dim``,
-``group``), its sharing modes (``none`` and ``gqa<g>``: ``g`` query heads read one key/value head,
-as in grouped-query attention), its layer validation and exact parameter count, and its elastic
-candidate (:mod:`elm.blocks.llama_elastic`: the weight copy for extraction, the PCA read point
-``act(gate) * up``, the inheritance from a teacher layer). The exported layer is
-``elm/modeling/modeling_elm_llama.py``, shipped beside ``modeling_elm.py`` as remote code.
+Here: its settings (``space.families.llama``: ``heads``, ``head_dim``, ``group``), its sharing
+modes (``none`` and ``gqa<g>``: ``g`` query heads read one key/value head), its validation and
+parameter count. Its elastic candidate is :mod:`elm.blocks.llama_elastic`, its exported layer
+``elm/modeling/modeling_elm_llama.py`` (shipped beside ``modeling_elm.py`` as remote code).
 
 [project decision] Mixing rule: a supernet may hold llama candidates beside BERT and MobileBERT ones
 in every layer. Every block maps a state in the supernet's one shared basis to the next state in

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.modeling_elm import Dropout, ElmLayer
+from ..modeling.modeling_elm import Dropout, ElmLayer, attention_bias
 from ..modeling.modeling_elm_llama import RMSNorm, group_of, grouped_attention
 from ..space import LayerConfig
 from ..supernet.elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear
+from ..supernet.extract import _copy_attention, _copy_linear
+from ..supernet.inherit import fit_linear
 
 EPS = 1e-12  # ElmConfig.layer_norm_eps's default, which the exported layer's RMSNorms take
 
@@ -91,7 +93,7 @@ class LlamaCandidate(CandidateBlock):
         self.block, self.hidden_size, self.share, self.identity = block, hidden_size, share, False
         self.bottleneck, self.bottleneck_size = False, None
         self.attention = ElasticGroupedAttention(hidden_size, max_heads, head_dim, share, dropout,
-                                                 dropout if attention_dropout is None else attention_dropout)  # fmt: skip
+                                                 attention_dropout)  # fmt: skip
         self.ffns = nn.ModuleList([ElasticSwiGLU(hidden_size, ffn_max, ffn_init, block, dropout)])
         self.layer_config().validate(hidden_size)
 
@@ -105,20 +107,12 @@ class LlamaCandidate(CandidateBlock):
     @torch.no_grad()
     def copy_into(self, dst: nn.Module) -> None:
         """The active slices into an exported llama layer (``ElmGroupedAttention`` + ``ElmSwiGLU``)."""
-        src, out = self.attention, dst.attention
-        w, b = src.qkv_weight()
-        out.qkv.weight.copy_(w)
-        out.qkv.bias.copy_(b)
-        out.out.weight.copy_(src.out.weight[:, : src.active_heads * src.head_dim])
-        out.out.bias.copy_(src.out.bias)
-        out.norm.weight.copy_(src.norm.weight)
-        ffn, to = self.ffns[0], dst.ffns[0]
-        for name in ("gate", "up"):
-            getattr(to, name).weight.copy_(getattr(ffn, name).weight[: ffn.active_dim])
-            getattr(to, name).bias.copy_(getattr(ffn, name).bias[: ffn.active_dim])
-        to.down.weight.copy_(ffn.down.weight[:, : ffn.active_dim])
-        to.down.bias.copy_(ffn.down.bias)
-        to.norm.weight.copy_(ffn.norm.weight)
+        _copy_attention(dst.attention, self.attention)
+        ffn, to, h = self.ffns[0], dst.ffns[0], self.hidden_size
+        _copy_linear(to.gate, ffn.gate, ffn.active_dim, h)
+        _copy_linear(to.up, ffn.up, ffn.active_dim, h)
+        _copy_linear(to.down, ffn.down, h, ffn.active_dim)
+        to.norm.load_state_dict(ffn.norm.state_dict())
 
     @torch.no_grad()
     def inherit_from(self, src) -> dict[str, bool]:
@@ -149,12 +143,10 @@ class LlamaCandidate(CandidateBlock):
                 rows = [slice(h * d, (h + 1) * d) for h in order[u * g : (u + 1) * g]]
                 for i, r in enumerate(rows):
                     fused[u, i], bias[u, i] = layer.q_w[r], layer.q_b[r]
-                fused[u, g] = torch.stack([layer.k_w[r] for r in rows]).mean(0)
-                bias[u, g] = torch.stack([layer.k_b[r] for r in rows]).mean(0)
-                fused[u, g + 1] = torch.stack([layer.v_w[r] for r in rows]).mean(0)
-                bias[u, g + 1] = torch.stack([layer.v_b[r] for r in rows]).mean(0)
-            inputs = src.inputs
-            power = float(inputs.sum_xx.trace()) / max(inputs.count, 1) / attn.dim
+                for j, (w, b) in enumerate(((layer.k_w, layer.k_b), (layer.v_w, layer.v_b)), start=g):
+                    fused[u, j] = torch.stack([w[r] for r in rows]).mean(0)
+                    bias[u, j] = torch.stack([b[r] for r in rows]).mean(0)
+            power = float(src.inputs.sum_xx.trace()) / max(src.inputs.count, 1) / attn.dim
             attn.norm.weight.fill_(math.sqrt(max(power, 1e-12)))
         ffn = self.ffns[0]
         n = min(ffn.max_dim, src.neurons.numel())
@@ -180,9 +172,6 @@ class LlamaCandidate(CandidateBlock):
         the active units so that the block's output ``~= y``. Inherited units that are not active yet
         keep the teacher's output columns, scaled like the fitted active ones, and each inherited
         unit's measured mean activation (``unit_mean``) is what growth takes out of the bias."""
-        from ..modeling.modeling_elm import attention_bias
-        from ..supernet.inherit import fit_linear
-
         was, attn, ffn = self.training, self.attention, self.ffns[0]
         self.eval()
         masks = [attention_bias(valid, False, x.shape[1]) for x, _, _, valid in states]

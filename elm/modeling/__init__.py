@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
+import transformers
 
 from ..blocks import family
 from ..space import ArchConfig
+from . import modeling_elm
 from .configuration_elm import ElmConfig
 from .modeling_elm import (
     ElmForCausalLM,
@@ -21,13 +16,6 @@ from .modeling_elm import (
     ElmPreTrainedModel,
 )
 
-AUTO_CLASSES = {
-    "AutoModel": (AutoModel, ElmModel),
-    "AutoModelForMaskedLM": (AutoModelForMaskedLM, ElmForMaskedLM),
-    "AutoModelForCausalLM": (AutoModelForCausalLM, ElmForCausalLM),
-    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, ElmForSequenceClassification),
-}
-
 
 def register() -> None:
     """Register ELM with the ``transformers`` Auto classes (idempotent; done on ``import elm``).
@@ -35,11 +23,12 @@ def register() -> None:
     ``register_for_auto_class`` makes ``save_pretrained`` copy this folder's modelling files
     into the export and write ``auto_map``, so ``trust_remote_code=True`` loads it without elm.
     """
-    AutoConfig.register("elm", ElmConfig, exist_ok=True)
+    transformers.AutoConfig.register("elm", ElmConfig, exist_ok=True)
     ElmConfig.register_for_auto_class()
-    for name, (auto, cls) in AUTO_CLASSES.items():
-        auto.register(ElmConfig, cls, exist_ok=True)
-        cls.register_for_auto_class(name)
+    for auto, name in modeling_elm.AUTO_MAP.items():  # the Auto classes the export's auto_map names
+        cls = getattr(modeling_elm, name)
+        getattr(transformers, auto).register(ElmConfig, cls, exist_ok=True)
+        cls.register_for_auto_class(auto)
 
 
 def config_from_arch(arch: ArchConfig, **kwargs) -> ElmConfig:

@@ -168,11 +168,7 @@ def split_qkv(qkv: torch.Tensor, share: str, num_heads: int, head_dim: int):
     """Fused projection output [B, T, n*A] -> q, k, v as [B, h, T, d] (shared ones are the same tensor)."""
     b, t, _ = qkv.shape
     parts = qkv.view(b, t, -1, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    if share == "qv":
-        return parts[0], parts[1], parts[0]
-    if share == "kv":
-        return parts[0], parts[1], parts[1]
-    return parts[0], parts[1], parts[2]
+    return parts[0], parts[1], parts[{"qv": 0, "kv": 1}.get(share, 2)]
 
 
 class ElmAttention(nn.Module):
@@ -281,9 +277,7 @@ class ElmEmbeddings(nn.Module):
             position_ids = torch.arange(t, device=input_ids.device)
         x = self.word(input_ids) + self.position(position_ids)
         if self.token_type is not None:
-            x = x + (
-                self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0]
-            )
+            x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
         if self.project is not None:
             x = self.project(x)
         return self.dropout(self.norm(x))
@@ -501,10 +495,8 @@ class ElmForSequenceClassification(ElmPreTrainedModel):
         self.num_labels = config.num_labels
         self.elm = ElmModel(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        drop = (
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        )
-        self.dropout = Dropout(drop)
+        drop = config.classifier_dropout
+        self.dropout = Dropout(drop if drop is not None else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

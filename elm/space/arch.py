@@ -93,12 +93,9 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.layers, (list, tuple)):
             raise ArchError(f"layers must be a list of layer objects, got {type(self.layers).__name__}")
-        layers = []
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, LayerConfig):
-                layer = LayerConfig(**_known(LayerConfig, layer, f"layers[{i}]"))
-            layers.append(layer)
-        self.layers = layers
+        self.layers = [layer if isinstance(layer, LayerConfig)
+                       else LayerConfig(**_known(LayerConfig, layer, f"layers[{i}]"))
+                       for i, layer in enumerate(self.layers)]
 
     @property
     def num_layers(self) -> int:
@@ -107,12 +104,9 @@ class ArchConfig:
     def validate(self) -> ArchConfig:
         for name in ("hidden_size", "embedding_size", "vocab_size", "max_positions"):
             _positive_int(name, getattr(self, name))
-        if (
-            isinstance(self.type_vocab_size, bool)
-            or not isinstance(self.type_vocab_size, int)
-            or self.type_vocab_size < 0
-        ):
-            raise ArchError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
+        types = self.type_vocab_size
+        if isinstance(types, bool) or not isinstance(types, int) or types < 0:
+            raise ArchError(f"type_vocab_size must be an integer >= 0, got {types!r}")
         if not isinstance(self.causal, bool):
             raise ArchError(f"causal must be true or false, got {self.causal!r}")
         if not self.layers:

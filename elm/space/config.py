@@ -67,14 +67,12 @@ class SpaceConfig:
         return [(block, share) for block in self.blocks for share in family(block).shares(self)]
 
     def validate(self) -> SpaceConfig:
-        bad = [b for b in self.blocks if b not in BLOCKS]
-        if bad or not self.blocks:
+        if not self.blocks or any(b not in BLOCKS for b in self.blocks):
             raise ArchError(f"space.blocks={list(self.blocks)} has unknown/no block types; valid: {tuple(BLOCKS)}")
         if all(family(b).identity for b in self.blocks):
             raise ArchError(f"space.blocks={list(self.blocks)} has only identity blocks; add a block with "
                             f"weights, e.g. {', '.join(n for n, f in BLOCKS.items() if not f.identity)}")  # fmt: skip
-        bad = [s for s in self.shares if s not in SHARE_MODES]
-        if bad or not self.shares:
+        if not self.shares or any(s not in SHARE_MODES for s in self.shares):
             raise ArchError(f"space.shares={list(self.shares)} has unknown/no modes; valid: {SHARE_MODES}")
         for name in ("blocks", "shares"):  # duplicates would give two candidates the same key
             values = list(getattr(self, name))

@@ -105,8 +105,7 @@ class ElasticAttention(nn.Module):
         active = list(range(self.active_heads))
         if not heads or any(h not in active for h in heads) or len(set(heads)) != len(heads):
             raise ValueError(f"heads {heads} must be distinct active heads of {active}")
-        order = list(heads) + [h for h in range(self.max_heads) if h not in heads]
-        perm = torch.tensor(order)
+        perm = torch.tensor(list(heads) + [h for h in range(self.max_heads) if h not in heads])
         rows = self.qkv_rows(perm).flatten()
         _permute_(optimizer, self.qkv.weight, rows, 0)
         _permute_(optimizer, self.qkv.bias, rows, 0)
@@ -214,8 +213,7 @@ class CandidateBlock(nn.Module):
             self.bottleneck_out = ElasticLinear(width, hidden_size)
             self.norm_out = nn.LayerNorm(hidden_size, eps=eps)
             self.dropout = Dropout(dropout)
-        self.attention = ElasticAttention(width, max_heads, head_dim, share, dropout, eps,
-                                          dropout if attention_dropout is None else attention_dropout)  # fmt: skip
+        self.attention = ElasticAttention(width, max_heads, head_dim, share, dropout, eps, attention_dropout)
         self.ffns = nn.ModuleList(ElasticFFN(width, ffn_max, ffn_init, block, dropout, eps) for _ in range(num_ffn))
         self.layer_config().validate(hidden_size)
 

@@ -36,6 +36,7 @@ is their input). Stored heads or units the teacher cannot fill start switched of
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -63,10 +64,9 @@ def moments_in_basis(m: Moments, basis: Basis) -> Moments:
     """Moments of ``(x - mean) @ proj`` from the moments of ``x``."""
     if basis.is_identity:
         return m
-    p, mu, n = basis.proj.double(), basis.mean.double(), m.count
-    sum_x = m.sum_x - n * mu
+    mu, n = basis.mean.double(), m.count
     sum_xx = m.sum_xx - torch.outer(m.sum_x, mu) - torch.outer(mu, m.sum_x) + n * torch.outer(mu, mu)
-    return Moments(p.T @ sum_x, p.T @ sum_xx @ p, n)
+    return linear_moments(Moments(m.sum_x - n * mu, sum_xx, n), basis.proj)
 
 
 def linear_moments(m: Moments, a: Tensor) -> Moments:
@@ -322,10 +322,8 @@ def fit_basis(hidden: list[Moments], layer_map: list[int], width: int) -> tuple[
     layer (each scaled to unit variance), so a layer whose states vary less (MiniLM's last) is
     represented as well as the others."""
     states = [hidden[t] for t in sorted(set(layer_map))]
-    pooled, weighted = states[0], states[0].scaled(float(states[0].covariance.trace().clamp_min(1e-30).rsqrt()))
-    for mo in states[1:]:
-        pooled = pooled.merge(mo)
-        weighted = weighted.merge(mo.scaled(float(mo.covariance.trace().clamp_min(1e-30).rsqrt())))
+    weighted = [mo.scaled(float(mo.covariance.trace().clamp_min(1e-30).rsqrt())) for mo in states]
+    pooled, weighted = functools.reduce(Moments.merge, states), functools.reduce(Moments.merge, weighted)
     basis = Basis.pca(pooled, width, directions=weighted)
     variance = torch.tensor([float(moments_in_basis(hidden[t], basis).covariance.trace()) for t in layer_map])
     return basis, variance.float()

@@ -3,14 +3,11 @@
 Two ways to run it:
 
 * ``blockwise(teacher_hidden_states, mask)`` — search time. [project decision] Every candidate
-  of student layer l reads the teacher's hidden state at mapped layer ``m[l]``, in the one
-  shared basis of the whole supernet (:mod:`elm.supernet.basis`: the identity when the student
-  is as wide as the teacher, else a fixed PCA basis), and is distilled towards the teacher's
-  state ``m[l + 1]`` in the same coordinates. Because every block reads and writes the same
-  coordinates, the blocks chosen for different layers chain (a learned map per layer would let
-  each layer drift into its own rotation). ``chain`` makes a layer read a candidate of the
-  previous layer instead of the teacher (chained training), so blocks also learn to work on
-  each other's outputs.
+  of student layer l reads the teacher's hidden state at mapped layer ``m[l]`` and is distilled
+  towards the teacher's state ``m[l + 1]``, both in the one shared basis of the whole supernet,
+  so the blocks chosen for different layers chain (why: :mod:`elm.supernet.basis`). ``chain``
+  makes a layer read a candidate of the previous layer instead of the teacher (chained
+  training), so blocks also learn to work on each other's outputs.
 * ``forward(input_ids, mask)`` — the active path (one candidate per layer, chained from the
   student embeddings), which is exactly what ``extract()`` turns into a standalone model.
 """
@@ -23,7 +20,7 @@ import torch
 from torch import nn
 
 from ..blocks import family
-from ..modeling import modeling_elm
+from ..modeling import ElmConfig, modeling_elm
 from ..modeling.modeling_elm import ElmEmbeddings, attention_bias
 from ..space import ArchConfig, ArchError, SpaceConfig
 from .basis import Basis
@@ -42,8 +39,6 @@ class Supernet(nn.Module):
         pad_token_id: int = 0,
     ) -> None:
         super().__init__()
-        from ..modeling import ElmConfig  # local: keeps elm.supernet importable in isolation
-
         self.space = space.validate()
         self.arch_base = dict(
             hidden_size=space.hidden_size,
@@ -84,7 +79,7 @@ class Supernet(nn.Module):
         return family(block).candidate(s.hidden_size, max_heads=s.heads_of(block), head_dim=fields["head_dim"],
                                        share=share, ffn_init=s.ffn_init, ffn_max=s.ffn_max, num_ffn=fields["num_ffn"],
                                        bottleneck_size=fields["bottleneck_size"], dropout=s.dropout,
-                                       attention_dropout=s.dropout if s.attention_dropout is None else s.attention_dropout)  # fmt: skip
+                                       attention_dropout=s.attention_dropout)  # fmt: skip
 
     # ---- search-time path -----------------------------------------------------------------
     @classmethod
@@ -216,10 +211,9 @@ class CommonDropout:
 
     [project decision, issue #15] Each candidate still sees independent Bernoulli(1 - p) keeps in
     every dropout, so its own training is distributed as before; only the candidates' noise is
-    shared, which is the classic variance reduction for comparing alternatives. Drawing and
-    scaling the masks was ~19% of the bf16 search step on 2 cores (upper bound: one mask per
-    shape for the whole run); a layer's 6 candidates now draw their masks once. CPU only: CUDA
-    dropout is one fused kernel (``modeling_elm.apply_dropout``)."""
+    shared (the classic variance reduction for comparing alternatives), and a layer's candidates
+    draw their masks once (docs/search.md, "Common dropout masks"). CPU only: CUDA dropout is one
+    fused kernel (``modeling_elm.apply_dropout``)."""
 
     def __init__(self) -> None:
         self.drawn: dict[tuple, list[torch.Tensor]] = {}

@@ -111,22 +111,14 @@ def read_teacher(teacher) -> tuple[TeacherEmbeddings, list[TeacherLayer]]:
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise InheritError(f"teacher {teacher.name!r} has {config.position_embedding_type} position embeddings; "
                            f"inheritance needs absolute ones (set inherit.enabled=false)")  # fmt: skip
-    out = []
+    heads, out = int(config.num_attention_heads), []
     for layer in layers:
-        att, self_att = layer.attention, layer.attention.self
-        out.append(
-            TeacherLayer(
-                q_w=_f32(self_att.query.weight), q_b=_f32(self_att.query.bias),
-                k_w=_f32(self_att.key.weight), k_b=_f32(self_att.key.bias),
-                v_w=_f32(self_att.value.weight), v_b=_f32(self_att.value.bias),
-                o_w=_f32(att.output.dense.weight), o_b=_f32(att.output.dense.bias),
-                ln1_w=_f32(att.output.LayerNorm.weight), ln1_b=_f32(att.output.LayerNorm.bias),
-                up_w=_f32(layer.intermediate.dense.weight), up_b=_f32(layer.intermediate.dense.bias),
-                down_w=_f32(layer.output.dense.weight), down_b=_f32(layer.output.dense.bias),
-                ln2_w=_f32(layer.output.LayerNorm.weight), ln2_b=_f32(layer.output.LayerNorm.bias),
-                num_heads=int(config.num_attention_heads), eps=float(att.output.LayerNorm.eps),
-            )
-        )  # fmt: skip
+        att = layer.attention
+        # q, k, v, o, ln1, up, down, ln2: TeacherLayer's (weight, bias) fields, in order
+        modules = (att.self.query, att.self.key, att.self.value, att.output.dense, att.output.LayerNorm,
+                   layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)  # fmt: skip
+        tensors = [_f32(t) for m in modules for t in (m.weight, m.bias)]
+        out.append(TeacherLayer(*tensors, num_heads=heads, eps=float(att.output.LayerNorm.eps)))
     token_type = getattr(emb, "token_type_embeddings", None)
     embeddings = TeacherEmbeddings(
         word=_f32(emb.word_embeddings.weight),

@@ -22,15 +22,6 @@ hooks (:class:`TrainLoop`):
   rank's RNG state, saved atomically (epoch ends on a background thread:
   :class:`elm.utils.io.BackgroundSaver`), every ``checkpoint_every`` steps and on SIGTERM
   (:mod:`elm.utils.preempt`).
-
-The epoch::
-
-    for each step of the epoch (resumed mid-epoch: from the saved step on):
-        values = trainer.train_step(micro-batches)   # forward + backward per micro-batch (accumulate),
-                                                    # then optimizer_step(): clip, AdamW, refresh, schedule
-        running sums; progress bar; per-step log every ``log_every`` steps; checkpoint if due
-    record = trainer.epoch_record(mean of the epoch's values)   # validation, analysis, ...
-    history += record; checkpoint (written while the next epoch trains); metrics.jsonl
 """
 
 from __future__ import annotations
@@ -201,10 +192,6 @@ class TrainLoop:
     def start_epoch(self) -> None:
         """Called before each epoch's steps (e.g. a replica rebuild after the architecture changed)."""
 
-    def progress_loss(self, values: dict[str, float]) -> float:
-        """The loss the progress bar shows for a step."""
-        return values.get("total", sum(values.values()) / max(1, len(values)))
-
     # ---- one step --------------------------------------------------------------------------
     def accumulate(self, micro: list[dict[str, torch.Tensor]], forward: Callable[[int, dict], tuple[torch.Tensor, Any]]):
         """The gradients of one step (zeroed first): forward and backward of each micro-batch
@@ -255,7 +242,8 @@ class TrainLoop:
             every = self.loop.log_every
             if self.logger is not None and every and self.step % every == 0:
                 self.logger.log({"step": self.step, "train": values, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
-            bar.set_postfix(loss=f"{self.progress_loss(values):.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            loss = values.get("total", sum(values.values()) / max(1, len(values)))
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
             self.epoch_sums = dict(sums)
             stop = any_rank(self.preemption.requested, self.device)
             step_checkpoint(self.step, self.loop.checkpoint_every, self.preemption, self.save,
