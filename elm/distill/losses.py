@@ -35,10 +35,18 @@ def _token_mask(x: Tensor, attention_mask: Tensor | None) -> Tensor:
     if attention_mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if attention_mask.shape != x.shape[:2]:
-        raise ValueError(
-            f"attention_mask must have shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}"
-        )
+        raise ValueError(f"attention_mask must have shape {tuple(x.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
     return attention_mask.to(device=x.device) != 0
+
+
+def _projected(student: Tensor, teacher: Tensor, proj: nn.Module | None) -> tuple[Tensor, Tensor]:
+    """``proj(student)`` and ``teacher`` in one float dtype, of one shape (``proj`` maps the widths)."""
+    s = _float(proj(student) if proj is not None else student)
+    t = _float(teacher).to(s.dtype)
+    if s.shape != t.shape:
+        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
+    return s, t
 
 
 def _masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -112,23 +120,19 @@ def rkd_target(teacher: Tensor, attention_mask: Tensor | None = None, eps: float
             "valid": rkd_sequences(mask).to(rt.dtype)}  # fmt: skip
 
 
-def rkd_loss(
-    student: Tensor,
-    teacher: Tensor | dict[str, Tensor],
-    attention_mask: Tensor | None = None,
-    causal: bool = False,
-    eps: float = EPS,
-) -> Tensor:
+def rkd_loss(student: Tensor, teacher: Tensor | dict[str, Tensor], attention_mask: Tensor | None = None,
+             causal: bool = False, eps: float = EPS) -> Tensor:
     """Relational KD: 1 - Pearson(student relations, teacher relations). [project decision]
 
     For each sequence the token-token cosine-relation matrices of student ``[B, T, Ds]`` and
     teacher ``[B, T, Dt]`` are compared by Pearson correlation over the valid token pairs
     (i, j) with j < i (the diagonal is always 1 and is excluded). With ``causal=True`` only a
     token's relations to earlier tokens count; because cosine relations are symmetric this is
-    the same set of pairs as the bidirectional case, so both give the same value. ``Ds`` and
-    ``Dt`` may differ (no projection needed). The loss is averaged over sequences that have at
-    least 2 valid pairs; it is 0 if none has. ``eps`` guards the variances (constant relations
-    give correlation 0, not NaN). ``teacher`` may be a precomputed :func:`rkd_target`.
+    the same set of pairs as the bidirectional case, so both give the same value (``causal`` is
+    kept so that callers pass their model's setting uniformly). ``Ds`` and ``Dt`` may differ (no
+    projection needed). The loss is averaged over sequences that have at least 2 valid pairs; it
+    is 0 if none has. ``eps`` guards the variances (constant relations give correlation 0, not
+    NaN). ``teacher`` may be a precomputed :func:`rkd_target`.
     """
     target = teacher if isinstance(teacher, dict) else None
     shape = target["dt"].shape if target is not None else teacher.shape[:2]
@@ -136,9 +140,6 @@ def rkd_loss(
         raise ValueError(f"student and teacher must share [B, T], got {tuple(student.shape)} and {tuple(shape)}")
     if target is None:
         target = rkd_target(teacher, attention_mask, eps)
-    # Cosine relations are symmetric: the pairs j < i list every unordered pair once, which is
-    # also exactly the causal set (each token with the tokens before it), so `causal` changes
-    # nothing here; it is kept so callers can pass their model's setting uniformly.
     rs = relation_matrix(student)
     pairs, n = target["pairs"].to(rs.dtype), target["n"].to(rs.dtype)
     ds = (rs - ((rs * pairs).sum(dim=(1, 2)) / n)[:, None, None]) * pairs
@@ -149,21 +150,14 @@ def rkd_loss(
     return ((1.0 - corr) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def mse_loss(
-    student: Tensor,
-    teacher: Tensor,
-    proj: nn.Module | None = None,
-    attention_mask: Tensor | None = None,
-) -> Tensor:
+def mse_loss(student: Tensor, teacher: Tensor, proj: nn.Module | None = None,
+             attention_mask: Tensor | None = None) -> Tensor:
     """Point-wise MSE between ``proj(student)`` and ``teacher`` (``[B, T, D]``).
 
     ``proj`` (owned and trained by the caller) maps the student width to the teacher's; without
     it the widths must match. Mean over valid tokens and features.
     """
-    s = _float(proj(student) if proj is not None else student)
-    t = _float(teacher).to(s.dtype)
-    if s.shape != t.shape:
-        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
+    s, t = _projected(student, teacher, proj)
     per_token = (s - t).square().mean(dim=-1)
     return _masked_token_mean(per_token, _token_mask(t, attention_mask))
 
@@ -183,32 +177,19 @@ def normalised_mse(student: Tensor, target: Tensor, variance: Tensor | float, at
     return _masked_token_mean(per_token, _token_mask(t, attention_mask)) / variance
 
 
-def kl_hidden_loss(
-    student: Tensor,
-    teacher: Tensor,
-    proj: nn.Module | None = None,
-    attention_mask: Tensor | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def kl_hidden_loss(student: Tensor, teacher: Tensor, proj: nn.Module | None = None,
+                   attention_mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """KL(softmax(teacher / T) || softmax(proj(student) / T)) over the feature dimension.
 
     [project decision] A point-wise KL ablation for hidden states: each token's feature vector
     is turned into a distribution over features by a softmax, as if it were logits. Needs equal
     widths (hence ``proj``). Mean over valid tokens.
     """
-    s = _float(proj(student) if proj is not None else student)
-    t = _float(teacher).to(s.dtype)
-    if s.shape != t.shape:
-        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; pass proj")
-    return forward_kl(s, t, attention_mask, temperature)
+    return forward_kl(*_projected(student, teacher, proj), attention_mask, temperature)
 
 
-def attention_relation_loss(
-    student_attn: Tensor,
-    teacher_attn: Tensor,
-    attention_mask: Tensor | None = None,
-    eps: float = EPS,
-) -> Tensor:
+def attention_relation_loss(student_attn: Tensor, teacher_attn: Tensor, attention_mask: Tensor | None = None,
+                            eps: float = EPS) -> Tensor:
     """MiniLM-style KL(teacher attention || student attention).
 
     Inputs are attention probabilities ``[B, H, T, T]`` (rows sum to 1 over keys) or
@@ -218,11 +199,9 @@ def attention_relation_loss(
     """
 
     def heads_mean(a: Tensor) -> Tensor:
-        if a.dim() == 4:
-            return _float(a).mean(dim=1)
-        if a.dim() == 3:
-            return _float(a)
-        raise ValueError(f"attention maps must be [B, H, T, T] or [B, T, T], got {tuple(a.shape)}")
+        if a.dim() not in (3, 4):
+            raise ValueError(f"attention maps must be [B, H, T, T] or [B, T, T], got {tuple(a.shape)}")
+        return _float(a).mean(dim=1) if a.dim() == 4 else _float(a)
 
     s, t = heads_mean(student_attn), heads_mean(teacher_attn)
     if s.shape != t.shape:
@@ -245,12 +224,8 @@ def _token_kl(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Te
     return _masked_token_mean(per_token, _token_mask(student_logits, attention_mask))
 
 
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    attention_mask: Tensor | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Tensor | None = None,
+               temperature: float = 1.0) -> Tensor:
     """Token-level KL(p_teacher || p_student) over the last (vocabulary) dim, at ``temperature``.
 
     Logits ``[B, T, V]``. Mean over valid tokens. Not multiplied by ``temperature**2``
@@ -259,12 +234,8 @@ def forward_kl(
     return _token_kl(student_logits, teacher_logits, attention_mask, temperature, reverse=False)
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    attention_mask: Tensor | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Tensor | None = None,
+               temperature: float = 1.0) -> Tensor:
     """Token-level KL(p_student || p_teacher) (mode-seeking), mean over valid tokens.
 
     [project decision] The exact per-token reverse KL over the vocabulary, the token-level
@@ -307,9 +278,8 @@ def cosine_diversity(outputs: list[Tensor], mask: Tensor | None = None) -> float
         raise ValueError(f"cosine_diversity needs at least 2 candidate outputs, got {len(outputs)}")
     shape = outputs[0].shape
     if any(o.shape != shape for o in outputs) or len(shape) != 3:
-        raise ValueError(
-            f"all outputs must share one [B, T, D] shape, got {[tuple(o.shape) for o in outputs]}"
-        )
+        raise ValueError(f"all outputs must share one [B, T, D] shape, "
+                         f"got {[tuple(o.shape) for o in outputs]}")
     valid = _token_mask(outputs[0], mask).reshape(-1)
     z = torch.stack([F.normalize(_float(o).reshape(-1, shape[-1])[valid], dim=-1, eps=EPS) for o in outputs])
     if z.shape[1] == 0:

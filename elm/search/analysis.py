@@ -114,10 +114,6 @@ class EpochAnalysis:
         return {k: v / self.pca_untrained[k] if self.pca_untrained.get(k) else v for k, v in self.pca.items()}
 
 
-def _valid_tokens(mask: torch.Tensor | None, shape) -> torch.Tensor:
-    return mask.bool().flatten() if mask is not None else torch.ones(shape[0] * shape[1], dtype=torch.bool)
-
-
 def max_pair_level(cka: torch.Tensor) -> float:
     """Median over heads of each head's highest CKA with another head (1 head: 0)."""
     if cka.shape[0] < 2:
@@ -127,26 +123,23 @@ def max_pair_level(cka: torch.Tensor) -> float:
 
 
 def _block_stats(cand: CandidateBlock, x, mask, causal: bool, valid, pca: PCAConfig) -> dict[str, Any]:
-    """PCA score, head CKA, head importance and mean head output of one candidate on input ``x``."""
-    out = cand(x, mask, causal)[0]
-    acts = cand.ffns[0].last_hidden.flatten(0, 1)[valid.to(x.device)]
+    """PCA score, head CKA, head importance and mean head output of one candidate on input ``x``
+    (activations captured inside its modules for this one call)."""
+    cand.set_capture(True)
+    try:
+        out = cand(x, mask, causal)[0]
+        hidden, ctx = cand.ffns[0].last_hidden, cand.attention.last_context  # ctx: [B, h, T, d]
+    finally:
+        cand.set_capture(False)
+    acts = hidden.flatten(0, 1)[valid.to(x.device)]
     threshold = family(cand.block).pca_threshold(pca)
     attn = cand.attention
-    ctx = attn.last_context  # [B, h, T, d]
     heads = ctx.permute(1, 0, 2, 3).flatten(1, 2)[:, valid.to(ctx.device)]  # [h, N, d]
     w_out = attn.out.weight[:, : attn.active_heads * attn.head_dim].view(attn.dim, attn.active_heads, -1)
     contrib = torch.einsum("hnd,ohd->hno", heads, w_out)
     return {"out": out, "pca": pca_score(acts.float(), threshold=threshold, mode=pca.mode),
             "cka": head_cka_matrix(heads.float()), "importance": contrib.norm(dim=-1).mean(dim=1).tolist(),
             "head_mean": contrib.mean(dim=1).tolist()}  # fmt: skip
-
-
-def _captured_stats(block: CandidateBlock, x, mask, causal: bool, valid, pca: PCAConfig) -> dict[str, Any]:
-    block.set_capture(True)
-    try:
-        return _block_stats(block, x, mask, causal, valid, pca)
-    finally:
-        block.set_capture(False)
 
 
 def untrained_twin(supernet: Supernet, cand: CandidateBlock) -> CandidateBlock:
@@ -180,10 +173,11 @@ def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, 
 
     was_training = supernet.training
     supernet.eval()
-    result = EpochAnalysis()
+    result, twins = EpochAnalysis(), {} if twins is None else twins
     causal = supernet.space.causal
     mask = attention_bias(attention_mask, causal, teacher_hidden[0].shape[1])
-    valid = _valid_tokens(attention_mask, teacher_hidden[0].shape[:2])
+    valid = torch.ones(teacher_hidden[0].shape[:2]) if attention_mask is None else attention_mask
+    valid = valid.bool().flatten()  # [B*T] tokens the statistics read
     try:
         for li, layer in enumerate(supernet.layers):
             x = supernet.block_inputs(teacher_hidden, li)
@@ -192,18 +186,16 @@ def analyse(supernet: Supernet, teacher_hidden, attention_mask, pca: PCAConfig, 
                 if cand.identity:  # no FFN, no heads: nothing to score, grow or prune
                     continue
                 key = f"L{li}.{cand.name}"
-                stats = _captured_stats(cand, x, mask, causal, valid, pca)
+                stats = _block_stats(cand, x, mask, causal, valid, pca)
                 outs.append(stats["out"])
                 result.pca[key], result.importance[key] = stats["pca"], stats["importance"]
                 result.cka[key], result.head_mean[key] = stats["cka"].tolist(), stats["head_mean"]
                 if untrained:
                     twin_key = (li, astuple(cand.layer_config(ffn_dim=supernet.space.ffn_init)))
-                    levels = None if twins is None else twins.get(twin_key)
+                    levels = twins.get(twin_key)
                     if levels is None:
-                        twin = _captured_stats(untrained_twin(supernet, cand), x, mask, causal, valid, pca)
-                        levels = (twin["pca"], max_pair_level(twin["cka"]))
-                        if twins is not None:
-                            twins[twin_key] = levels
+                        twin = _block_stats(untrained_twin(supernet, cand), x, mask, causal, valid, pca)
+                        levels = twins[twin_key] = (twin["pca"], max_pair_level(twin["cka"]))
                     result.pca_untrained[key], result.cka_untrained[key] = levels
             result.diversity.append(cosine_diversity(outs, attention_mask) if len(outs) > 1 else None)
     finally:
@@ -220,10 +212,8 @@ def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, opt
     room = [(li, ci, key, cand) for li, ci, key, cand in supernet.candidates()
             if not cand.identity and cand.ffn_dim + cfg.unit <= cand.ffns[0].max_dim]  # fmt: skip
     ranked = sorted(room, key=lambda r: (-scores[r[2]], r[0], r[1]))
-    if cfg.scope == "layer":
-        picked = [r for li in range(len(supernet.layers)) for r in [x for x in ranked if x[0] == li][: cfg.top_k]]
-    else:
-        picked = ranked[: cfg.top_k]
+    by_layer = [[r for r in ranked if r[0] == li][: cfg.top_k] for li in range(len(supernet.layers))]
+    picked = [r for rows in by_layer for r in rows] if cfg.scope == "layer" else ranked[: cfg.top_k]
     events = []
     for _, _, key, cand in picked:
         old = cand.ffn_dim
@@ -235,10 +225,8 @@ def grow_widths(supernet: Supernet, analysis: EpochAnalysis, cfg: PCAConfig, opt
 
 def cka_threshold(analysis: EpochAnalysis, key: str, cfg: CKAConfig) -> float:
     """The CKA above which a head pair of candidate ``key`` counts as redundant (see CKAConfig)."""
-    if not cfg.calibrate or key not in analysis.cka_untrained:
-        return cfg.threshold
-    u = analysis.cka_untrained[key]
-    return u + cfg.margin * (1.0 - u)
+    u = analysis.cka_untrained.get(key)
+    return u + cfg.margin * (1.0 - u) if cfg.calibrate and u is not None else cfg.threshold
 
 
 @torch.no_grad()

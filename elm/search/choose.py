@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..blocks import family
-from ..space import ArchConfig, ArchError, LayerConfig, SpaceConfig
+from ..space import ArchConfig, LayerConfig, SpaceConfig
 from ..supernet import Supernet
 from ..utils.io import atomic_write_json
 from ..utils.settings import check_choice
@@ -34,13 +34,9 @@ def teacher_layer_parameters(teacher) -> int:
     embed = model.get_input_embeddings()
     skip = {id(p) for p in embed.parameters()}
     for name, module in model.named_modules():
-        if name.endswith("embeddings") or name.endswith("wpe") or name.endswith("position_embeddings"):
+        if name.endswith(("embeddings", "wpe")):  # position_embeddings included
             skip |= {id(p) for p in module.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-def cost_table(supernet: Supernet) -> list[list[int]]:
-    return [[cand.num_parameters() for cand in layer] for layer in supernet.layers]
 
 
 BUDGET_REFERENCES = ("space", "teacher")
@@ -54,9 +50,8 @@ def resolve_budgets(budgets: dict[str, float | None], reference_params: int) -> 
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-            raise ValueError(
-                f"search.budgets.{name}={value!r} must be a positive finite number (fraction <= 1 or count)"
-            )
+            raise ValueError(f"search.budgets.{name}={value!r} must be a positive finite number "
+                             "(fraction <= 1 or count)")
         out[name] = int(value * reference_params) if value <= 1 else int(value)
     if not out:
         raise ValueError(f"search.budgets={dict(budgets)} names no budget; give one, e.g. small: 0.45")
@@ -128,7 +123,7 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
     check_choice("search.strategy", strategy, STRATEGIES)
     keys = [[key for li2, _, key, _ in supernet.candidates() if li2 == li] for li in range(len(supernet.layers))]
     table = [[scores[k] for k in row] for row in keys]
-    costs = cost_table(supernet)
+    costs = [[cand.num_parameters() for cand in layer] for layer in supernet.layers]
     identity = [[cand.identity for cand in layer] for layer in supernet.layers]
     embed = supernet.embedding_parameters()
     chosen, errors = {}, {}
@@ -141,13 +136,9 @@ def choose(supernet: Supernet, scores: dict[str, float], budgets: dict[str, int]
                     scorer.fitness, [len(row) for row in costs], budget,
                     lambda ch: sum(costs[li][c] for li, c in enumerate(ch)), **(evolution or {}))  # fmt: skip
                 cost = sum(costs[li][c] for li, c in enumerate(choice))
-        except ValueError as err:  # widths only grow: a budget feasible at the start may not be now
-            errors[name] = str(err)
-            continue
-        try:
             arch = supernet.active_arch(choice)
-        except ArchError as err:  # every layer skipped: no model
-            errors[name] = str(err)
+        except ValueError as err:  # widths only grow: a budget feasible at the start may not be now;
+            errors[name] = str(err)  # ArchError (a ValueError): every layer skipped, no model
             continue
         chosen[name] = {"budget": budget, "strategy": strategy, "choice": choice, "score": score, "layer_params": cost,
                         "params": arch.num_parameters(), "params_with_lm_head": arch.num_parameters("lm"),

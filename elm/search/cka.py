@@ -99,13 +99,8 @@ def head_cka_matrix(head_outputs: Tensor) -> Tensor:
     return cka.clamp(0.0, 1.0)
 
 
-def prune_by_cka(
-    cka: Tensor,
-    active: list[int],
-    importance: Tensor | list[float],
-    threshold: float = 0.9,
-    min_heads: int = 1,
-) -> tuple[list[int], list[dict[str, Any]]]:
+def prune_by_cka(cka: Tensor, active: list[int], importance: Tensor | list[float], threshold: float = 0.9,
+                 min_heads: int = 1) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedily drop redundant heads. [project decision]
 
     While some pair of active heads has CKA strictly above ``threshold`` and more than
@@ -135,8 +130,7 @@ def prune_by_cka(
         raise ValueError(f"active must be distinct head indices in [0, {h}), got {active}")
     if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
         raise ValueError(f"min_heads must be an integer >= 1, got {min_heads!r}")
-    sim = cka.detach().to(torch.float64).clone()
-    sim = torch.nan_to_num(sim, nan=float("-inf"))
+    sim = torch.nan_to_num(cka.detach().to(torch.float64), nan=float("-inf"))  # a new tensor
     sim = torch.maximum(sim, sim.T)  # use the symmetric part; ignores tiny asymmetries
     current = list(active)
     decisions: list[dict[str, Any]] = []
@@ -152,14 +146,6 @@ def prune_by_cka(
         ia, ib = float(importance[a]), float(importance[b])
         drop, keep = (a, b) if (ia < ib or (ia == ib and a > b)) else (b, a)
         current.remove(drop)
-        decisions.append(
-            {
-                "head": drop,
-                "partner": keep,
-                "cka": value,
-                "importance": float(importance[drop]),
-                "partner_importance": float(importance[keep]),
-                "remaining": len(current),
-            }
-        )
+        decisions.append({"head": drop, "partner": keep, "cka": value, "importance": float(importance[drop]),
+                          "partner_importance": float(importance[keep]), "remaining": len(current)})
     return current, decisions

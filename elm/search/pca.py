@@ -42,13 +42,6 @@ def _as_matrix(acts: Tensor) -> Tensor:
     return x
 
 
-def _check_threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not (0.0 < t <= 1.0):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    return t
-
-
 def explained_variance(acts: Tensor) -> Tensor:
     """Variance along each principal direction, descending, shape ``[min(N, d)]`` (float64).
 
@@ -88,7 +81,9 @@ def pca_components(acts: Tensor, threshold: float = 0.99) -> int:
         variance to explain and give ``k = 0`` (score 0: a dead block is not starved, so it is
         never chosen to grow).
     """
-    t = _check_threshold(threshold)
+    t = float(threshold)
+    if not (0.0 < t <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     ratio = explained_variance_ratio(acts)
     if ratio.sum() <= 0:
         return 0
@@ -107,6 +102,4 @@ def pca_score(acts: Tensor, threshold: float = 0.99, mode: PcaMode = "ratio") ->
     if mode not in PCA_MODES:
         raise ValueError(f"mode must be one of {PCA_MODES}, got {mode!r}")
     k = pca_components(acts, threshold)
-    if mode == "count":
-        return float(k)
-    return k / acts.shape[-1]
+    return float(k) if mode == "count" else k / acts.shape[-1]

@@ -53,9 +53,7 @@ def _no_data(path: str | Path, title: str) -> Path:
     fig = Figure(figsize=(5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=16, color="0.4")
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(title=title, xticks=[], yticks=[])
     return save_figure(fig, path)
 
 
@@ -93,8 +91,7 @@ def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
     axes = fig.subplots(1, len(blocks), sharex=True, sharey=True, squeeze=False)[0]
     axes[0].set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
     for ax, block in zip(axes, blocks):
-        ax.set_title(f"{_label(block)} blocks")
-        ax.set_xlabel("epoch")
+        ax.set(title=f"{_label(block)} blocks", xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         per_layer = series.get(block, {})
@@ -122,16 +119,14 @@ def plot_pca_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
             by_label[f"share {share}"] = axes[0].plot([], [], _SHARE_STYLE.get(share, "-."), color="0.3")[0]
     if any_growth:
         by_label["FFN grew (new width)"] = axes[0].plot([], [], "^", color="white", mec="black", ms=9)[0]
-    fig.legend(
-        by_label.values(), by_label.keys(), loc="outside lower center", ncol=min(len(by_label), 7), fontsize=8
-    )
+    fig.legend(by_label.values(), by_label.keys(), loc="outside lower center", ncol=min(len(by_label), 7),
+               fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
-def plot_cka_heatmap(
-    cka: Any, path: str | Path, title: str = "", pruned: Sequence[int] | None = None
-) -> Path:
+def plot_cka_heatmap(cka: Any, path: str | Path, title: str = "",
+                     pruned: Sequence[int] | None = None) -> Path:
     """Fig. 3a: linear CKA between the heads of one block (``cka``: array ``[H, H]``).
 
     Values are written in the cells when ``H <= 16``; heads in ``pruned`` get red tick labels
@@ -163,9 +158,7 @@ def plot_cka_heatmap(
                 label.set_color("red")
                 label.set_fontweight("bold")
     ax.tick_params(axis="x", labelrotation=90 if cols > 16 else 0)
-    ax.set_xlabel("head" + ("   (red ✗ = pruned)" if marked else ""))
-    ax.set_ylabel("head")
-    ax.set_title(title)
+    ax.set(xlabel="head" + ("   (red ✗ = pruned)" if marked else ""), ylabel="head", title=title)
     return save_figure(fig, path)
 
 
@@ -193,9 +186,7 @@ def plot_diversity(diversity: Mapping[str, Sequence[float]], path: str | Path) -
         if label_bars:
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_xticks(range(num_layers), [f"L{i}" for i in range(num_layers)])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean pairwise cosine similarity")
-    ax.set_title(title)
+    ax.set(xlabel="layer", ylabel="mean pairwise cosine similarity", title=title)
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="distillation loss")
@@ -242,17 +233,11 @@ def plot_architecture(arch: ArchConfig, path: str | Path, title: str = "") -> Pa
         text = f"{_layer_text(layer)}  ({p:.2f}M)"
         ax.text(max(params) * 0.01, i, text, va="center", fontsize=8, bbox=_LABEL_BOX)
     ax.set_yticks(range(n), [f"L{i}" for i in range(n)])
-    ax.set_ylim(-0.6, n - 0.4)
-    ax.set_xlim(0, max(params) * 1.05)
-    ax.set_xlabel("layer parameters (M)")
-    ax.set_ylabel("layer")
+    ax.set(ylim=(-0.6, n - 0.4), xlim=(0, max(params) * 1.05), xlabel="layer parameters (M)", ylabel="layer")
     total = arch.num_parameters() / 1e6
     ax.set_title(f"{base}: {total:.2f}M params (hidden {arch.hidden_size}, layers {sum(params):.2f}M)")
     used = dict.fromkeys(layer.block for layer in arch.layers)
-    handles = [
-        Patch(facecolor=_colour(b), edgecolor="black", label=_label(b))
-        for b in used
-    ]
+    handles = [Patch(facecolor=_colour(b), edgecolor="black", label=_label(b)) for b in used]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     return save_figure(fig, path)
 
@@ -263,23 +248,20 @@ def _params_m(point: Mapping[str, Any]) -> float:
     return float(point.get("params", float("nan"))) / 1e6
 
 
-def plot_pareto(
-    points: Sequence[Mapping[str, Any]], chosen: Sequence[Mapping[str, Any]], path: str | Path
-) -> Path:
+def plot_pareto(points: Sequence[Mapping[str, Any]], chosen: Sequence[Mapping[str, Any]],
+                path: str | Path) -> Path:
     """Pareto front of validation distillation loss (lower = better) vs parameters.
 
     Each point is ``{"params": int (count), "score": float}`` (or ``"params_m"`` in millions);
     ``chosen`` points are highlighted and labelled with their ``"name"`` (budget name).
     """
     title = "Pareto front: score vs parameters"
-    front = sorted(
-        (_params_m(p), float(p["score"])) for p in points if _finite(_params_m(p)) and _finite(p.get("score"))
-    )
-    picks = [
-        (_params_m(p), float(p["score"]), str(p.get("name", p.get("budget", ""))))
-        for p in chosen
-        if _finite(_params_m(p)) and _finite(p.get("score"))
-    ]
+    def usable(ps: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        return [p for p in ps if _finite(_params_m(p)) and _finite(p.get("score"))]
+
+    front = sorted((_params_m(p), float(p["score"])) for p in usable(points))
+    picks = [(_params_m(p), float(p["score"]), str(p.get("name", p.get("budget", ""))))
+             for p in usable(chosen)]
     if not front and not picks:
         return _no_data(path, title)
     fig = Figure(figsize=(7, 4.8), layout="constrained")
@@ -288,14 +270,10 @@ def plot_pareto(
         # steps-post: the best score reachable within a parameter budget x
         ax.plot(*zip(*front), "-o", color="tab:blue", ms=4, drawstyle="steps-post", label="Pareto front")
     for k, (x, y, name) in enumerate(picks):
-        label = "chosen" if k == 0 else None
-        ax.plot(x, y, "*", color="tab:red", ms=15, mec="black", label=label, zorder=3)
-        ax.annotate(
-            name, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold", color="tab:red"
-        )
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("validation distillation loss (lower = better)")
-    ax.set_title(title)
+        ax.plot(x, y, "*", color="tab:red", ms=15, mec="black", label="chosen" if k == 0 else None, zorder=3)
+        ax.annotate(name, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold",
+                    color="tab:red")
+    ax.set(xlabel="parameters (M)", ylabel="validation distillation loss (lower = better)", title=title)
     ax.grid(alpha=0.3)
     ax.margins(0.08)
     ax.legend()

@@ -57,8 +57,9 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{run_dir} already holds a search state; pass resume=true to continue it "
                          "or choose another hydra.run.dir")  # fmt: skip
     settings = fingerprint(cfg, "search")
-    state = load_state(state_path, device) if cfg.resume and state_path.exists() else None
-    if state is not None:  # before the teacher and the data load
+    state = None
+    if cfg.resume and state_path.exists():  # before the teacher and the data load; unreadable: one line
+        state = load_checkpoint(state_path, device, "search state", "supernet")
         check_fingerprint(state.get("settings"), settings, str(state_path))
 
     teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
@@ -127,11 +128,6 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         atomic_write_json(run_dir / DONE_FILE, {"stage": "search", "arch": str(run_dir / "arch.json"),
                                                 "time_s": summary["search_time_s"]})  # fmt: skip
     return summary
-
-
-def load_state(path: Path, device) -> dict[str, Any]:
-    """A search state, or a one-line error when it is unreadable (truncated, not a checkpoint)."""
-    return load_checkpoint(path, device, "search state", "supernet")
 
 
 def write_plots(run_dir: Path, trainer: SearchTrainer, summary: dict, compare_with: list[str], cka_layer=None) -> None:

@@ -22,13 +22,6 @@ from torch import Tensor
 from ..distill.losses import normalised_mse, rkd_loss
 
 
-def t_quantile(level: float, dof: int) -> float:
-    """Two-sided Student-t quantile ``t_{(1 + level) / 2, dof}`` (scipy)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2.0, dof))
-
-
 def paired_intervals(per_batch: Tensor, groups: Sequence[Sequence[int]], level: float = 0.95) -> list[dict]:
     """Per candidate (columns of ``per_batch [batches, candidates]``): the difference of its loss to
     its group's best candidate (lowest mean), averaged over batches, with a ``level`` confidence
@@ -39,7 +32,11 @@ def paired_intervals(per_batch: Tensor, groups: Sequence[Sequence[int]], level: 
         raise ValueError("paired_intervals needs at least one batch")
     x = per_batch.double()
     out: list[dict] = [{} for _ in range(per_batch.shape[1])]
-    q = t_quantile(level, n - 1) if n > 1 else None
+    q = None
+    if n > 1:  # the two-sided Student-t quantile
+        from scipy.stats import t
+
+        q = float(t.ppf(0.5 + level / 2.0, n - 1))
     for group in groups:
         means = x[:, list(group)].mean(0)
         best = list(group)[int(means.argmin())]
@@ -64,11 +61,6 @@ def chain_metrics(student_states: Sequence[Tensor], teacher_states: Sequence[Ten
         rkd.append(float(rkd_loss(s.float(), target, attention_mask)))
         nmse.append(float(normalised_mse(s.float(), target, variance[b], attention_mask)))
     return {"rkd": rkd, "nmse": nmse}
-
-
-def mean_metrics(parts: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Element-wise mean of several :func:`chain_metrics` results (one per batch)."""
-    return {k: [sum(p[k][i] for p in parts) / len(parts) for i in range(len(parts[0][k]))] for k in parts[0]}
 
 
 @torch.no_grad()
@@ -122,7 +114,7 @@ class ChainScorer:
         layer_map, variance = [net.layer_map[i] for i in b], net.target_variance[b]
         parts = [chain_metrics(states_of(ids, mask), hidden, mask, layer_map, net.to_student, variance)
                  for ids, mask, hidden in self.batches]  # fmt: skip
-        out = mean_metrics(parts)
+        out = {k: [sum(col) / len(parts) for col in zip(*(p[k] for p in parts))] for k in parts[0]}
         out["score"] = chained_loss(out, self.point)
         return out
 

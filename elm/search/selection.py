@@ -26,10 +26,12 @@ from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 
 Choice = list[int]
+Scores = Sequence[Sequence[float]]  # [layer][candidate], lower is better
+Costs = Sequence[Sequence[int]]  # [layer][candidate]
 FrontierPoint = tuple[int, float, tuple[int, ...]]
 
 
-def _validate(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]) -> None:
+def _validate(scores: Scores, costs: Costs) -> None:
     if len(scores) == 0:
         raise ValueError("scores must have at least one layer")
     if len(scores) != len(costs):
@@ -56,9 +58,7 @@ def _prune(points: list[FrontierPoint]) -> list[FrontierPoint]:
     return kept
 
 
-def _frontier(
-    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int | None
-) -> list[FrontierPoint]:
+def _frontier(scores: Scores, costs: Costs, budget: int | None) -> list[FrontierPoint]:
     """Pareto frontier of whole-model (cost, score, choice), optionally capped by ``budget``."""
     n = len(scores)
     # Cheapest cost of layers l..n-1, so partial solutions that cannot fit are dropped early.
@@ -77,21 +77,17 @@ def _frontier(
     return frontier
 
 
-def _min_cost(costs: Sequence[Sequence[int]]) -> int:
+def _min_cost(costs: Costs) -> int:
     return sum(min(int(c) for c in layer) for layer in costs)
 
 
-def _budget_error(budget: int, costs: Sequence[Sequence[int]]) -> ValueError:
+def _budget_error(budget: int, costs: Costs) -> ValueError:
     cheapest = [min(range(len(layer)), key=lambda i: layer[i]) for layer in costs]
-    return ValueError(
-        f"budget {budget} is below the minimum achievable cost {_min_cost(costs)} "
-        f"(cheapest candidate of every layer: choice {cheapest})"
-    )
+    return ValueError(f"budget {budget} is below the minimum achievable cost {_min_cost(costs)} "
+                      f"(cheapest candidate of every layer: choice {cheapest})")
 
 
-def select_under_budget(
-    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int
-) -> tuple[Choice, float, int]:
+def select_under_budget(scores: Scores, costs: Costs, budget: int) -> tuple[Choice, float, int]:
     """Best candidate per layer minimising the summed score with summed cost <= ``budget``.
 
     Args:
@@ -115,9 +111,7 @@ def select_under_budget(
     return list(choice), score, cost
 
 
-def brute_force_select(
-    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int
-) -> tuple[Choice, float, int]:
+def brute_force_select(scores: Scores, costs: Costs, budget: int) -> tuple[Choice, float, int]:
     """Reference for :func:`select_under_budget`: enumerate every combination (tests only)."""
     _validate(scores, costs)
     best: tuple[float, int, tuple[int, ...]] | None = None
@@ -133,9 +127,7 @@ def brute_force_select(
     return list(best[2]), best[0], best[1]
 
 
-def pareto_front(
-    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]
-) -> list[tuple[int, float, Choice]]:
+def pareto_front(scores: Scores, costs: Costs) -> list[tuple[int, float, Choice]]:
     """Non-dominated ``(cost, score, choice)`` over all combinations, cost ascending.
 
     Along the list the cost strictly increases and the score strictly decreases; of several
@@ -145,18 +137,10 @@ def pareto_front(
     return [(cost, score, list(choice)) for cost, score, choice in _frontier(scores, costs, None)]
 
 
-def evolutionary_select(
-    fitness_fn: Callable[[Choice], float],
-    layer_choices: Sequence[int],
-    budget: int,
-    cost_fn: Callable[[Choice], int],
-    population: int = 25,
-    children: int = 25,
-    mutation: float = 0.1,
-    generations: int = 20,
-    seed: int = 0,
-    max_tries: int = 1000,
-) -> tuple[Choice, float, list[float]]:
+def evolutionary_select(fitness_fn: Callable[[Choice], float], layer_choices: Sequence[int], budget: int,
+                        cost_fn: Callable[[Choice], int], population: int = 25, children: int = 25,
+                        mutation: float = 0.1, generations: int = 20, seed: int = 0,
+                        max_tries: int = 1000) -> tuple[Choice, float, list[float]]:
     """Evolutionary search over whole architectures (W-PCA style). [project decision]
 
     A genome is one candidate index per layer (``layer_choices[l]`` candidates in layer ``l``).
@@ -173,10 +157,8 @@ def evolutionary_select(
     if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 1 for k in layer_choices):
         raise ValueError(f"layer_choices must be positive integers, got {list(layer_choices)}")
     if population < 1 or children < 0 or generations < 0:
-        raise ValueError(
-            f"need population >= 1, children >= 0, generations >= 0, "
-            f"got {population}, {children}, {generations}"
-        )
+        raise ValueError(f"need population >= 1, children >= 0, generations >= 0, "
+                         f"got {population}, {children}, {generations}")
     if not 0.0 <= mutation <= 1.0:
         raise ValueError(f"mutation must be in [0, 1], got {mutation!r}")
     rng = random.Random(seed)
@@ -187,13 +169,10 @@ def evolutionary_select(
             cache[g] = float(fitness_fn(list(g)))
         return cache[g]
 
-    def feasible(g: tuple[int, ...]) -> bool:
-        return int(cost_fn(list(g))) <= budget
-
     def sample(make: Callable[[], tuple[int, ...]]) -> tuple[int, ...] | None:
         for _ in range(max_tries):
             g = make()
-            if feasible(g):
+            if int(cost_fn(list(g))) <= budget:  # feasible
                 return g
         return None
 
@@ -213,10 +192,8 @@ def evolutionary_select(
                 parent = rng.choice(pop)
 
                 def make(p: tuple[int, ...] = parent) -> tuple[int, ...]:
-                    return tuple(
-                        rng.randrange(k) if rng.random() < mutation else gene
-                        for gene, k in zip(p, layer_choices, strict=True)
-                    )
+                    return tuple(rng.randrange(k) if rng.random() < mutation else gene
+                                 for gene, k in zip(p, layer_choices, strict=True))
             else:
                 pa, pb = rng.sample(pop, 2)
 

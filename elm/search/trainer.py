@@ -174,10 +174,9 @@ class SearchTrainer(TrainLoop):
         search = (search or SearchSettings()).validate()
         self.plan_steps(loop, len(train))  # a bad plan is one line, before the supernet is built
         if space.causal != teacher.causal:
-            raise ValueError(
-                f"space.causal={space.causal} but teacher {teacher.name!r} is "
-                f"{'causal' if teacher.causal else 'bidirectional'}; set space.causal={teacher.causal}"
-            )
+            raise ValueError(f"space.causal={space.causal} but teacher {teacher.name!r} is "
+                             f"{'causal' if teacher.causal else 'bidirectional'}; "
+                             f"set space.causal={teacher.causal}")
         self.teacher, self.loss, self.point, self.chain_prob = teacher, search.loss, float(search.point), search.chain_prob
         self.settings = settings
         self.pca = (pca or PCAConfig()).validate(space)
@@ -253,7 +252,8 @@ class SearchTrainer(TrainLoop):
         if name in self.held_out_cache:
             return self.held_out_cache[name]
         item = (batch, self.teacher_states(batch))
-        if sum(_nbytes(h) for _, h in self.held_out_cache.values()) + _nbytes(item[1]) <= HELD_OUT_CACHE_BYTES:
+        cached = [*self.held_out_cache.values(), item]
+        if sum(t.numel() * t.element_size() for _, states in cached for t in states) <= HELD_OUT_CACHE_BYTES:
             self.held_out_cache[name] = item
         return item
 
@@ -309,19 +309,14 @@ class SearchTrainer(TrainLoop):
         self.optimizer_step()
         return dict(zip(keys, step_losses.tolist()))
 
-    @torch.no_grad()
-    def validate_batches(self) -> torch.Tensor:
-        """``[eval_batches, keys]``: every candidate's block loss (teacher inputs) per validation batch."""
-        self.supernet.eval()
-        rows = torch.stack([self.candidate_losses(b, hidden=h) for b, h in self.scoring_batches()])
-        self.supernet.train()
-        return rows.cpu()
-
     def validate(self) -> dict[str, Any]:
         """Per-candidate validation loss (the score the choice minimises) and, per candidate, the
         paired 95% interval of its difference to its layer's best (``elm.search.score``)."""
-        per_batch = self.validate_batches()
-        keys = self.distiller.keys
+        self.supernet.eval()
+        with torch.no_grad():  # [eval_batches, keys]: block losses (teacher inputs) per validation batch
+            per_batch = torch.stack([self.candidate_losses(b, hidden=h) for b, h in self.scoring_batches()])
+        self.supernet.train()
+        keys, per_batch = self.distiller.keys, per_batch.cpu()
         groups = [[i for i, (li2, *_) in enumerate(self.supernet.candidates()) if li2 == li]
                   for li in range(len(self.supernet.layers))]  # fmt: skip
         intervals = paired_intervals(per_batch[:, : sum(map(len, groups))], groups)
@@ -395,10 +390,9 @@ class SearchTrainer(TrainLoop):
         saved_space = asdict(SpaceConfig.from_dict(saved_space)) if isinstance(saved_space, dict) else None
         if saved_space != asdict(self.supernet.space) or state.get("loss") != self.loss:
             raise ValueError("search state was written for another space or loss; start a new run dir")
-        saved = {"distill.point": state.get("point"), "search.train_embeddings": state.get("train_embeddings"),
-                 "search.chain_prob": state.get("chain_prob")}  # fmt: skip
         now = {"distill.point": self.point, "search.train_embeddings": self.distiller.train_embeddings,
                "search.chain_prob": self.chain_prob}  # fmt: skip
+        saved = {k: state.get(k.split(".")[1]) for k in now}  # kept as point, train_embeddings, chain_prob
         check_fingerprint(saved, now, "the search state")  # what the trainer sees; run_search checks all settings
         self.supernet.load_state_dict(self.supernet.with_elastic(state["supernet"], state.get("elastic")))
         self.inherit_report = state.get("inherit", {})
@@ -407,12 +401,6 @@ class SearchTrainer(TrainLoop):
             state["epoch_sums"] = dict(zip(self.distiller.keys, state["epoch_sums"].tolist()))
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _mean_offdiag(matrix: list[list[float]]) -> float | None:
     n = len(matrix)
-    if n < 2:
-        return None
-    return sum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    return sum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1)) if n > 1 else None
