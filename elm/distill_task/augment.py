@@ -40,27 +40,21 @@ def word_vocabulary(tokenizer: Any) -> torch.Tensor:
         )
     special = set(tokenizer.all_special_ids)
     words = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
-    for token, i in vocab.items():
-        words[i] = token.isalpha() and i not in special
+    words[[i for token, i in vocab.items() if token.isalpha() and i not in special]] = True
     return words
 
 
 def word_positions(ids: list[int], words: torch.Tensor, continuation: torch.Tensor) -> list[int]:
     """Positions of replaceable whole words in one token list."""
-    out = []
-    for i, t in enumerate(ids):
-        nxt = ids[i + 1] if i + 1 < len(ids) else None
-        if t < len(words) and words[t] and not (nxt is not None and nxt < len(continuation) and continuation[nxt]):
-            out.append(i)
-    return out
+    return [i for i, (t, nxt) in enumerate(zip(ids, [*ids[1:], None])) if t < len(words) and words[t]
+            and not (nxt is not None and nxt < len(continuation) and continuation[nxt])]
 
 
 def continuation_vocabulary(tokenizer: Any) -> torch.Tensor:
     """``[V]`` bool: ``##`` pieces (a word followed by one is part of a longer word)."""
     vocab = tokenizer.get_vocab()
     cont = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
-    for token, i in vocab.items():
-        cont[i] = token.startswith("##")
+    cont[[i for token, i in vocab.items() if token.startswith("##")]] = True
     return cont
 
 
@@ -79,9 +73,7 @@ def augment(rows: list[dict[str, list[int]]], mlm: Any, tokenizer: Any, *, n: in
     jobs: list[tuple[int, list[int], dict[str, list[int]]]] = []  # (source, masked positions, row)
     for index, row in enumerate(rows):
         spots = word_positions(list(row["input_ids"]), words, cont)
-        if not spots:
-            continue
-        for _ in range(n):
+        for _ in range(n if spots else 0):
             chosen = [p for p in spots if rng.random() < prob] or [spots[int(rng.integers(len(spots)))]]
             jobs.append((index, chosen, row))
     draws = rng.integers(top_k, size=sum(len(c) for _, c, _ in jobs)).tolist()  # uniform over the top k
@@ -93,15 +85,14 @@ def augment(rows: list[dict[str, list[int]]], mlm: Any, tokenizer: Any, *, n: in
         chunk = order[b : b + batch_size]
         length = max(len(jobs[j][2]["input_ids"]) for j in chunk)
         ids = torch.full((len(chunk), length), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        types = torch.zeros_like(ids)
+        mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
         for r, j in enumerate(chunk):
-            row = jobs[j][2]
+            _, chosen, row = jobs[j]
             k = len(row["input_ids"])
             ids[r, :k] = torch.tensor(row["input_ids"])
             mask[r, :k] = 1
             types[r, :k] = torch.tensor(row.get("token_type_ids") or [0] * k)
-            ids[r, jobs[j][1]] = tokenizer.mask_token_id
+            ids[r, chosen] = tokenizer.mask_token_id
         kwargs = {"token_type_ids": types.to(device)} if "token_type_ids" in rows[0] else {}
         logits = mlm(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float().cpu()
         for r, j in enumerate(chunk):
@@ -121,22 +112,22 @@ def load_proposer(spec: str, teacher_source: str, student: str) -> tuple[Any, st
     """The masked LM that proposes replacements and where it came from (see the module docstring)."""
     from transformers import AutoModelForMaskedLM
 
-    def masked_lm(path: str, need_head: bool) -> Any:
+    def masked_lm(path: str) -> Any:  # None: the checkpoint lacks the head weights
         try:
             with quiet_transformers():
                 model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"augment.mlm: cannot load a masked LM from {path!r}: {err}".splitlines()[0]) from None
         missing = [k for k in info.get("missing_keys", []) if "embeddings" not in k]
-        return None if (missing and need_head) else model
+        return None if missing else model
 
     if spec != "auto":
-        model = masked_lm(str(spec), need_head=True)
+        model = masked_lm(str(spec))
         if model is None:
             raise ValueError(f"augment.mlm={spec!r} has no masked-LM head (its checkpoint lacks the head weights)")
         return model, str(spec)
     for path, what in ((teacher_source, "teacher"), (student, "student")):
-        model = masked_lm(path, need_head=True)
+        model = masked_lm(path)
         if model is not None:
             return model, f"{what} ({path})"
     raise ValueError(f"augment.mlm=auto: neither the teacher {teacher_source!r} nor the student {student!r} has a "

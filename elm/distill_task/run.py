@@ -46,7 +46,8 @@ from ..utils.fingerprint import digest
 from ..utils.hub import load_tokenizer, quiet_transformers
 from ..utils.io import replace_dir
 from ..utils.runtime import resolve_device
-from ..utils.settings import check_number
+from ..utils.settings import check_flag, check_number, to_dataclass
+from .augment import augment, load_proposer, word_vocabulary
 from .teacher import task_teacher
 from .trainer import DistillCollator, DistillTrainer, KDWeights, teacher_logits
 
@@ -54,32 +55,17 @@ log = logging.getLogger("elm.distill_task")
 
 
 def kd_weights(cfg: DictConfig) -> KDWeights:
-    kd = OmegaConf.to_container(cfg.kd, resolve=True)
-    unknown = set(kd) - set(KDWeights.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"kd has unknown keys {sorted(unknown)}; valid: {sorted(KDWeights.__dataclass_fields__)}")
-    return KDWeights(**kd).validate()
+    return to_dataclass(KDWeights, cfg.kd, "kd").validate()
 
 
 def check_augment(cfg: DictConfig) -> dict[str, Any]:
     """``augment.*`` checked (the values named when bad)."""
     a = OmegaConf.to_container(cfg.augment, resolve=True)
-    if not isinstance(a.get("enabled"), bool):
-        raise ValueError(f"augment.enabled={a.get('enabled')!r} must be true or false")
+    check_flag("augment.enabled", a.get("enabled"))
     for key in ("n", "top_k", "batch_size"):
         check_number(f"augment.{key}", a.get(key), 1)
     check_number("augment.prob", a.get("prob"), 0, integer=False, strict=True, high=1)
     return a
-
-
-def same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
-    """Both models must read the same token ids (the teacher's logits are computed on them)."""
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError(
-            f"the student's tokenizer ({student_tok.name_or_path!r}, {len(student_tok)} tokens) and the teacher's "
-            f"({teacher_tok.name_or_path!r}, {len(teacher_tok)} tokens) differ; task distillation needs one "
-            "vocabulary: use a student distilled from this teacher (or tokenizer=<the teacher's>)"
-        )
 
 
 def check_inputs(cfg: DictConfig) -> dict[str, Any]:
@@ -90,16 +76,19 @@ def check_inputs(cfg: DictConfig) -> dict[str, Any]:
     seed = cfg.teacher_finetune.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"teacher_finetune.seed={seed!r} must be an integer")
-    student = resolve_model(cfg.student)
-    teacher = resolve_model(cfg.teacher.name)
+    student, teacher = resolve_model(cfg.student), resolve_model(cfg.teacher.name)
     if Path(student).resolve() == Path(teacher).resolve():
         raise ValueError(f"student and teacher are the same model ({student}); give the student to distil into")
     student_config, teacher_config = load_model_config(student), load_model_config(teacher)
     tokenizer = finetune_tokenizer(student, cfg.get("tokenizer"))
-    same_vocabulary(tokenizer, load_tokenizer(teacher))
+    teacher_tok = load_tokenizer(teacher)
+    if tokenizer.get_vocab() != teacher_tok.get_vocab():  # the teacher's logits are computed on these ids
+        raise ValueError(
+            f"the student's tokenizer ({tokenizer.name_or_path!r}, {len(tokenizer)} tokens) and the teacher's "
+            f"({teacher_tok.name_or_path!r}, {len(teacher_tok)} tokens) differ; task distillation needs one "
+            "vocabulary: use a student distilled from this teacher (or tokenizer=<the teacher's>)"
+        )
     if augment["enabled"]:
-        from .augment import word_vocabulary
-
         word_vocabulary(tokenizer)
     task = prepare_task(cfg, tokenizer)
     check_compatible(student_config, tokenizer, task.num_labels, int(cfg.data.max_length), bool(cfg.reinit_head))
@@ -110,6 +99,8 @@ def check_inputs(cfg: DictConfig) -> dict[str, Any]:
 class TaskDistiller:
     """What :func:`elm.finetune.run_finetune` needs to distil instead of fine-tune: the trainer, the
     collator, and the training rows with the teacher's logits (and variants)."""
+
+    collator = DistillCollator  # collator(tokenizer)
 
     def __init__(self, cfg: DictConfig, run_dir: Path, teacher: dict[str, Any], student: str, kd: KDWeights,
                  augment: dict[str, Any]) -> None:  # fmt: skip
@@ -133,16 +124,12 @@ class TaskDistiller:
     def trainer(self, **kwargs: Any) -> DistillTrainer:
         return DistillTrainer(kd=self.kd, teacher=self.teacher_model() if self.kd.needs_teacher else None, **kwargs)
 
-    def collator(self, tokenizer: Any) -> DistillCollator:
-        return DistillCollator(tokenizer)
-
     def train_set(self, task: TaskData, tokenizer: Any) -> Any:
         """The training rows for distillation (built on rank 0, cached, loaded by every rank)."""
         from datasets import Dataset
 
         path, meta = on_rank0(lambda: self._build(task, tokenizer))
-        self.facts["train_rows"], self.facts["variants"] = meta["rows"], meta["variants"]
-        self.facts["proposer"] = meta.get("proposer")
+        self.facts.update(train_rows=meta["rows"], variants=meta["variants"], proposer=meta.get("proposer"))
         return Dataset.load_from_disk(path)
 
     def _key(self, task: TaskData) -> str:
@@ -159,25 +146,20 @@ class TaskDistiller:
         if (out / "elm_rows.json").is_file():
             log.info("reusing the distillation rows in %s", out)
             return str(out), json.loads((out / "elm_rows.json").read_text())
-        rows = [{k: task.train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-                for i in range(len(task.train))]  # fmt: skip
-        for row in rows:
-            row["kd_hard"] = 1.0
+        keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+        rows = [{**{k: row[k] for k in keys}, "kd_hard": 1.0} for row in task.train]
         meta: dict[str, Any] = {"rows": len(rows), "variants": 0}
         if self.augment["enabled"]:
-            from .augment import augment, load_proposer
-
             mlm, meta["proposer"] = load_proposer(str(self.augment["mlm"]), self.teacher_info["source"], self.student)
             log.info("augmenting %d rows x %d with %s", len(rows), self.augment["n"], meta["proposer"])
             variants = augment(rows, mlm, tokenizer, n=int(self.augment["n"]), prob=float(self.augment["prob"]),
                                top_k=int(self.augment["top_k"]), seed=int(self.cfg.data.split_seed),
                                batch_size=int(self.augment["batch_size"]), device=self.device)  # fmt: skip
-            gold = [r["labels"] for r in rows]
-            rows += [{**v, "labels": gold[src], "kd_hard": 0.0} for src, v in variants]
+            rows += [{**v, "labels": rows[src]["labels"], "kd_hard": 0.0} for src, v in variants]
             meta["variants"] = len(variants)
             del mlm
         log.info("teacher logits for %d rows", len(rows))
-        logits = teacher_logits(self.teacher_model(), rows, DistillCollator(tokenizer), device=self.device)
+        logits = teacher_logits(self.teacher_model(), rows, self.collator(tokenizer), device=self.device)
         for row, z in zip(rows, logits):
             row["teacher_logits"] = z
         meta["rows"] = len(rows)

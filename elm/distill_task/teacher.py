@@ -27,8 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.tasks import TaskData
 from ..finetune.checkpoint import RESULTS_FILE
+from ..finetune.run import run_finetune
 from ..utils.cli import finished_work
 from ..utils.fingerprint import digest
+from ..utils.io import atomic_write_json
+from ..utils.runtime import dist_info
 
 log = logging.getLogger("elm.distill_task")
 TASK_RECORD = "elm_task.json"
@@ -37,12 +40,6 @@ TASK_RECORD = "elm_task.json"
 def task_key(task: str) -> str:
     """A task's short name: ``bbc``, ``sst2``, or a local path's last part (no suffix)."""
     return Path(str(task).rstrip("/")).stem.lower().replace("glue/", "").replace("glue:", "")
-
-
-def classifier_labels(config: Any) -> int | None:
-    """The label count of a sequence-classification checkpoint (None: no classifier head)."""
-    heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
-    return int(config.num_labels) if heads else None
 
 
 def read_task_record(path: str | Path) -> dict[str, Any] | None:
@@ -65,7 +62,8 @@ def finetuned_for(path: str, config: Any, task: TaskData) -> bool:
     True: a classifier head with the task's label count (and, where elm wrote ``elm_task.json``,
     the same task and label names). False: no classifier head (a pretrained encoder to fine-tune).
     """
-    labels = classifier_labels(config)
+    archs = getattr(config, "architectures", None) or []
+    labels = int(config.num_labels) if any(a.endswith("ForSequenceClassification") for a in archs) else None
     record = read_task_record(path)
     if record is not None:
         if task_key(record.get("task", "")) != task_key(task.name) or record.get("label_names") != task.label_names:
@@ -94,9 +92,7 @@ def teacher_finetune_config(cfg: DictConfig, teacher_path: str) -> DictConfig:
     tcfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
     tcfg.train = OmegaConf.merge(tcfg.train, own.get("train") or {})
     tcfg.model, tcfg.tokenizer, tcfg.reinit_head = teacher_path, None, False
-    tcfg.seeds = [int(own.seed)]
-    tcfg.train.save_model = True
-    tcfg.data.holdout = None
+    tcfg.seeds, tcfg.train.save_model, tcfg.data.holdout = [int(own.seed)], True, None
     tcfg.resume = True  # a finished cache is returned as is, an interrupted one continues
     return tcfg
 
@@ -117,14 +113,11 @@ def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any,
     A teacher already fine-tuned on the task is used as is; otherwise it is fine-tuned (or the cached
     fine-tuning with the same settings is reused: ``reused`` says which).
     """
-    from ..finetune.run import run_finetune
-
     if finetuned_for(teacher_path, config, task):
         return {"path": teacher_path, "source": teacher_path, "finetuned_here": False, "reused": None}
     tcfg = teacher_finetune_config(cfg, teacher_path)
     out = cache_dir(cfg, run_dir, tcfg)
-    seed = int(tcfg.seeds[0])
-    model_dir = out / f"seed{seed}" / "model"
+    model_dir = out / f"seed{int(tcfg.seeds[0])}" / "model"
     done = finished_work(out) == RESULTS_FILE
     if done and not (model_dir / "config.json").is_file():
         raise ValueError(f"the teacher cache {out} is complete but has no model ({model_dir}); remove {out} to "
@@ -136,12 +129,8 @@ def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any,
     results = run_finetune(tcfg, out)
     record = {"task": str(cfg.task), "label_names": task.label_names, "num_labels": task.num_labels,
               "teacher": teacher_path, "metrics": results["mean"]}  # fmt: skip
-    if not (model_dir / TASK_RECORD).is_file():
-        from ..utils.io import atomic_write_json
-        from ..utils.runtime import dist_info
-
-        if dist_info()[0] == 0:
-            atomic_write_json(model_dir / TASK_RECORD, record)
+    if dist_info()[0] == 0 and not (model_dir / TASK_RECORD).is_file():
+        atomic_write_json(model_dir / TASK_RECORD, record)
     return {"path": str(model_dir), "source": teacher_path, "finetuned_here": True, "reused": done,
             "cache": str(out), "metrics": results["mean"], "lr": results["lr"], "time_s": results["time_s"]}  # fmt: skip
 

@@ -86,17 +86,14 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args: Any, kd: KDWeights, teacher: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kd = kd
-        self.teacher = teacher
+        self.kd, self.teacher = kd, teacher
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer scales it for grad_accum
         self._map: list[int] | None = None
         if kd.needs_teacher and teacher is None:
             raise ValueError("kd.hidden / kd.attention need the teacher model")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs.pop("teacher_logits", None)
-        hard = inputs.pop("kd_hard", None)
-        labels = inputs.pop("labels", None)
+        targets, hard, labels = (inputs.pop(k, None) for k in ("teacher_logits", "kd_hard", "labels"))
         layers = targets is not None and self.kd.needs_teacher and model.training
         out = model(**inputs, output_hidden_states=layers and self.kd.hidden > 0,
                     output_attentions=layers and self.kd.attention > 0)  # fmt: skip

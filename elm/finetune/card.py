@@ -4,7 +4,6 @@ and the numbers behind it; no local machine paths (``elm.retrain.export.public_n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -43,9 +42,3 @@ def classifier_card(base_model: str, task: Any, seed: int, scores: dict[str, flo
         "```", "",
     ]  # fmt: skip
     return "\n".join(lines)
-
-
-def write_classifier_card(model_dir: str | Path, *args: Any) -> Path:
-    from ..utils.io import atomic_write_text
-
-    return atomic_write_text(Path(model_dir) / "README.md", classifier_card(*args))

@@ -32,7 +32,6 @@ its newest complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -52,19 +51,6 @@ log = logging.getLogger("elm.finetune")
 MARKER = "elm_checkpoint.json"
 RESULTS_FILE = "results.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Ranks (torchrun): the process group is the one the Trainer uses (accelerate's PartialState)
-# ---------------------------------------------------------------------------------------------
-
-
-def init_process_group(cpu: bool) -> None:
-    """Join torchrun's process group now (gloo on CPU, NCCL on CUDA), the way the Trainer will:
-    through accelerate's ``PartialState``, which the Trainer's own state then reuses."""
-    from accelerate import PartialState
-
-    PartialState(cpu=cpu)
 
 
 def on_rank0(fn: Callable[[], Any]) -> Any:
@@ -111,8 +97,7 @@ def last_complete_checkpoint(seed_dir: Path, clean: bool = False) -> Path | None
     """The newest checkpoint with a marker; ``clean``: delete the folders without one (half-written
     by a crash) and any older ones."""
     dirs = checkpoint_dirs(seed_dir)
-    complete = [d for d in dirs if read_marker(d) is not None]
-    last = complete[-1] if complete else None
+    last = next((d for d in reversed(dirs) if read_marker(d) is not None), None)
     if clean:
         for d in dirs:
             if d != last:
@@ -156,9 +141,7 @@ class CheckpointCallback(TrainerCallback):
     """
 
     def __init__(self, preemption: Preemption, save: bool, rank: int = 0, train_time_s: float = 0.0) -> None:
-        self.preemption = preemption
-        self.save = save
-        self.rank = rank
+        self.preemption, self.save, self.rank = preemption, save, rank
         self.stopped_at: int | None = None  # the step a SIGTERM stopped training at
         self.last_saved = -1
         self.time_before = train_time_s
@@ -219,9 +202,8 @@ def check_same_run(stored: dict[str, Any], cfg: DictConfig, model_path: str, pat
     diffs += [(k, was.get(k), now.get(k)) for k in ("tokenizer", "reinit_head", "precision", "teacher")]
     for section in ("data", "train", "kd", "augment", "teacher_finetune"):  # the last three: elm.distill_task
         old, new = was.get(section) or {}, now.get(section) or {}
-        diffs += [
-            (f"{section}.{k}", old.get(k), new.get(k)) for k in sorted((set(old) | set(new)) - _RESUME_FREE)
-        ]
+        keys = sorted((set(old) | set(new)) - _RESUME_FREE)
+        diffs += [(f"{section}.{k}", old.get(k), new.get(k)) for k in keys]
     changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if a != b]
     if changed:
         raise ValueError(f"resume=true but {path} was written with other settings ({'; '.join(changed[:3])}); "
@@ -234,23 +216,16 @@ def plan_run(cfg: DictConfig, run_dir: Path, seeds: list[int], model_path: str) 
     ``finished`` (a complete results.json for these seeds, returned as is). Refuses an unfinished
     run dir without ``resume=true``; on resume deletes half-written and finished seeds' checkpoints."""
     path = run_dir / RESULTS_FILE
-    stored = None
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if not isinstance(stored, dict) or not isinstance(stored.get("per_seed"), list):
-                raise ValueError("not a results dict")
-        except ValueError:
-            raise ValueError(
-                f"{path} is corrupt or unreadable; remove it or choose another hydra.run.dir"
-            ) from None
+    stored = read_json(path) if path.is_file() else None
+    if path.is_file() and not isinstance((stored or {}).get("per_seed"), list):
+        raise ValueError(f"{path} is corrupt or unreadable; remove it or choose another hydra.run.dir")
     leftovers = sorted(run_dir.glob("seed*/checkpoint-*"))
     fresh: dict[str, Any] = {"done": [], "checkpoints": {}, "time_s": 0.0, "finished": None}
     if not cfg.get("resume", False):
         if stored is not None and stored.get("complete"):
             raise ValueError(f"{run_dir} already holds finished results ({RESULTS_FILE}); choose another "
                              "hydra.run.dir (or pass resume=true to keep them)")  # fmt: skip
-        if (stored is not None and not stored.get("complete")) or leftovers:
+        if stored is not None or leftovers:
             what = f"checkpoint {leftovers[0]}" if leftovers else f"unfinished {RESULTS_FILE}"
             raise ValueError(f"{run_dir} already holds an unfinished fine-tuning run ({what}); pass resume=true to "
                              "continue it or choose another hydra.run.dir")  # fmt: skip

@@ -1,30 +1,21 @@
 """``run_finetune(cfg, run_dir)``: fine-tune a model on one task over several seeds and score it.
 
-The recipe, per seed (reads top to bottom in :func:`finetune_seed`):
-
-1. seed everything, then ``AutoModelForSequenceClassification.from_pretrained(model,
-   num_labels=task.num_labels)``: the backbone's weights plus a fresh, seeded classifier head
-   (works for elm exports after ``import elm`` and for any Hugging Face model directory);
-2. train with the Hugging Face ``Trainer`` (AdamW, linear warm-up/decay; ``bf16`` on CUDA,
-   ``use_cpu`` without it; ``report_to`` wandb only when ``logger.mode`` asks for it);
-3. evaluate on the validation split with the task's official metrics
-   (:func:`elm.data.tasks.compute_metrics`: scikit-learn / scipy).
+Per seed (:func:`finetune_seed`, top to bottom): seed everything, load the backbone's weights plus a
+fresh, seeded classifier head (``AutoModelForSequenceClassification``: elm exports after ``import
+elm``, any Hugging Face model dir), train with the Hugging Face ``Trainer``, evaluate on the
+validation split with the task's official metrics (:func:`elm.data.tasks.compute_metrics`). The
+settings, the output files (``results.json``, ``metrics.jsonl``, ``seed<k>/model``) and resume are
+described in ``docs/evaluate.md``; the checkpoints in :mod:`elm.finetune.checkpoint`.
 
 [project decision] The split and the ``max_train`` / ``max_eval`` subsets are drawn once with
 ``data.split_seed``, so seeds differ only in head init, data order and dropout; ``std`` is the
 sample standard deviation (ddof=1) over seeds (0 for one seed). ``score`` is the mean of a task's
 metrics (GLUE's convention for tasks with two metrics).
 
-Output: ``<run_dir>/results.json`` (written before the first seed and rewritten after every seed,
-``complete`` marks the end), ``metrics.jsonl`` (one line per seed) and, with ``train.save_model``,
-``seed<k>/model``.
-
-Resume (``resume=true``; :mod:`elm.finetune.checkpoint` has the checkpoint details): the seeds
-already in ``results.json`` are kept, the seed in progress continues from its last complete
-checkpoint ``seed<k>/checkpoint-<step>`` (weights, optimiser, scheduler, RNG states, data
-position: the Trainer's own resume), later seeds run as usual. [decision] A seed's checkpoints
-are deleted once its record is in ``results.json`` (they are 3x the model size and a finished
-seed is never resumed). Without ``resume=true`` a run dir holding an unfinished run is refused.
+Resume (``resume=true``): the seeds already in ``results.json`` are kept, the seed in progress
+continues from its last complete checkpoint, later seeds run as usual. [decision] A seed's
+checkpoints are deleted once its record is in ``results.json`` (they are 3x the model size and a
+finished seed is never resumed). Without ``resume=true`` a run dir holding an unfinished run is refused.
 
 torchrun: [decision] ``train.batch_size`` is the GLOBAL batch, as in the search and retrain
 stages: each of ``world`` ranks gets ``batch_size / (world x grad_accum)`` rows per micro-step
@@ -48,16 +39,15 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
 from ..utils.hub import load_tokenizer, push_model, quiet_transformers, reach_hub, resolve_model_path
-from ..utils.io import atomic_write_json, check_weight_files
+from ..utils.io import atomic_write_json, atomic_write_text, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision
 from ..utils.preempt import Preempted, Preemption
 from ..utils.runtime import any_rank, dist_info, resolve_device, seed_everything
-from .card import write_classifier_card
+from .card import classifier_card
 from .checkpoint import (
     RESULTS_FILE,
     CheckpointCallback,
-    init_process_group,
     on_rank0,
     plan_run,
     read_marker,
@@ -107,14 +97,6 @@ def finetune_tokenizer(model_path: str, tokenizer: Any = None) -> Any:
     return load_tokenizer(str(tokenizer))
 
 
-def _max_positions(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_compatible(
     config: Any, tokenizer: Any, num_labels: int, max_length: int, reinit_head: bool
 ) -> None:
@@ -125,12 +107,12 @@ def check_compatible(
             f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab}; use the tokenizer the model was trained with (tokenizer=<dir>)"
         )
-    positions = _max_positions(config)
+    sizes = (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions", "max_positions"))
+    positions = next((size for size in sizes if isinstance(size, int) and size > 0), None)
     if positions is not None and max_length > positions:
         raise ValueError(f"data.max_length={max_length} exceeds the model's {positions} positions")
-    heads = [
-        a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")
-    ]
+    archs = getattr(config, "architectures", None) or []
+    heads = [a for a in archs if a.endswith("ForSequenceClassification")]
     if heads and config.num_labels != num_labels and not reinit_head:
         raise ValueError(
             f"model has a {config.num_labels}-label classifier ({heads[0]}) but the task has {num_labels} "
@@ -247,9 +229,9 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     callback = CheckpointCallback(preemption or Preemption(), save=save_steps(cfg.train) > 0, rank=rank,
                                   train_time_s=float((marker or {}).get("train_time_s", 0.0)))  # fmt: skip
     args = _training_args(cfg, out_dir, seed, device.type, lr)
-    make, collator = (Trainer, PadCollator(tokenizer)) if distill is None else (distill.trainer, distill.collator(tokenizer))
-    if distill is not None:
-        args.remove_unused_columns = False  # teacher_logits / kd_hard reach compute_loss
+    make, collator = Trainer, PadCollator(tokenizer)
+    if distill is not None:  # its trainer and collator; teacher_logits / kd_hard reach compute_loss
+        make, collator, args.remove_unused_columns = distill.trainer, distill.collator(tokenizer), False
     trainer = make(
         model=model,
         args=args,
@@ -281,7 +263,8 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         trainer.save_model(str(out_dir / "model"))  # every rank calls it; rank 0 writes
         if rank == 0:
             tokenizer.save_pretrained(str(out_dir / "model"))
-            write_classifier_card(out_dir / "model", model_path, task, seed, scores, int(trainer.state.global_step))
+            card = classifier_card(model_path, task, seed, scores, int(trainer.state.global_step))
+            atomic_write_text(out_dir / "model" / "README.md", card)
     return {
         "seed": seed,
         "metrics": scores,
@@ -303,9 +286,8 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
 def summarise(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and sample std (ddof=1; 0 for one seed) of every metric, ``score`` and ``eval_loss``."""
     keys = [*per_seed[0]["metrics"], "score", "eval_loss"]
-    values = {
-        k: np.array([r["metrics"][k] if k in r["metrics"] else r[k] for r in per_seed], float) for k in keys
-    }
+    rows = [{**r, **r["metrics"]} for r in per_seed]  # a metric's value, else the record's
+    values = {k: np.array([r[k] for r in rows], float) for k in keys}
     mean = {k: float(v.mean()) for k, v in values.items()}
     std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
     return mean, std
@@ -326,8 +308,10 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
     device = resolve_device(cfg.device)
     model_path = resolve_model(None if OmegaConf.is_missing(cfg, "model") else cfg.model)
     config = load_model_config(model_path)
-    if world > 1:
-        init_process_group(cpu=device.type == "cpu")
+    if world > 1:  # join torchrun's group now (gloo / NCCL) through the accelerate state the Trainer reuses
+        from accelerate import PartialState
+
+        PartialState(cpu=device.type == "cpu")
     plan = on_rank0(lambda: plan_run(cfg, run_dir, seeds, model_path))  # refusals before any loading
     if plan["finished"] is not None:
         log.info("%s is complete: nothing to do", run_dir / RESULTS_FILE)
@@ -388,12 +372,10 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path, distill: Any = None) -> d
                                    resume_from=plan["checkpoints"].get(seed), preemption=preemption,
                                    run_dir=run_dir, lr=lr, distill=distill)  # fmt: skip
             log.info("seed %d: %s (%.1f s)", seed, record["metrics"], record["train_time_s"])
-            results["per_seed"] = [*results["per_seed"], record]
-            results["per_seed"].sort(key=lambda r: seeds.index(r["seed"]))
-            if writer:
-                logger.log({k: v for k, v in record.items() if k != "loss_curve"}, step=seed)
+            results["per_seed"] = sorted([*results["per_seed"], record], key=lambda r: seeds.index(r["seed"]))
             save()
             if writer:
+                logger.log({k: v for k, v in record.items() if k != "loss_curve"}, step=seed)
                 remove_checkpoints(seed_dir)  # [decision] a finished seed's checkpoints are not needed
             left = [s for s in seeds[i + 1 :] if s not in done]
             if left and any_rank(preemption.requested, device if device.type == "cuda" else "cpu"):
