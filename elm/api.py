@@ -97,11 +97,6 @@ def _config(stage: str, overrides: tuple[str, ...], settings: dict[str, Any]):
     return compose_config(stage, list(overrides), merge=settings or None, what=f"elm.api.{stage} settings")
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments that were passed (None: leave the config's value, or an override's)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _refuse(stage: str, overrides: tuple[str, ...], settings: dict[str, Any], keys: tuple[str, ...], why: str) -> None:
     """One line for settings the function takes as arguments instead (they would be ignored)."""
     given = [k for k in keys if k in settings or any(o.lstrip("+").split("=")[0] == k for o in overrides)]
@@ -160,9 +155,8 @@ def retrain(
             arch_file = path / (f"arch_{budget}.json" if budget else "arch.json")
             if not arch_file.is_file():
                 known = sorted(p.stem.removeprefix("arch_") for p in path.glob("arch_*.json"))
-                raise ValueError(
-                    f"{path} has no {arch_file.name}; budgets there: {', '.join(known) or 'none'}"
-                )
+                raise ValueError(f"{path} has no {arch_file.name}; budgets there: "
+                                 f"{', '.join(known) or 'none'}")
             arch, search_dir = ArchConfig.from_json(arch_file), path
         elif budget is not None:
             raise ValueError(f"budget={budget!r} needs a search (result or run dir), not the file {path}")
@@ -184,7 +178,8 @@ def finetune(model: RetrainResult | str | Path, *overrides: str, task: str | Non
     once per seed and score it."""
     from .finetune.run import run_finetune
 
-    cfg = _config("finetune", overrides, {**settings, "model": _path(model, "model"), **_given(task=task)})
+    task_given = {} if task is None else {"task": task}  # None: leave the config's task, or an override's
+    cfg = _config("finetune", overrides, {**settings, "model": _path(model, "model"), **task_given})
     out = _run_dir("finetune", run_dir)
     return _finetune_result(out, run_finetune(cfg, out))
 
@@ -194,7 +189,8 @@ def distill_task(student: RetrainResult | str | Path, *overrides: str, task: str
     """``python -m elm.distill_task``: the student distilled from the teacher fine-tuned on ``task``."""
     from .distill_task.run import run_distill_task
 
-    cfg = _config("distill_task", overrides, {**settings, "student": _path(student, "student"), **_given(task=task)})
+    task_given = {} if task is None else {"task": task}
+    cfg = _config("distill_task", overrides, {**settings, "student": _path(student, "student"), **task_given})
     out = _run_dir("distill_task", run_dir)
     return _finetune_result(out, run_distill_task(cfg, out))
 
@@ -207,6 +203,5 @@ def compare(search_result: SearchResult | str | Path, *overrides: str, run_dir: 
     cfg = _config("compare", overrides, {**settings, "search_dir": _path(search_result, "search_result")})
     out = _run_dir("compare", run_dir)
     summary = run_compare(cfg, out)
-    return CompareResult(
-        out, list(summary.get("rows", [])), {k: Path(v) for k, v in summary.get("files", {}).items()}
-    )
+    files = {k: Path(v) for k, v in summary.get("files", {}).items()}
+    return CompareResult(out, list(summary.get("rows", [])), files)

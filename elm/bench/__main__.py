@@ -32,18 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m elm.bench", description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument(
-        "--teacher", default=None, help="teacher for the analysis case (default: packaged MiniLM)"
-    )
+    parser.add_argument("--teacher", help="teacher for the analysis case (default: packaged MiniLM)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help=f"subset of: {' '.join(CASES)}")  # fmt: skip
+    parser.add_argument("--only", nargs="*", default=None, help=f"subset of: {' '.join(CASES)}")
     args = parser.parse_args(argv)  # argparse: a bad flag is one usage line and exit 2
     unknown = sorted(set(args.only or []) - set(CASES))
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: unknown case(s); valid: {' '.join(CASES)}")
     with fail_cleanly("bench"):
         run(args)
+
+
+def _print(result: cases.Result | str) -> None:
+    print(result if isinstance(result, str) else result.line(), flush=True)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,34 +58,27 @@ def run(args: argparse.Namespace) -> None:
           f"(runs as {prec.mode})")  # fmt: skip
     if "mlm" in want:
         mlm = cases.mlm_step_vs_hf(device, ctx, repeats=reps)
-        print(mlm.line(), flush=True)
-        print(cases.flops_utilisation(device, ctx, mlm), flush=True)
+        _print(mlm)
+        _print(cases.flops_utilisation(device, ctx, mlm))
     if "supernet" in want:
-        print(cases.supernet_vs_standalone(device, ctx, repeats=reps).line(), flush=True)
+        _print(cases.supernet_vs_standalone(device, ctx, repeats=reps))
     if "inference" in want:
         for batch in (1, 32):
-            print(cases.inference_vs_hf(device, ctx, batch, repeats=reps + 2).line(), flush=True)
+            _print(cases.inference_vs_hf(device, ctx, batch, repeats=reps + 2))
     if "analysis" in want:
-        print(
-            cases.analysis_share(device, ctx, repeats=max(2, reps - 2), teacher_name=args.teacher).line(),
-            flush=True,
-        )
+        _print(cases.analysis_share(device, ctx, repeats=max(2, reps - 2), teacher_name=args.teacher))
     if "search" in want:
-        print(search_step.search_step_utilisation(device, prec, repeats=max(1, reps - 3), teacher_name=args.teacher),
-              flush=True)  # fmt: skip
+        _print(search_step.search_step_utilisation(device, prec, repeats=max(1, reps - 3),
+                                                   teacher_name=args.teacher))
     if "bf16" in want:
-        for result in (
-            bf16.mlm_bf16_vs_hf_fp32(device, repeats=reps),
-            *(bf16.step_bf16_vs_fp32(kind, device, repeats=max(1, reps - 3), teacher_name=args.teacher)
-              for kind in bf16.STEPS),
-        ):
-            print(result if isinstance(result, str) else result.line(), flush=True)
+        _print(bf16.mlm_bf16_vs_hf_fp32(device, repeats=reps))
+        for kind in bf16.STEPS:
+            _print(bf16.step_bf16_vs_fp32(kind, device, repeats=max(1, reps - 3), teacher_name=args.teacher))
     if "generate" in want and device.type == "cpu":
-        print(deploy.generation_cache(repeats=max(1, reps - 2)).line(), flush=True)
+        _print(deploy.generation_cache(repeats=max(1, reps - 2)))
     if "onnx" in want and device.type == "cpu":  # onnxruntime's CPU provider
         for batch in (1, 32):
-            result = deploy.onnx_vs_eager(batch, repeats=reps + 2)
-            print(result if isinstance(result, str) else result.line(), flush=True)
+            _print(deploy.onnx_vs_eager(batch, repeats=reps + 2))
 
 
 if __name__ == "__main__":

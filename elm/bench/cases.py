@@ -37,9 +37,14 @@ class Result:
                 f"ratio {self.ratio:5.2f}  (target {self.target})")  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _timed_ms(f: Callable[[], object], device: torch.device) -> float:
+    """Wall milliseconds of one ``f()``, CUDA synchronised before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    f()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def time_pair(
@@ -49,12 +54,8 @@ def time_pair(
         fa(), fb()
     ta, tb = [], []
     for _ in range(repeats):
-        for f, acc in ((fa, ta), (fb, tb)):
-            _sync(device)
-            t0 = time.perf_counter()
-            f()
-            _sync(device)
-            acc.append((time.perf_counter() - t0) * 1e3)
+        ta.append(_timed_ms(fa, device))
+        tb.append(_timed_ms(fb, device))
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -140,9 +141,8 @@ def inference_vs_hf(
 
 def default_supernet(device, space: SpaceConfig | None = None) -> Supernet:
     space = space or SpaceConfig().resolve(384)  # the default space under the MiniLM teacher
-    return Supernet(space, vocab_size=30522, max_positions=512, teacher_hidden_size=384, teacher_layers=6).to(
-        device
-    )
+    return Supernet(space, vocab_size=30522, max_positions=512, teacher_hidden_size=384,
+                    teacher_layers=6).to(device)
 
 
 def supernet_vs_standalone(device, precision_ctx, batch=16, seq=128, repeats=5, warmup=2):
@@ -174,16 +174,8 @@ def supernet_vs_standalone(device, precision_ctx, batch=16, seq=128, repeats=5, 
     return Result(f"supernet active path b{batch}x{seq}", "Supernet", "standalone", a, b, "<= 1.2x")
 
 
-def analysis_share(
-    device,
-    precision_ctx,
-    steps_per_epoch: int = 30,
-    batch: int = 8,
-    seq: int = 128,
-    repeats: int = 3,
-    teacher_name: str | None = None,
-    analysis_batch: int = 16,
-):
+def analysis_share(device, precision_ctx, steps_per_epoch: int = 30, batch: int = 8, seq: int = 128,
+                   repeats: int = 3, teacher_name: str | None = None, analysis_batch: int = 16):
     """PCA + CKA + diversity analysis time as a share of a default search epoch (target <= 5%)."""
     from ..search.analysis import PCAConfig, analyse
     from ..teacher import load_teacher
@@ -203,11 +195,8 @@ def analysis_share(
         hidden = hidden_states(ids, mask)
         with precision_ctx():
             outs = net.blockwise(hidden, mask)
-        loss = sum(
-            rkd_loss(o.float(), net.block_targets(hidden, li), mask)
-            for li, row in enumerate(outs)
-            for o in row
-        )
+        loss = sum(rkd_loss(o.float(), net.block_targets(hidden, li), mask)
+                   for li, row in enumerate(outs) for o in row)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,15 +216,13 @@ def matmul_peak(device, n: int = 2048, repeats: int = 5, dtype: torch.dtype | No
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def four_matmuls() -> None:
         for _ in range(4):
             a @ b
-        _sync(device)
-        times.append((time.perf_counter() - t0) / 4)
-    return 2 * n**3 / statistics.median(times[1:])
+
+    seconds = [_timed_ms(four_matmuls, device) / 4e3 for _ in range(repeats + 1)]  # the first: warm-up
+    return 2 * n**3 / statistics.median(seconds[1:])
 
 
 def mlm_step_flops(arch: ArchConfig, batch: int, seq: int, mask_p: float = 0.15) -> float:
@@ -243,9 +230,8 @@ def mlm_step_flops(arch: ArchConfig, batch: int, seq: int, mask_p: float = 0.15)
     tokens = batch * seq
     layer_params = sum(layer.num_parameters(arch.hidden_size) for layer in arch.layers)
     attention = sum(4 * batch * seq * seq * layer.attention_size for layer in arch.layers)
-    head = (
-        mask_p * tokens * 2 * (arch.hidden_size * arch.embedding_size + arch.embedding_size * arch.vocab_size)
-    )
+    embedding, hidden = arch.embedding_size, arch.hidden_size
+    head = mask_p * tokens * 2 * (hidden * embedding + embedding * arch.vocab_size)
     return 3 * (2 * tokens * layer_params + attention + head)
 
 

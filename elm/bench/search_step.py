@@ -12,12 +12,11 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
-import time
 
 import torch
 
 from ..utils.precision import Precision
-from .cases import _sync, matmul_peak, random_rows
+from .cases import _timed_ms, matmul_peak, random_rows
 
 
 def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, teacher_name: str | None = None):
@@ -38,24 +37,15 @@ def search_trainer(device, precision: str, *, batch: int = 8, seq: int = 128, te
 def epoch_seconds(trainer, steps: int) -> float:
     """Wall seconds of one ``train_epoch`` of ``steps`` steps (the trainer's counters reset first)."""
     trainer.steps_per_epoch, trainer.step, trainer.epoch = steps, 0, 0
-    _sync(trainer.device)
-    t0 = time.perf_counter()
-    trainer.train_epoch()
-    _sync(trainer.device)
-    return time.perf_counter() - t0
-
-
-def _step_seconds(trainer, steps: int, repeats: int) -> float:
-    return statistics.median(epoch_seconds(trainer, steps) / steps for _ in range(repeats))
+    return _timed_ms(trainer.train_epoch, trainer.device) / 1e3
 
 
 def step_flops(trainer) -> float:
     """Matmul/attention FLOPs of one real search step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer.steps_per_epoch, trainer.step, trainer.epoch = 1, 0, 0
     with FlopCounterMode(display=False) as counter:
-        trainer.train_epoch()
+        epoch_seconds(trainer, 1)
     return float(counter.get_total_flops())
 
 
@@ -65,11 +55,10 @@ def search_step_utilisation(device, prec: Precision, steps: int = 3, repeats: in
     trainer = search_trainer(device, prec.requested, teacher_name=teacher_name)
     try:
         flops = step_flops(trainer)
-        seconds = _step_seconds(trainer, steps, repeats)
+        seconds = statistics.median(epoch_seconds(trainer, steps) / steps for _ in range(repeats))
     finally:
         shutil.rmtree(trainer.run_dir, ignore_errors=True)
-    dtype = torch.bfloat16 if prec.bf16 else torch.float32
-    peak = matmul_peak(device, dtype=dtype)
+    peak = matmul_peak(device, dtype=torch.bfloat16 if prec.bf16 else torch.float32)
     achieved = flops / seconds
     return (f"{'search step FLOP/s (' + ('bf16' if prec.bf16 else 'fp32') + ')':<34} achieved "
             f"{achieved / 1e9:8.1f} GFLOP/s  matmul peak {peak / 1e9:8.1f} GFLOP/s  fraction {achieved / peak:5.2f}  "

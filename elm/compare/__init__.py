@@ -12,15 +12,5 @@ from .latency import measure_latency, measure_side_by_side
 from .report import plot_comparison, table_csv, table_markdown, write_comparison
 from .run import run_compare
 
-__all__ = [
-    "layer_params",
-    "measure_latency",
-    "measure_side_by_side",
-    "plot_comparison",
-    "random_arch",
-    "run_compare",
-    "table_csv",
-    "table_markdown",
-    "uniform_arch",
-    "write_comparison",
-]
+__all__ = ["layer_params", "measure_latency", "measure_side_by_side", "plot_comparison", "random_arch",
+           "run_compare", "table_csv", "table_markdown", "uniform_arch", "write_comparison"]

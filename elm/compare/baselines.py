@@ -15,6 +15,7 @@ only randomness is the ``rng`` passed in.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,23 +30,9 @@ def layer_params(arch: ArchConfig) -> int:
     return arch.num_parameters() - arch.embedding_parameters()
 
 
-def _like(like: ArchConfig, layers: list[LayerConfig]) -> ArchConfig:
-    return ArchConfig(hidden_size=like.hidden_size, embedding_size=like.embedding_size,
-                      vocab_size=like.vocab_size, max_positions=like.max_positions,
-                      type_vocab_size=like.type_vocab_size, causal=like.causal, layers=layers).validate()  # fmt: skip
-
-
 def uniform_arch(
-    params_target: int,
-    like: ArchConfig,
-    head_dim: int,
-    *,
-    max_heads: int | None = None,
-    ffn_step: int = 8,
-    ffn_max: int | None = None,
-    budget: int | None = None,
-    tolerance: float = 0.05,
-    ffn_ratio: float = 4.0,
+    params_target: int, like: ArchConfig, head_dim: int, *, max_heads: int | None = None, ffn_step: int = 8,
+    ffn_max: int | None = None, budget: int | None = None, tolerance: float = 0.05, ffn_ratio: float = 4.0,
 ) -> ArchConfig:
     """The BERT-shaped uniform model whose total params are within ``tolerance`` of
     ``params_target`` and whose layer params are <= ``budget``.
@@ -71,8 +58,9 @@ def uniform_arch(
     for heads in range(1, max_heads + 1):
         pick: tuple[int, int, ArchConfig] | None = None  # (error, ffn, arch) closest to the target
         for ffn in range(ffn_step, ffn_max + 1, ffn_step):
-            arch = _like(like, [LayerConfig("bert", num_heads=heads, head_dim=head_dim, ffn_dim=ffn,
-                                            share="none") for _ in range(depth)])  # fmt: skip
+            layers = [LayerConfig("bert", num_heads=heads, head_dim=head_dim, ffn_dim=ffn, share="none")
+                      for _ in range(depth)]
+            arch = replace(like, layers=layers).validate()
             if budget is not None and layer_params(arch) > budget:
                 break  # wider FFNs only add parameters
             error = abs(arch.num_parameters() - params_target)
@@ -128,34 +116,25 @@ def _moves(space: SpaceConfig, layer: LayerConfig, sign: int) -> list[dict[str, 
     return moves
 
 
-def random_arch(
-    space: SpaceConfig,
-    budget: int,
-    rng: np.random.Generator,
-    like: ArchConfig,
-    *,
-    min_params: int = 0,
-    max_tries: int = 2000,
-) -> ArchConfig:
+def random_arch(space: SpaceConfig, budget: int, rng: np.random.Generator, like: ArchConfig, *,
+                min_params: int = 0, max_tries: int = 2000) -> ArchConfig:
     """A random architecture of ``space`` with ``min_params <= layer params <= budget``.
 
-    Per layer, uniformly: a block type of ``space.blocks`` (an identity ``skip`` drops the layer),
-    a sharing mode of ``space.shares``,
-    ``1..max`` heads of ``space.head_dim`` and an FFN width the search can reach
-    (``ffn_init + k * ffn_unit <= ffn_max``); MobileBERT blocks use the space's bottleneck and
-    FFN count. Vocabulary, positions and causality come from ``like``. Draws are rejected until
-    one lands in the window (uniform over the feasible set); if ``max_tries`` draws miss, the
-    last one is moved into the window one random head / FFN step at a time.
+    Per layer, uniformly: a block type of ``space.blocks`` (an identity ``skip`` drops the layer), a
+    sharing mode of ``space.shares``, ``1..max`` heads of ``space.head_dim`` and an FFN width the
+    search can reach (``ffn_init + k * ffn_unit <= ffn_max``); MobileBERT blocks use the space's
+    bottleneck and FFN count. Vocabulary and positions come from ``like``, causality from ``space``.
+    Draws are rejected until one lands in the window (uniform over the feasible set); after
+    ``max_tries`` misses, the last draw is moved into it one random head / FFN step at a time.
     """
     space = space.validate()
     if min_params > budget:
         raise ValueError(f"min_params={min_params:,} is above the budget {budget:,}")
-    base = ArchConfig(hidden_size=space.hidden_size, embedding_size=space.embedding_size,
-                      vocab_size=like.vocab_size, max_positions=like.max_positions,
-                      type_vocab_size=like.type_vocab_size, causal=space.causal)  # fmt: skip
+    base = replace(like, hidden_size=space.hidden_size, embedding_size=space.embedding_size,
+                   causal=space.causal)
 
     def build(layers: list[LayerConfig]) -> ArchConfig:  # a skipped (identity) layer is no layer
-        return _like(base, [layer for layer in layers if not family(layer.block).identity])
+        return replace(base, layers=[x for x in layers if not family(x.block).identity]).validate()
 
     layers: list[LayerConfig] = []
     for _ in range(max(1, max_tries)):
@@ -186,6 +165,4 @@ def random_arch(
 
 
 def _replace(layers: list[LayerConfig], i: int, move: dict[str, Any]) -> list[LayerConfig]:
-    out = list(layers)
-    out[i] = LayerConfig(**{**vars(layers[i]), **move})
-    return out
+    return [replace(layer, **move) if j == i else layer for j, layer in enumerate(layers)]

@@ -50,10 +50,7 @@ def measure_side_by_side(models: Mapping[str, nn.Module], batch: int = 1, seq_le
     """``{name: median ms}`` for each model, timed in interleaved rounds on the same inputs shape."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    inputs = {}
-    for name, model in models.items():
-        model.eval()
-        inputs[name] = _inputs(model, batch, seq_len)
+    inputs = {name: _inputs(model.eval(), batch, seq_len) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(max(0, warmup)):

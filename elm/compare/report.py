@@ -50,9 +50,8 @@ def _tasks(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for row in rows:
         for task, res in (row.get("tasks") or {}).items():
-            names = list(
-                res.get("metrics") or [k for k in res.get("mean", {}) if k not in ("score", "eval_loss")]
-            )
+            names = list(res.get("metrics") or [k for k in res.get("mean", {})
+                                                 if k not in ("score", "eval_loss")])
             out.setdefault(task, names + (["score"] if len(names) > 1 else []))
     return out
 
@@ -91,15 +90,8 @@ def speedup(row: Mapping[str, Any], teacher: Mapping[str, Any] | None, batch: st
 
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     tasks, lat, teacher = _tasks(rows), _latency_keys(rows), _teacher(rows)
-    header = [
-        "model",
-        "arch",
-        "params",
-        "layer_params",
-        *(f"latency_b{k}_ms" for k in lat),
-        "val_loss",
-        "val_ppl",
-    ]
+    header = ["model", "arch", "params", "layer_params", *(f"latency_b{k}_ms" for k in lat),
+              "val_loss", "val_ppl"]
     header += [f"{task_label(t)}_{m}_{s}" for t, ms in tasks.items() for m in ms for s in ("mean", "std")]
     if teacher is not None:
         header += [f"speedup_b{k}" for k in lat] + [f"{task_label(t)}_{ms[-1]}_of_teacher" for t, ms in tasks.items()]
@@ -171,16 +163,8 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
                         label=str(row.get("model", i)))  # fmt: skip
             drawn += 1
         if not drawn:
-            ax.text(
-                0.5,
-                0.5,
-                "no data",
-                ha="center",
-                va="center",
-                fontsize=16,
-                color="0.4",
-                transform=ax.transAxes,
-            )
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=16, color="0.4",
+                    transform=ax.transAxes)
         else:
             ax.legend(fontsize=8, loc="best")
         ax.set_xlabel("parameters (M)")
@@ -192,9 +176,8 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path, title: 
     return save_figure(fig, path)
 
 
-def write_comparison(
-    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: str = ""
-) -> dict[str, Path]:
+def write_comparison(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
+                     title: str = "") -> dict[str, Path]:
     """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out_dir``."""
     out_dir = Path(out_dir)
     return {

@@ -1,26 +1,17 @@
 """``run_compare(cfg, run_dir)``: the searched model against baselines at equal budget (method doc, §7).
 
-Reads like the procedure:
+Reads like the procedure (each step in full: docs/evaluate.md, "Compare at equal budget"):
 
-1. the searched arch (``search_dir/arch.json``), its layer budget (``pareto.json``) and the search
-   space (``search_state.pt``'s ``"space"``);
-2. baselines under the same budget (:mod:`elm.compare.baselines`): a uniform BERT-tiny-shaped model
-   with the searched model's parameters (±5%), ``random.n`` random archs of the space, and the
-   ``teacher_slice`` (:mod:`elm.compare.slice`: the teacher's own most important heads and neurons
-   down to the searched model's layer parameters, no search);
-3. retrain every model with the SAME config (``elm.retrain.retrain``): the searched arch from the
-   supernet's weights (``searched``) and from scratch (``scratch``: the init effect), the slice from
-   its teacher weights, the other baselines from scratch; the best random arch is the one with the
-   lowest validation MLM loss;
+1. the searched arch, its layer budget (``pareto.json``) and the search space;
+2. baselines under the same budget (:mod:`elm.compare.baselines`, :mod:`elm.compare.slice`);
+3. retrain every model with the SAME config: the searched arch from the supernet's weights
+   (``searched``) and from scratch (``scratch``), the slice from its teacher weights, the others
+   from scratch; the best random arch is the one with the lowest validation MLM loss;
 4. latency of every row and of the teacher, measured side by side (:mod:`elm.compare.latency`);
-5. fine-tune every row, and the ``teacher`` itself, on every task with the same seeds and settings
-   (``elm.finetune.run_finetune``; with ``finetune.train.lr_sweep`` each model picks its learning
-   rate on held-out training rows first); with ``task_distill.enabled`` the rows named in
-   ``task_distill.models`` are also task-distilled (``elm.distill_task``: same budget and seeds,
-   the learning rate plain fine-tuning picked for that model and task, no second sweep) from the
-   teacher fine-tuned on the task, as column ``<task>+kd``;
-6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`: accuracy as a fraction of the
-   teacher's, latency as a speed-up over it) and ``DONE``.
+5. fine-tune every row, and the ``teacher``, on every task with the same seeds and settings; with
+   ``task_distill.enabled`` the rows of ``task_distill.models`` are also task-distilled (at the
+   learning rate plain fine-tuning picked for them), as column ``<task>+kd``;
+6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`) and ``DONE``.
 
 Run dir layout: ``retrain/<model>/`` (checkpoint, export ``model/``), ``finetune/<model>/<task>/``
 (``results.json``). With ``resume=true`` finished sub-runs found there are reused, after
@@ -38,17 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..finetune.checkpoint import check_same_run
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig, SpaceConfig
-from ..utils.io import DONE_FILE, atomic_write_json, read_json
+from ..utils.hub import load_tokenizer
+from ..utils.io import DONE_FILE, atomic_write_json, load_checkpoint, read_json
 from ..utils.runtime import resolve_device
 from ..utils.settings import compose_config
 from .baselines import layer_params, random_arch, uniform_arch
 from .latency import measure_side_by_side
 from .report import KD_SUFFIX, task_label, write_comparison
-from .slice import slice_arch
+from .slice import slice_arch, teacher_slice
 
 log = logging.getLogger("elm.compare")
 RESULT_KEYS = ("metrics", "mean", "std", "per_seed", "train_size", "eval_size", "time_s", "params", "lr", "lr_sweep")
@@ -81,9 +75,8 @@ def load_search(cfg: DictConfig) -> tuple[Path, ArchConfig, SpaceConfig, int, st
         budget, source = (int(match[0][1]["budget"]), f"pareto.json:{match[0][0]}") if match else \
             (layer_params(arch), "searched arch (no pareto.json entry)")  # fmt: skip
     if layer_params(arch) > budget:
-        raise ValueError(
-            f"the searched arch has {layer_params(arch):,} layer params, above the budget {budget:,}"
-        )
+        raise ValueError(f"the searched arch has {layer_params(arch):,} layer params, "
+                         f"above the budget {budget:,}")
     return search_dir, arch, space, budget, source, loss
 
 
@@ -92,10 +85,7 @@ def candidate_archs(
 ) -> dict[str, ArchConfig]:
     """Every arch to retrain: the searched one (twice), the uniform one, ``random_<i>``, the slice."""
     models = list(cfg.models)
-    archs: dict[str, ArchConfig] = {}
-    for name in ("searched", "scratch"):
-        if name in models:
-            archs[name] = arch
+    archs = {name: arch for name in ("searched", "scratch") if name in models}
     if "uniform" in models:
         archs["uniform"] = uniform_arch(arch.num_parameters(), like=arch, head_dim=space.head_dim,
                                         budget=budget, tolerance=cfg.uniform.tolerance,
@@ -136,7 +126,6 @@ def _check_finished_retrain(retrain_cfg: DictConfig, out: Path) -> None:
     fingerprint), so a resumed comparison never mixes rows trained two ways."""
     from ..retrain.run import STATE_FILE
     from ..utils.fingerprint import check_fingerprint, fingerprint
-    from ..utils.io import load_checkpoint
 
     state_path = out / STATE_FILE
     if state_path.is_file():
@@ -149,8 +138,6 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
     """(``resume=true``) Before anything is written: every finished retrain, fine-tuning and task
     distillation found in ``run_dir`` must have run with the settings asked for now; otherwise one
     line names the changed key and the finished comparison stays as it was."""
-    from ..finetune.checkpoint import check_same_run
-
     for name in names:
         if (run_dir / "retrain" / name / DONE_FILE).is_file():
             _check_finished_retrain(retrain_cfg, run_dir / "retrain" / name)
@@ -172,13 +159,10 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
 
 def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
     """The teacher slice's weights, saved once (``<out>/init``) for its retrain to start from."""
-    import torch
-
     from ..data.collate import sample_batches
     from ..data.corpus import load_corpus
     from ..modeling import ElmForMaskedLM
     from ..teacher import load_teacher
-    from .slice import teacher_slice
 
     path = out / "init"
     if (path / "config.json").is_file():
@@ -199,9 +183,8 @@ def distill_config(cfg: DictConfig, ft: DictConfig, model_dir: str, teacher: str
     """The ``elm.distill_task`` config of one row and task: that task's fine-tuning settings (the same
     budget as plain fine-tuning), then ``task_distill``'s loss / augmentation / teacher settings; one
     fine-tuned teacher per task is shared by every row (``<run dir>/distill_teacher``)."""
-    own = OmegaConf.to_container(cfg.task_distill, resolve=True)
-    own.pop("enabled", None)
-    own.pop("models", None)
+    own = {k: v for k, v in OmegaConf.to_container(cfg.task_distill, resolve=True).items()
+           if k not in ("enabled", "models")}
     settings = {k: v for k, v in OmegaConf.to_container(ft).items() if k not in ("model", "tokenizer")}
     dcfg = OmegaConf.merge(compose_config("distill_task", [], settings), own)
     dcfg.student, dcfg.model, dcfg.teacher.name = model_dir, model_dir, teacher
@@ -213,9 +196,8 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
     """Models, tasks and latency settings, before any (long) retraining."""
     bad = [m for m in cfg.models if m not in MODELS]
     if bad or not cfg.models:
-        raise ValueError(
-            f"models={list(cfg.models)} has unknown/no entries {bad}; valid: {', '.join(MODELS)}"
-        )
+        raise ValueError(f"models={list(cfg.models)} has unknown/no entries {bad}; "
+                         f"valid: {', '.join(MODELS)}")
     if not cfg.tasks:
         raise ValueError("tasks is empty; give at least one fine-tuning task (e.g. tasks=[bbc])")
     for what, sub in (("retrain", retrain_cfg), ("finetune", ft_cfg)):  # every row would push to one repo
@@ -224,8 +206,6 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
                              f"one repo); drop it and push a chosen row with elm.retrain / elm.finetune")  # fmt: skip
     if any(b < 1 for b in cfg.latency.batch_sizes) or cfg.latency.seq_len < 1 or cfg.latency.repeats < 1:
         raise ValueError("latency.batch_sizes, latency.seq_len and latency.repeats must be >= 1")
-    from ..utils.hub import load_tokenizer
-
     tokenizer = load_tokenizer(retrain_cfg.teacher.name)
     if any(m in cfg.models for m in ("teacher", "teacher_slice")) and retrain_cfg.teacher.get("causal"):
         raise ValueError("models teacher/teacher_slice compare against an encoder teacher; drop them for causal runs")
@@ -327,9 +307,8 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     rows = []
     for model in cfg.models:
         if model == "teacher":
-            facts = teacher_facts(teacher)
-            row = {"model": "teacher", "arch": f"{teacher.num_layers}L teacher ({teacher.name})", **facts,
-                   "model_dir": retrain_cfg.teacher.name}  # fmt: skip
+            row = {"model": "teacher", "arch": f"{teacher.num_layers}L teacher ({teacher.name})",
+                   **teacher_facts(teacher), "model_dir": retrain_cfg.teacher.name}  # fmt: skip
         else:
             name = rows_archs[model]
             a, r = archs[name], retrained[name]
@@ -368,7 +347,6 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def teacher_classifier(teacher):
     """A sequence classifier of the teacher's shape, for latency (weights do not change the time)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     config = teacher.model.config.__class__.from_dict(teacher.model.config.to_dict())
@@ -381,8 +359,6 @@ def measure_rows(archs: dict[str, ArchConfig], lat: DictConfig, extra: dict | No
     """``{batch: {model: median ms}}``: sequence-classification models built from the archs (weights
     do not change the time) and the ready models of ``extra``, all timed in the same interleaved
     rounds on ``latency.device``."""
-    import torch
-
     from ..modeling import ElmForSequenceClassification, config_from_arch
 
     device = resolve_device(str(lat.device))

@@ -13,8 +13,9 @@ one-candidate supernet of BERT blocks), so the two rows differ only by what the 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from ..space import ArchConfig, LayerConfig
+from ..space import ArchConfig, LayerConfig, SpaceConfig
 from ..space.arch import layer_parameters
 
 
@@ -44,15 +45,12 @@ def slice_arch(like: ArchConfig, target: int, teacher) -> ArchConfig:
     ffn = int(teacher.model.config.intermediate_size)
     h, w = slice_shape(target, teacher.hidden_size, head_dim, teacher.num_heads, ffn, like.num_layers)
     layers = [LayerConfig("bert", num_heads=h, head_dim=head_dim, ffn_dim=w) for _ in range(like.num_layers)]
-    return ArchConfig(hidden_size=teacher.hidden_size, embedding_size=like.embedding_size, vocab_size=like.vocab_size,
-                      max_positions=like.max_positions, type_vocab_size=like.type_vocab_size, causal=like.causal,
-                      layers=layers).validate()  # fmt: skip
+    return replace(like, hidden_size=teacher.hidden_size, layers=layers).validate()
 
 
 def teacher_slice(teacher, arch: ArchConfig, batches, model_cls, **config_kwargs):
     """A ``model_cls`` of ``arch`` (from :func:`slice_arch`) holding the teacher's most important heads
     and neurons, inherited on ``batches`` (corpus batches for the importance statistics)."""
-    from ..space import SpaceConfig
     from ..supernet import Supernet, extract
     from ..supernet.inherit import inherit_supernet
 
