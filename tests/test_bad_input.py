@@ -66,6 +66,7 @@ CASES = [
     ("finetune", ["model=default", "train.lr_sweeep=[1e-3]"], "train.lr_sweeep"),
     ("distill_task", ["student=default", "kd.sof=1"], "kd.sof"),
     ("distill_task", ["student=default", "augment.n=0"], "augment.n=0"),
+    ("distill_task", ["student=default", "train.lr=-1"], "train.lr=-1"),
     ("finetune", ["model={truncated}"], "is truncated or corrupt"),
     ("search", ["teacher.name={truncated}"], "is truncated or corrupt"),
     ("compare", ["search_dir=/no/such/run", "modles=[searched]"], "modles"),

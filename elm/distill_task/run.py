@@ -42,6 +42,7 @@ from ..finetune.run import (
     resolve_model,
     run_finetune,
 )
+from ..finetune.settings import check_finetune_settings
 from ..utils.fingerprint import digest
 from ..utils.hub import load_tokenizer, quiet_transformers
 from ..utils.io import replace_dir
@@ -72,6 +73,7 @@ def check_inputs(cfg: DictConfig) -> dict[str, Any]:
     """Every setting and input of the run, before the teacher is fine-tuned or any data prepared."""
     if OmegaConf.is_missing(cfg, "student") or cfg.student in (None, ""):
         raise ValueError("student=<dir> is required: an exported elm student (retrain output) or any HF encoder dir")
+    check_finetune_settings(cfg)  # the student's own training, before the teacher is fine-tuned
     kd, augment = kd_weights(cfg), check_augment(cfg)  # settings first, then files
     seed = cfg.teacher_finetune.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
