@@ -5,9 +5,10 @@
 #   training rows, 3 seeds) of those and of the teacher on BBC, and on SST-2 when ../shared/data/sst2
 #   exists; the searched student is also task-distilled from the teacher fine-tuned on each task ->
 #   comparison table + PNG (accuracy as a fraction of the teacher's, speed-up over it).
-#   Measured on 2 shared CPU cores: search ~10 min, each retrain ~15 min, each fine-tuning ~5-15 min,
-#   the teacher's fine-tuning for task distillation ~16 min on SST-2 (about 3.5 h with SST-2;
-#   SST2=none skips it).
+#   With SST2=none (BBC only): 27.5 min on 2 idle cores with AMX (2026-12-03; search 2 min, 4 retrains
+#   9 min, fine-tuning 5 models x (3-rate sweep + 3 seeds) 14 min, of it the teacher's 6.5 min, task
+#   distillation 2.5 min: docs/benchmarks.md). With SST-2 (4,000 sentences per run) about 3.5 h on
+#   the slower machines of earlier sessions.
 #
 #   scripts/pipeline.sh [extra overrides for the search]       OUT=<dir> sets the output folder
 #   DRY_RUN=1 scripts/pipeline.sh                                prints the commands only
