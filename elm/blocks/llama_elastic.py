@@ -21,7 +21,7 @@ from ..modeling.modeling_elm import Dropout, ElmLayer, attention_bias
 from ..modeling.modeling_elm_llama import RMSNorm, group_of, grouped_attention
 from ..space import LayerConfig
 from ..supernet.elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear
-from ..supernet.extract import _copy_attention, _copy_linear
+from ..supernet.extract import copy_attention, copy_linear
 from ..supernet.inherit import fit_linear
 
 EPS = 1e-12  # ElmConfig.layer_norm_eps's default, which the exported layer's RMSNorms take
@@ -107,11 +107,11 @@ class LlamaCandidate(CandidateBlock):
     @torch.no_grad()
     def copy_into(self, dst: nn.Module) -> None:
         """The active slices into an exported llama layer (``ElmGroupedAttention`` + ``ElmSwiGLU``)."""
-        _copy_attention(dst.attention, self.attention)
+        copy_attention(dst.attention, self.attention)
         ffn, to, h = self.ffns[0], dst.ffns[0], self.hidden_size
-        _copy_linear(to.gate, ffn.gate, ffn.active_dim, h)
-        _copy_linear(to.up, ffn.up, ffn.active_dim, h)
-        _copy_linear(to.down, ffn.down, h, ffn.active_dim)
+        copy_linear(to.gate, ffn.gate, ffn.active_dim, h)
+        copy_linear(to.up, ffn.up, ffn.active_dim, h)
+        copy_linear(to.down, ffn.down, h, ffn.active_dim)
         to.norm.load_state_dict(ffn.norm.state_dict())
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ its newest complete checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -216,9 +217,14 @@ def plan_run(cfg: DictConfig, run_dir: Path, seeds: list[int], model_path: str) 
     ``finished`` (a complete results.json for these seeds, returned as is). Refuses an unfinished
     run dir without ``resume=true``; on resume deletes half-written and finished seeds' checkpoints."""
     path = run_dir / RESULTS_FILE
-    stored = read_json(path) if path.is_file() else None
-    if path.is_file() and not isinstance((stored or {}).get("per_seed"), list):
-        raise ValueError(f"{path} is corrupt or unreadable; remove it or choose another hydra.run.dir")
+    stored = None
+    if path.is_file():  # an OSError (e.g. permissions) propagates as itself: the file may be intact
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict) or not isinstance(stored.get("per_seed"), list):
+            raise ValueError(f"{path} is corrupt or unreadable; remove it or choose another hydra.run.dir")
     leftovers = sorted(run_dir.glob("seed*/checkpoint-*"))
     fresh: dict[str, Any] = {"done": [], "checkpoints": {}, "time_s": 0.0, "finished": None}
     if not cfg.get("resume", False):

@@ -16,16 +16,18 @@ from .elastic import CandidateBlock, ElasticAttention, ElasticLinear
 from .supernet import Supernet
 
 
-def _copy_linear(dst: nn.Linear, src: ElasticLinear, out_features: int, in_features: int) -> None:
+def copy_linear(dst: nn.Linear, src: ElasticLinear, out_features: int, in_features: int) -> None:
+    """The active ``[out_features, in_features]`` slice of ``src`` into ``dst`` (families' copy hooks use it)."""
     dst.weight.copy_(src.weight[:out_features, :in_features])
     dst.bias.copy_(src.bias[:out_features])
 
 
-def _copy_attention(dst, src: ElasticAttention) -> None:
+def copy_attention(dst, src: ElasticAttention) -> None:
+    """The active heads of ``src`` (fused QKV, output, norm) into a static attention module."""
     w, b = src.qkv_weight()
     dst.qkv.weight.copy_(w)
     dst.qkv.bias.copy_(b)
-    _copy_linear(dst.out, src.out, src.dim, src.active_heads * src.head_dim)
+    copy_linear(dst.out, src.out, src.dim, src.active_heads * src.head_dim)
     dst.norm.load_state_dict(src.norm.state_dict())
 
 
@@ -38,15 +40,15 @@ def copy_candidate(dst: ElmLayer, src: CandidateBlock) -> None:
         return
     if src.bottleneck:
         h, b = src.hidden_size, src.bottleneck_size
-        _copy_linear(dst.bottleneck_in, src.bottleneck_in, b, h)
-        _copy_linear(dst.bottleneck_out, src.bottleneck_out, h, b)
+        copy_linear(dst.bottleneck_in, src.bottleneck_in, b, h)
+        copy_linear(dst.bottleneck_out, src.bottleneck_out, h, b)
         dst.norm_in.load_state_dict(src.norm_in.state_dict())
         dst.norm_out.load_state_dict(src.norm_out.state_dict())
-    _copy_attention(dst.attention, src.attention)
+    copy_attention(dst.attention, src.attention)
     for d, s in zip(dst.ffns, src.ffns, strict=True):
         width = s.up.weight.shape[1]
-        _copy_linear(d.up, s.up, s.active_dim, width)
-        _copy_linear(d.down, s.down, width, s.active_dim)
+        copy_linear(d.up, s.up, s.active_dim, width)
+        copy_linear(d.down, s.down, width, s.active_dim)
         d.norm.load_state_dict(s.norm.state_dict())
 
 

@@ -114,11 +114,12 @@ def read_teacher(teacher) -> tuple[TeacherEmbeddings, list[TeacherLayer]]:
     heads, out = int(config.num_attention_heads), []
     for layer in layers:
         att = layer.attention
-        # q, k, v, o, ln1, up, down, ln2: TeacherLayer's (weight, bias) fields, in order
-        modules = (att.self.query, att.self.key, att.self.value, att.output.dense, att.output.LayerNorm,
-                   layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)  # fmt: skip
-        tensors = [_f32(t) for m in modules for t in (m.weight, m.bias)]
-        out.append(TeacherLayer(*tensors, num_heads=heads, eps=float(att.output.LayerNorm.eps)))
+        modules = {"q": att.self.query, "k": att.self.key, "v": att.self.value, "o": att.output.dense,
+                   "ln1": att.output.LayerNorm, "up": layer.intermediate.dense, "down": layer.output.dense,
+                   "ln2": layer.output.LayerNorm}  # fmt: skip
+        tensors = {f"{name}_{p}": _f32(getattr(m, w)) for name, m in modules.items()
+                   for p, w in (("w", "weight"), ("b", "bias"))}  # fmt: skip
+        out.append(TeacherLayer(**tensors, num_heads=heads, eps=float(att.output.LayerNorm.eps)))
     token_type = getattr(emb, "token_type_embeddings", None)
     embeddings = TeacherEmbeddings(
         word=_f32(emb.word_embeddings.weight),

@@ -1,7 +1,7 @@
 """One training scaffold for elm's own loops (the search and the retraining).
 
 [project decision] The causal teacher's and MiniLLM's loops are not built on it: they are step
-budgets under a wall-clock limit that is re-planned after a few calibration steps
+budgets that may end early at a wall-clock limit, the schedule following the run's progress
 (:class:`elm.causal.common.StepBudget`), with no epochs and no resume, so they share only the
 optimiser (:func:`elm.utils.optim.configure_optimizer`) and the step's end (:func:`clip_and_step`).
 
@@ -22,6 +22,15 @@ hooks (:class:`TrainLoop`):
   rank's RNG state, saved atomically (epoch ends on a background thread:
   :class:`elm.utils.io.BackgroundSaver`), every ``checkpoint_every`` steps and on SIGTERM
   (:mod:`elm.utils.preempt`).
+
+The epoch::
+
+    for each step of the epoch (resumed mid-epoch: from the saved step on):
+        values = trainer.train_step(micro-batches)   # forward + backward per micro-batch (accumulate),
+                                                    # then optimizer_step(): clip, AdamW, refresh, schedule
+        running sums; progress bar; per-step log every ``log_every`` steps; checkpoint if due
+    record = trainer.epoch_record(mean of the epoch's values)   # validation, analysis, ...
+    history += record; checkpoint (written while the next epoch trains); metrics.jsonl
 """
 
 from __future__ import annotations
