@@ -84,21 +84,6 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), load_tokenizer(resolved)
 
 
-def load_causal_corpus(cfg, tokenizer):
-    """``load_corpus`` of ``cfg.data`` (with ``cfg.seed``): packed train/validation blocks."""
-    from ..data.corpus import load_corpus
-
-    d = cfg.data
-    return load_corpus(d.source, tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction, seed=cfg.seed,
-                       max_docs=d.get("max_docs"))
-
-
-def max_positions(model) -> int | None:
-    """The positions ``model`` can attend over (``max_position_embeddings`` or GPT-2's ``n_positions``)."""
-    c = model.config
-    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-
-
 def num_parameters(model) -> dict[str, int]:
     """All parameters (tied weights once) and those without the embeddings' vocabulary rows."""
     total = sum(p.numel() for p in model.parameters())

@@ -132,11 +132,11 @@ def generate(
     """
     from transformers import StoppingCriteriaList
 
-    from .common import max_positions
+    from ..utils.hub import max_positions
     from .prompts import encode_prompt
     from .rollout import left_pad
 
-    limit = max_positions(model)
+    limit = max_positions(model.config)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -178,13 +178,14 @@ def evaluate_model(model, tokenizer, cfg, *, corpus=None, prompts=None, device="
     ``corpus`` (a ``DatasetDict`` from ``load_corpus``) and ``prompts`` (from
     ``elm.causal.prompts.load_prompts``) may be passed in to share them between models.
     """
-    from .common import load_causal_corpus, num_parameters
+    from ..data.corpus import load_corpus_of
+    from .common import num_parameters
     from .prompts import load_prompts
 
     e = cfg.eval
     t0 = time.perf_counter()
     if corpus is None:
-        corpus = load_causal_corpus(cfg, tokenizer)
+        corpus = load_corpus_of(cfg, tokenizer)
     ppl = perplexity(model, corpus["validation"], tokenizer, batch_size=e.batch_size,
                      max_batches=e.get("ppl_batches"), device=device)  # fmt: skip
     t1 = time.perf_counter()

@@ -64,11 +64,12 @@ from tqdm.auto import tqdm
 from ..distill.losses import forward_kl, reverse_kl
 from ..train import clip_and_step
 from ..utils.cli import hydra_command
+from ..utils.hub import max_positions
 from ..utils.io import DONE_FILE, atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast
 from ..utils.settings import check_choice
-from .common import StepBudget, max_positions, set_threads
+from .common import StepBudget, set_threads
 from .prompts import encode_pair, encode_prompt, end_ids
 from .rollout import logits, minillm_loss, newline_ids, sample_rollouts, teacher_forced_kl
 from .settings import MINILLM_DATA, OBJECTIVES
@@ -161,7 +162,7 @@ def distil(student, teacher, tokenizer, prompts, m: Any, *, corpus=None, respons
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     longest = m.max_prompt_tokens + max(m.max_new_tokens, m.max_response_tokens)
     for model in (student, teacher):
-        if (limit := max_positions(model)) is not None and longest > limit:
+        if (limit := max_positions(model.config)) is not None and longest > limit:
             raise ValueError(f"minillm.max_prompt_tokens + max_new_tokens/max_response_tokens = {longest} exceeds "
                              f"the {limit} positions of {type(model).__name__}")  # fmt: skip
     student.to(device).eval()  # dropout off throughout (see the module docstring)
@@ -289,10 +290,11 @@ def student_card(info: dict[str, Any]) -> str:
 
 def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=None) -> dict[str, Any]:
     """Load student and teacher, distil with ``cfg.minillm``, export; returns the info dict (+ ``model_dir``)."""
+    from ..data.corpus import load_corpus_of
     from ..teacher import check_vocab, load_teacher
     from ..utils.logging import RunLogger
     from ..utils.runtime import resolve_device, seed_everything
-    from .common import load_causal_corpus, load_causal_lm
+    from .common import load_causal_lm
     from .prompts import load_prompts
     from .settings import check_minillm_settings
 
@@ -311,7 +313,7 @@ def run_minillm(cfg: DictConfig, run_dir: str | Path, *, prompts=None, corpus=No
     if prompts is None:
         prompts = load_prompts(cfg.prompts)
     if corpus is None and (m.pt_coef > 0 or (m.objective != "minillm" and m.data == "corpus")):
-        corpus = load_causal_corpus(cfg, tokenizer)
+        corpus = load_corpus_of(cfg, tokenizer)
     logger = RunLogger.for_run(run_dir, cfg.logger, OmegaConf.to_container(m, resolve=True))
     try:
         result = distil(student, teacher.model, tokenizer, prompts, m, corpus=corpus,

@@ -184,8 +184,9 @@ def stage_minillm(
 def stage_evaluate(
     cfg: DictConfig, run_dir: Path, models: dict[str, str], prompts
 ) -> dict[str, dict[str, Any]]:
+    from ..data.corpus import load_corpus_of
     from ..utils.runtime import resolve_device, seed_everything
-    from .common import load_causal_corpus, load_causal_lm
+    from .common import load_causal_lm
     from .evaluate import evaluate_model
 
     device = resolve_device(cfg.device)
@@ -198,7 +199,7 @@ def stage_evaluate(
         seed_everything(cfg.seed)
         model, tokenizer = load_causal_lm(path, device)
         if corpus is None:  # every model shares the teacher's tokenizer, hence the blocks
-            corpus = load_causal_corpus(cfg, tokenizer)
+            corpus = load_corpus_of(cfg, tokenizer)
         result = evaluate_model(model, tokenizer, cfg, corpus=corpus, prompts=prompts, device=device)
         results[name] = {"model": path, **result}
         atomic_write_json(target, results[name])

@@ -44,7 +44,7 @@ from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
 from ..utils.runtime import autocast, resolve_device, seed_everything
 from ..utils.settings import compose_config
-from .common import StepBudget, load_causal_corpus, move, set_threads
+from .common import StepBudget, move, set_threads
 from .evaluate import perplexity
 from .settings import check_teacher_settings
 
@@ -230,7 +230,9 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, cfg.seed)
-    data = load_causal_corpus(cfg, tokenizer)
+    from ..data.corpus import load_corpus_of
+
+    data = load_corpus_of(cfg, tokenizer)
     if len(data["train"]) < cfg.train.batch_size:
         raise ValueError(
             f"the training split has {len(data['train'])} blocks, fewer than one batch of {cfg.train.batch_size}"

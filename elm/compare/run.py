@@ -160,7 +160,7 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
 def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
     """The teacher slice's weights, saved once (``<out>/init``) for its retrain to start from."""
     from ..data.collate import sample_batches
-    from ..data.corpus import load_corpus
+    from ..data.corpus import load_corpus_of
     from ..modeling import ElmForMaskedLM
     from ..teacher import load_teacher
 
@@ -168,9 +168,7 @@ def _write_slice(retrain_cfg: DictConfig, arch: ArchConfig, out: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     teacher = load_teacher(retrain_cfg.teacher.name, causal=retrain_cfg.teacher.get("causal"))
-    d = retrain_cfg.data
-    data = load_corpus(d.source, teacher.tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction,
-                       seed=retrain_cfg.seed, max_docs=d.get("max_docs"))  # fmt: skip
+    data = load_corpus_of(retrain_cfg, teacher.tokenizer)
     batches = sample_batches(data["train"], retrain_cfg.seed, 4, 8)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(retrain_cfg.seed)

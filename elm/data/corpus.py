@@ -382,3 +382,11 @@ def load_corpus(
 
     install_dir(target, lambda tmp: splits.save_to_disk(str(tmp)), "dataset_dict.json")
     return load_from_disk(str(target))
+
+
+def load_corpus_of(cfg: Any, tokenizer: Any) -> DatasetDict:
+    """:func:`load_corpus` of a stage config's ``data`` node (source, seq_len, val_fraction,
+    max_docs) with its top-level ``seed``: what every stage trains and validates on."""
+    d = cfg.data
+    return load_corpus(d.source, tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction, seed=cfg.seed,
+                       max_docs=d.get("max_docs"))

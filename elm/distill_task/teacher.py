@@ -30,6 +30,7 @@ from ..finetune.checkpoint import RESULTS_FILE
 from ..finetune.run import run_finetune
 from ..utils.cli import finished_work
 from ..utils.fingerprint import digest
+from ..utils.hub import classifier_head
 from ..utils.io import atomic_write_json
 from ..utils.runtime import dist_info
 
@@ -62,8 +63,7 @@ def finetuned_for(path: str, config: Any, task: TaskData) -> bool:
     True: a classifier head with the task's label count (and, where elm wrote ``elm_task.json``,
     the same task and label names). False: no classifier head (a pretrained encoder to fine-tune).
     """
-    archs = getattr(config, "architectures", None) or []
-    labels = int(config.num_labels) if any(a.endswith("ForSequenceClassification") for a in archs) else None
+    labels = int(config.num_labels) if classifier_head(getattr(config, "architectures", None)) else None
     record = read_task_record(path)
     if record is not None:
         if task_key(record.get("task", "")) != task_key(task.name) or record.get("label_names") != task.label_names:

@@ -38,7 +38,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
-from ..utils.hub import load_tokenizer, push_model, quiet_transformers, reach_hub, resolve_model_path
+from ..utils.hub import (
+    classifier_head,
+    load_tokenizer,
+    max_positions,
+    push_model,
+    quiet_transformers,
+    reach_hub,
+    resolve_model_path,
+)
 from ..utils.io import atomic_write_json, atomic_write_text, check_weight_files
 from ..utils.logging import RunLogger
 from ..utils.precision import resolve_precision
@@ -107,15 +115,13 @@ def check_compatible(
             f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab}; use the tokenizer the model was trained with (tokenizer=<dir>)"
         )
-    sizes = (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions", "max_positions"))
-    positions = next((size for size in sizes if isinstance(size, int) and size > 0), None)
+    positions = max_positions(config)
     if positions is not None and max_length > positions:
         raise ValueError(f"data.max_length={max_length} exceeds the model's {positions} positions")
-    archs = getattr(config, "architectures", None) or []
-    heads = [a for a in archs if a.endswith("ForSequenceClassification")]
-    if heads and config.num_labels != num_labels and not reinit_head:
+    head = classifier_head(getattr(config, "architectures", None))
+    if head and config.num_labels != num_labels and not reinit_head:
         raise ValueError(
-            f"model has a {config.num_labels}-label classifier ({heads[0]}) but the task has {num_labels} "
+            f"model has a {config.num_labels}-label classifier ({head}) but the task has {num_labels} "
             "label(s); pass reinit_head=true to train a fresh head"
         )
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..utils.hub import classifier_head
+
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -35,8 +37,7 @@ def load_for_export(model_dir: str | Path) -> tuple[torch.nn.Module, str]:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         raise ValueError(f"{model_dir} is not an exported model dir (no config.json)")
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    if classifier_head(json.loads(config.read_text()).get("architectures")):
         return AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), "logits"
     return AutoModel.from_pretrained(model_dir).eval(), "last_hidden_state"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.corpus import load_corpus
+from ..data.corpus import load_corpus_of
 from ..distill.losses import hidden_loss
 from ..modeling import ElmForCausalLM, ElmForMaskedLM, config_from_arch
 from ..space import ArchConfig, ArchError
@@ -115,8 +115,7 @@ def retrain(
 
     teacher = load_teacher(cfg.teacher.name, causal=cfg.teacher.get("causal"), device=device)
     check_inputs(cfg, arch, teacher)
-    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
-                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    data = load_corpus_of(cfg, teacher.tokenizer)
     model_cls = ElmForCausalLM if arch.causal else ElmForMaskedLM
     tok = teacher.tokenizer
     config_kwargs = dict(hidden_dropout_prob=r.dropout, attention_probs_dropout_prob=r.dropout,

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.corpus import load_corpus
+from ..data.corpus import load_corpus_of
 from ..space import ArchConfig, SpaceConfig
 from ..teacher import load_teacher
 from ..train import LoopConfig
@@ -70,8 +70,7 @@ def run_search(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     reference = budget_reference(space, s.get("budget_reference", "space"), teacher, cka.min_heads)
     budgets = resolve_budgets(dict(s.budgets), reference)
     check_budgets(space, budgets, cka.min_heads)  # before loading data or training anything
-    data = load_corpus(cfg.data.source, teacher.tokenizer, seq_len=cfg.data.seq_len,
-                       val_fraction=cfg.data.val_fraction, seed=cfg.seed, max_docs=cfg.data.get("max_docs"))  # fmt: skip
+    data = load_corpus_of(cfg, teacher.tokenizer)
     resuming = state is not None
     logger = None
     if rank == 0:

@@ -98,6 +98,19 @@ def gpt2_tokenizer_path() -> str:
     return str(install_dir(target, lambda tmp: tokenizer.save_pretrained(str(tmp)), "tokenizer_config.json"))
 
 
+def classifier_head(architectures: list[str] | None) -> str | None:
+    """The sequence-classification class among a checkpoint's ``config.architectures`` (None: the
+    checkpoint has no classifier head)."""
+    return next((a for a in architectures or [] if a.endswith("ForSequenceClassification")), None)
+
+
+def max_positions(config: Any) -> int | None:
+    """The positions a Hugging Face model config allows (``max_position_embeddings``, GPT-2's
+    ``n_positions`` or ``max_positions``; None when it names none)."""
+    sizes = (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions", "max_positions"))
+    return next((size for size in sizes if isinstance(size, int) and size > 0), None)
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """transformers logs errors only inside the block (loads whose warnings are the point: a fresh
