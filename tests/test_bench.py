@@ -15,7 +15,8 @@ CTX = contextlib.nullcontext
 def test_cases_run_at_toy_size() -> None:
     mlm = cases.mlm_step_vs_hf(CPU, CTX, layers=1, hidden=64, heads=2, batch=2, seq=16, repeats=1, warmup=0)
     inf = cases.inference_vs_hf(CPU, CTX, 2, layers=1, hidden=64, heads=2, seq=16, repeats=1, warmup=0)
-    for result in (mlm, inf):
+    ft = cases.finetune_dropout(CPU, CTX, True, layers=1, hidden=64, heads=2, batch=4, seq=16, repeats=1, warmup=0)
+    for result in (mlm, inf, ft):
         assert result.a_ms > 0 and result.b_ms > 0 and result.ratio > 0
         assert "ratio" in result.line()
 

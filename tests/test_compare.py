@@ -22,7 +22,7 @@ from elm import ArchConfig, ElmForSequenceClassification, LayerConfig, config_fr
 from elm.blocks import family
 from elm.compare import layer_params, measure_latency, measure_side_by_side, random_arch, uniform_arch
 from elm.compare.report import table_csv, table_markdown, write_comparison
-from elm.compare.run import _check_inputs, compose_config, run_compare
+from elm.compare.run import _check_inputs, compose_config, kd_teacher, run_compare, task_config
 from elm.supernet import SpaceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +258,45 @@ def test_bad_inputs_are_refused(tmp_path):
     for cfg, retrain, finetune, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             _check_inputs(cfg, compose_config("retrain", [], retrain), compose_config("finetune", [], finetune))
+
+
+def test_task_distillation_reuses_the_teacher_rows_run_only_when_it_is_the_same_run(tmp_path):
+    """kd_teacher hands distill_task the teacher row's seed-0 model exactly when distill_task would
+    fine-tune the same one (same model, data, training, rate, seed); otherwise the teacher itself."""
+    from elm.utils.hub import resolve_model_path
+
+    base = OmegaConf.load(ROOT / "configs" / "compare.yaml")
+    base.pop("hydra")
+    cfg = OmegaConf.merge(base, {"tasks": ["bbc"], "models": ["searched", "teacher"], "task_distill": {"enabled": True}})
+    ft = task_config(cfg, compose_config("finetune", [], cfg.finetune), "bbc")
+    model = resolve_model_path("default")
+    seed_dir = tmp_path / "finetune" / "teacher" / "bbc" / "seed0"
+
+    def plain(**changes):
+        results = {"model": model, "complete": True, "lr": 1e-4, "num_labels": 5, "label_names": list("abcde"),
+                   "per_seed": [{"seed": 0, "metrics": {"accuracy": 0.9}}], **changes}  # fmt: skip
+        (seed_dir / "model").mkdir(parents=True, exist_ok=True)
+        (seed_dir / "model" / "config.json").write_text("{}")
+        (seed_dir.parent / "results.json").write_text(json.dumps(results))
+
+    plain()
+    got = kd_teacher(cfg, ft, "default", tmp_path, "bbc", record=False)
+    assert got == str(seed_dir / "model") and not (seed_dir / "model" / "elm_task.json").exists()
+    assert kd_teacher(cfg, ft, "default", tmp_path, "bbc") == got
+    record = json.loads((seed_dir / "model" / "elm_task.json").read_text())
+    assert record["task"] == "bbc" and record["label_names"] == list("abcde") and record["metrics"]["accuracy"] == 0.9
+    other = OmegaConf.merge(ft, {"train": {"epochs": 4}})
+    for changed, c, f in [("the rate its sweep picked", cfg, ft), ("training", cfg, other),
+                          ("no teacher row", OmegaConf.merge(cfg, {"models": ["searched"]}), ft)]:  # fmt: skip
+        plain(lr=3e-4 if changed.startswith("the rate") else 1e-4)
+        assert kd_teacher(c, f, "default", tmp_path, "bbc") == "default", changed
+    plain(per_seed=[{"seed": 1, "metrics": {}}])
+    assert kd_teacher(cfg, ft, "default", tmp_path, "bbc") == "default"
+    plain(complete=False)
+    assert kd_teacher(cfg, ft, "default", tmp_path, "bbc") == "default"
+    plain()
+    (seed_dir / "model" / "config.json").unlink()  # weights not kept
+    assert kd_teacher(cfg, ft, "default", tmp_path, "bbc") == "default"
 
 
 # ---- end to end ----------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Cases: ELM vs HF BERT MLM train step, supernet active path vs standalone, exported model vs HF
 inference (batch 1 and 32), PCA+CKA analysis share of an epoch, achieved FLOP/s vs matmul peak
-(MLM step and the real search step), the search step in bf16 vs fp32 where bf16 is native, and
-the ONNX export under onnxruntime vs PyTorch eager (batch 1 and 32, CPU), and causal generation
+(MLM step and the real search step), the HF fine-tuning step with elm's CPU dropout vs stock,
+the search step in bf16 vs fp32 where bf16 is native, and the ONNX export under onnxruntime vs PyTorch eager (batch 1 and 32, CPU), and causal generation
 with the KV cache vs without.
 """
 
@@ -19,7 +19,7 @@ from ..utils.precision import resolve_precision
 from ..utils.runtime import keep_freed_memory, resolve_device
 from . import bf16, cases, deploy, search_step
 
-CASES = ("mlm", "inference", "supernet", "analysis", "search", "bf16", "onnx", "generate")
+CASES = ("mlm", "finetune", "inference", "supernet", "analysis", "search", "bf16", "onnx", "generate")
 
 
 def device_name(device: torch.device) -> str:
@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> None:
         mlm = cases.mlm_step_vs_hf(device, ctx, repeats=reps)
         _print(mlm)
         _print(cases.flops_utilisation(device, ctx, mlm))
+    if "finetune" in want:
+        trainer_ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if prec.bf16 and device.type == "cpu" else ctx
+        for padded in (False, True):  # autocast, as the HF Trainer
+            _print(cases.finetune_dropout(device, trainer_ctx, padded, repeats=reps))
     if "supernet" in want:
         _print(cases.supernet_vs_standalone(device, ctx, repeats=reps))
     if "inference" in want:

@@ -6,6 +6,7 @@ interleaved (A, B, A, B, ...) so drifts in machine load hit both alike.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -118,6 +119,30 @@ def mlm_step_vs_hf(
     a, b = time_pair(fa, fb, repeats, warmup, device)
     return Result(f"MLM train step {layers}L/{hidden}H b{batch}x{seq}", "BertForMaskedLM", "ElmForMaskedLM",
                   b, a, ">= 2.5x (HF / ELM)")  # fmt: skip
+
+
+def finetune_dropout(device, precision_ctx, padded: bool, layers=6, hidden=384, heads=12, batch=32, seq=128,
+                     repeats=5, warmup=2):  # fmt: skip
+    """HF ``BertForSequenceClassification`` fine-tuning step (the teacher's shape), stock vs
+    :func:`elm.utils.cpu_dropout.use_cpu_dropout` (same init, same batch). ``padded``: every
+    fourth row ends at 3/4 of ``seq`` (the attention mask's path)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ..utils.cpu_dropout import use_cpu_dropout
+
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden, num_labels=5, attn_implementation="sdpa")  # fmt: skip
+    ids, mask, _ = mlm_batch(cfg.vocab_size, batch, seq, device)
+    if padded:
+        mask[::4, 3 * seq // 4 :] = 0
+    labels = torch.arange(batch, device=device) % 5
+    torch.manual_seed(0)
+    stock = BertForSequenceClassification(cfg)
+    fast = use_cpu_dropout(BertForSequenceClassification(copy.deepcopy(cfg)))  # its own attention setting
+    fa, fb = (train_step_fn(m, (ids, mask, labels), device, precision_ctx) for m in (stock, fast))
+    a, b = time_pair(fa, fb, repeats, warmup, device)
+    name = f"HF fine-tune step{' padded' if padded else ''} {layers}L/{hidden}H b{batch}"
+    return Result(name, "stock dropout", "elm CPU dropout", a, b, "> 1 on CPU (stock / elm)")
 
 
 def inference_vs_hf(

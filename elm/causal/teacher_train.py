@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..data.collate import CLMCollator, make_loader
 from ..train import clip_and_step
 from ..utils.cli import hydra_command
+from ..utils.cpu_dropout import use_cpu_dropout
 from ..utils.hub import elm_cache_dir, gpt2_tokenizer_path, load_tokenizer
 from ..utils.io import atomic_dir, atomic_write_json
 from ..utils.optim import configure_optimizer
@@ -238,6 +239,8 @@ def train_teacher(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[st
             f"the training split has {len(data['train'])} blocks, fewer than one batch of {cfg.train.batch_size}"
         )
     model = build_model(tokenizer, cfg.model).to(device)
+    if device.type == "cpu":
+        use_cpu_dropout(model)  # elm's fast CPU dropout masks (elm.utils.cpu_dropout)
     logger = None
     if run_dir is not None:
         from ..utils.logging import RunLogger

@@ -8,9 +8,10 @@ Reads like the procedure (each step in full: docs/evaluate.md, "Compare at equal
    (``searched``) and from scratch (``scratch``), the slice from its teacher weights, the others
    from scratch; the best random arch is the one with the lowest validation MLM loss;
 4. latency of every row and of the teacher, measured side by side (:mod:`elm.compare.latency`);
-5. fine-tune every row, and the ``teacher``, on every task with the same seeds and settings; with
-   ``task_distill.enabled`` the rows of ``task_distill.models`` are also task-distilled (at the
-   learning rate plain fine-tuning picked for them), as column ``<task>+kd``;
+5. fine-tune every row, and the ``teacher``, on every task with the same seeds and settings; then,
+   with ``task_distill.enabled``, task-distil the rows of ``task_distill.models`` (at the learning
+   rate plain fine-tuning picked for them, from the teacher row's own fine-tuned model where it is
+   the run distillation would make: :func:`kd_teacher`), as column ``<task>+kd``;
 6. ``comparison.{md,csv,png,json}`` (:mod:`elm.compare.report`) and ``DONE``.
 
 Run dir layout: ``retrain/<model>/`` (checkpoint, export ``model/``), ``finetune/<model>/<task>/``
@@ -152,7 +153,8 @@ def check_finished_subruns(cfg: DictConfig, run_dir: Path, retrain_cfg: DictConf
             kd_path = base.with_name(base.name + KD_SUFFIX) / RESULTS_FILE
             kd = read_json(kd_path)
             if kd is not None and cfg.task_distill.enabled:
-                dcfg = distill_config(cfg, ft, str(kd.get("model")), str(retrain_cfg.teacher.name), run_dir)
+                teacher = kd_teacher(cfg, ft, str(retrain_cfg.teacher.name), run_dir, str(task), record=False)
+                dcfg = distill_config(cfg, ft, str(kd.get("model")), teacher, run_dir)
                 dcfg.train.lr, dcfg.train.lr_sweep = (plain or {}).get("lr", dcfg.train.lr), None
                 check_same_run(kd, dcfg, str(kd.get("model")), kd_path)
 
@@ -188,6 +190,33 @@ def distill_config(cfg: DictConfig, ft: DictConfig, model_dir: str, teacher: str
     dcfg.student, dcfg.model, dcfg.teacher.name = model_dir, model_dir, teacher
     dcfg.teacher_finetune.cache_dir = str(run_dir / "distill_teacher")
     return dcfg
+
+
+def kd_teacher(cfg: DictConfig, ft: DictConfig, teacher: str, run_dir: Path, task: str, *, record: bool = True) -> str:
+    """The teacher ``elm.distill_task`` starts from on ``task``: the ``teacher`` row's own fine-tuned
+    model where that run is the one distill_task would make (the same
+    :func:`~elm.distill_task.teacher.finetune_key`: data, training at the rate the row's sweep picked,
+    and ``teacher_finetune.seed`` among the seeds), else ``teacher``, which distill_task fine-tunes
+    once into ``<run dir>/distill_teacher``. ``record``: write the model's ``elm_task.json``.
+
+    [project decision, issue #15] On BBC the teacher's sweep picks 1e-4, ``teacher_finetune``'s own
+    rate, so its seed-0 run is the task teacher and a second fine-tuning of it is saved."""
+    from ..distill_task.teacher import finetune_key, teacher_finetune_config, write_task_record
+
+    plain = read_json(run_dir / "finetune" / "teacher" / task_label(task) / RESULTS_FILE)
+    if "teacher" not in cfg.models or not plain or not plain.get("complete"):
+        return teacher
+    tcfg = teacher_finetune_config(distill_config(cfg, ft, "<student>", teacher, run_dir), str(plain["model"]))
+    seed = int(tcfg.seeds[0])
+    ran = OmegaConf.merge(ft, {"model": plain["model"], "seeds": [seed], "train": {"lr": plain["lr"], "lr_sweep": None}})
+    model_dir = run_dir / "finetune" / "teacher" / task_label(task) / f"seed{seed}" / "model"
+    done = [r for r in plain.get("per_seed") or [] if r.get("seed") == seed]
+    if not done or not (model_dir / "config.json").is_file() or finetune_key(ran) != finetune_key(tcfg):
+        return teacher
+    if record:
+        write_task_record(model_dir, task, plain.get("label_names"), int(plain["num_labels"]), str(plain["model"]),
+                          done[0]["metrics"])  # fmt: skip
+    return str(model_dir)
 
 
 def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) -> None:
@@ -302,6 +331,8 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     latency = measure_rows({m: archs[a] for m, a in rows_archs.items()}, cfg.latency, extra)
 
     # 5. the same fine-tuning for every row
+    td = cfg.get("task_distill") or {}
+    distilled = list(td.get("models") or []) if td.get("enabled") else []
     rows = []
     for model in cfg.models:
         if model == "teacher":
@@ -318,20 +349,29 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for task in cfg.tasks:
             out = run_dir / "finetune" / model / task_label(str(task))
             ft = task_config(cfg, ft_cfg, str(task))
+            if model == "teacher" and distilled:  # its seed can be the task teacher (kd_teacher)
+                ft.train.save_model = True
             # resume: an unfinished run continues from its checkpoint, a finished one is returned
             # after its settings are checked against these (run_finetune, run_distill_task)
             res = run_finetune(OmegaConf.merge(ft, {"model": str(row["model_dir"]), "resume": bool(cfg.resume)}), out)
             row["tasks"][str(task)] = {k: res.get(k) for k in RESULT_KEYS}
-            if cfg.get("task_distill") and cfg.task_distill.enabled and model in cfg.task_distill.models:
-                from ..distill_task import run_distill_task
-
-                dcfg = distill_config(cfg, ft, str(row["model_dir"]), str(retrain_cfg.teacher.name), run_dir)
-                dcfg.train.lr, dcfg.train.lr_sweep = float(res["lr"]), None  # the rate plain fine-tuning picked
-                dcfg.resume = bool(cfg.resume)
-                res = run_distill_task(dcfg, out.with_name(out.name + KD_SUFFIX))
-                row["tasks"][f"{task}{KD_SUFFIX}"] = {k: res.get(k) for k in (*RESULT_KEYS, "distillation")}
         rows.append(row)
         summary["rows"] = rows
+        atomic_write_json(run_dir / "comparison.json", summary)
+
+    # 5b. task distillation of the rows asked for, at the rate plain fine-tuning picked for each
+    for row in [r for r in rows if r["model"] in distilled]:
+        from ..distill_task import run_distill_task
+
+        for task in cfg.tasks:
+            ft = task_config(cfg, ft_cfg, str(task))
+            teacher = kd_teacher(cfg, ft, str(retrain_cfg.teacher.name), run_dir, str(task))
+            dcfg = distill_config(cfg, ft, str(row["model_dir"]), teacher, run_dir)
+            dcfg.train.lr, dcfg.train.lr_sweep = float(row["tasks"][str(task)]["lr"]), None
+            dcfg.resume = bool(cfg.resume)
+            out = run_dir / "finetune" / row["model"] / (task_label(str(task)) + KD_SUFFIX)
+            res = run_distill_task(dcfg, out)
+            row["tasks"][f"{task}{KD_SUFFIX}"] = {k: res.get(k) for k in (*RESULT_KEYS, "distillation")}
         atomic_write_json(run_dir / "comparison.json", summary)
 
     # 6. report

@@ -97,14 +97,29 @@ def teacher_finetune_config(cfg: DictConfig, teacher_path: str) -> DictConfig:
     return tcfg
 
 
+def finetune_key(fcfg: DictConfig) -> str:
+    """A hash of every setting that shapes a fine-tuning run's weights: model, task, data, seeds and
+    training, less checkpointing and logging (equal keys: the same fine-tuned model)."""
+    shaping = {k: OmegaConf.to_container(fcfg, resolve=True).get(k) for k in ("model", "task", "data", "seeds")}
+    shaping["train"] = {k: v for k, v in OmegaConf.to_container(fcfg.train, resolve=True).items()
+                        if k not in ("save_steps", "save_model", "logging_steps")}  # fmt: skip
+    return digest(shaping)
+
+
 def cache_dir(cfg: DictConfig, run_dir: Path, tcfg: DictConfig) -> Path:
     """Where the fine-tuned teacher for these settings lives (see the module docstring)."""
     root = cfg.teacher_finetune.get("cache_dir")
     root = Path(str(root)).expanduser() if root else run_dir / "teacher"
-    shaping = {k: OmegaConf.to_container(tcfg, resolve=True).get(k) for k in ("model", "task", "data", "seeds")}
-    shaping["train"] = {k: v for k, v in OmegaConf.to_container(tcfg.train).items()
-                        if k not in ("save_steps", "save_model", "logging_steps")}  # fmt: skip
-    return root / f"{task_key(str(cfg.task))}-{digest(shaping)[:10]}"
+    return root / f"{task_key(str(cfg.task))}-{finetune_key(tcfg)[:10]}"
+
+
+def write_task_record(model_dir: Path, task: str, label_names: list | None, num_labels: int, teacher: str,
+                      metrics: dict[str, Any]) -> None:  # fmt: skip
+    """``elm_task.json`` beside a fine-tuned teacher (rank 0, once): which task it was fine-tuned on."""
+    if dist_info()[0] == 0 and not (model_dir / TASK_RECORD).is_file():
+        record = {"task": task, "label_names": label_names, "num_labels": num_labels, "teacher": teacher,
+                  "metrics": metrics}  # fmt: skip
+        atomic_write_json(model_dir / TASK_RECORD, record)
 
 
 def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any, task: TaskData) -> dict[str, Any]:
@@ -127,10 +142,7 @@ def task_teacher(cfg: DictConfig, run_dir: Path, teacher_path: str, config: Any,
     else:
         log.info("fine-tuning the teacher %s on %s into %s", teacher_path, cfg.task, out)
     results = run_finetune(tcfg, out)
-    record = {"task": str(cfg.task), "label_names": task.label_names, "num_labels": task.num_labels,
-              "teacher": teacher_path, "metrics": results["mean"]}  # fmt: skip
-    if dist_info()[0] == 0 and not (model_dir / TASK_RECORD).is_file():
-        atomic_write_json(model_dir / TASK_RECORD, record)
+    write_task_record(model_dir, str(cfg.task), task.label_names, task.num_labels, teacher_path, results["mean"])
     return {"path": str(model_dir), "source": teacher_path, "finetuned_here": True, "reused": done,
             "cache": str(out), "metrics": results["mean"], "lr": results["lr"], "time_s": results["time_s"]}  # fmt: skip
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.collate import PadCollator
 from ..data.tasks import TaskData, compute_metrics, load_task
+from ..utils.cpu_dropout import use_cpu_dropout
 from ..utils.hub import (
     classifier_head,
     load_tokenizer,
@@ -225,6 +226,8 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=task.num_labels, ignore_mismatched_sizes=bool(cfg.reinit_head)
         )
+    if device.type == "cpu":
+        use_cpu_dropout(model)  # elm's fast CPU dropout masks for models elm did not write (the teacher)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # causal models pool the last real token
     if task.label_names and len(task.label_names) == task.num_labels:  # pipelines print names, not LABEL_k
