@@ -5,9 +5,9 @@
 #   training rows, 3 seeds) of those and of the teacher on BBC, and on SST-2 when ../shared/data/sst2
 #   exists; the searched student is also task-distilled from the teacher fine-tuned on each task ->
 #   comparison table + PNG (accuracy as a fraction of the teacher's, speed-up over it).
-#   With SST2=none (BBC only): 27.5 min on 2 idle cores with AMX (2026-12-03; search 2 min, 4 retrains
-#   9 min, fine-tuning 5 models x (3-rate sweep + 3 seeds) 14 min, of it the teacher's 6.5 min, task
-#   distillation 2.5 min: docs/benchmarks.md). With SST-2 (4,000 sentences per run) about 3.5 h on
+#   With SST2=none (BBC only): 23.8 min on 2 idle cores with AMX (2026-12-04; search 2 min, 4 retrains
+#   8.7 min, fine-tuning 5 models x (3-rate sweep + 3 seeds) 11.8 min, of it the teacher's 4.2 min, task
+#   distillation 1.3 min: docs/benchmarks.md). With SST-2 (4,000 sentences per run) about 3.5 h on
 #   the slower machines of earlier sessions.
 #
 #   scripts/pipeline.sh [extra overrides for the search]       OUT=<dir> sets the output folder
