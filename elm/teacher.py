@@ -153,7 +153,10 @@ def load_teacher(
     Args:
         name_or_path: see :func:`resolve_model_path` (``None`` = packaged MiniLM).
         causal: force decoder-only (``True``) or encoder (``False``) handling; auto-detected if None.
-        device, dtype: where and in which precision to hold the weights.
+        device, dtype: where and in which precision to hold the weights. ``None`` holds them in
+            fp32 whatever the checkpoint was saved in: transformers 5 otherwise keeps a checkpoint's
+            own dtype (many hub decoders ship bf16/fp16), and the stages' ``precision`` setting,
+            not the file, decides the compute precision.
         attn_implementation: ``"sdpa"`` (default, fast) or ``"eager"`` (attention maps); the
             teacher also switches to eager by itself when attentions are requested.
     """
@@ -183,9 +186,8 @@ def load_teacher(
     kwargs: dict[str, Any] = {
         "local_files_only": local_only,
         "attn_implementation": attn_implementation or "sdpa",
+        "dtype": torch.float32 if dtype is None else dtype,
     }
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     try:
         try:
             model = auto_cls.from_pretrained(path, config=config, **kwargs)

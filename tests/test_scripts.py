@@ -41,30 +41,56 @@ def test_unknown_stage_is_refused() -> None:
     assert out.returncode == 2 and "unknown stage 'serach'" in out.stderr
 
 
-def test_pipeline_commands_compose(tmp_path) -> None:
-    """Every command pipeline.sh prints parses as the stage's Hydra config (``--cfg job`` composes
-    and prints it without running), with the SST-2 rows and task distillation switched on."""
-    import shlex
+def _compose(commands: list[list[str]]) -> list[dict]:
+    """Each stage command's Hydra config, composed and printed by ``--cfg job`` without running."""
     import sys
 
     import yaml
 
-    (tmp_path / "sst2").mkdir()
-    out = _dry(str(SCRIPTS / "pipeline.sh"), OUT=str(tmp_path / "out"), SST2=str(tmp_path / "sst2"))
-    assert out.returncode == 0, out.stderr
-    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
-    assert [c[:3] for c in commands] == [["python", "-m", "elm.search"], ["python", "-m", "elm.compare"]]
     configs = []
     for cmd in commands:
         proc = subprocess.run([sys.executable, *cmd[1:], "--cfg", "job"], cwd=SCRIPTS.parent, capture_output=True,
                               text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         configs.append(yaml.safe_load(proc.stdout))
-    compare = configs[1]
+    return configs
+
+
+def test_pipeline_commands_compose(tmp_path) -> None:
+    """Every command pipeline.sh prints parses as the stage's Hydra config (``--cfg job`` composes
+    and prints it without running), with the SST-2 rows and task distillation switched on."""
+    import shlex
+
+    (tmp_path / "sst2").mkdir()
+    out = _dry(str(SCRIPTS / "pipeline.sh"), OUT=str(tmp_path / "out"), SST2=str(tmp_path / "sst2"))
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert [c[:3] for c in commands] == [["python", "-m", "elm.search"], ["python", "-m", "elm.compare"]]
+    compare = _compose(commands)[1]
     assert compare["tasks"] == ["bbc", str(tmp_path / "sst2")]
     assert compare["task_finetune"] == {"sst2": {"data": {"max_train": 4000}}}
     kd = compare["task_distill"]
     assert kd["enabled"] and kd["models"] == ["searched"] and not kd["augment"]["enabled"]
+
+
+def test_check_cuda_commands_compose(tmp_path) -> None:
+    """check_cuda.sh's stage commands compose on any machine (the run itself needs a GPU: its
+    results are in docs/benchmarks.md); the bench's case names are ones it knows."""
+    import shlex
+
+    from elm.bench.__main__ import CASES
+
+    out = _dry(str(SCRIPTS / "check_cuda.sh"), OUT=str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    stages = [c[2] for c in commands]
+    assert stages == ["elm.search", "elm.retrain", "elm.finetune", "elm.bench", "elm.search"]
+    bench = commands[3]
+    assert set(bench[bench.index("--only") + 1 :]) <= set(CASES)
+    configs = _compose([c for c in commands if c[2] != "elm.bench"])
+    assert all(cfg["device"] == "cuda" for cfg in configs)
+    assert configs[3]["space"]["blocks"] == ["bert", "mobilebert", "llama", "skip"]
 
 
 def test_console_scripts_are_installed_and_reach_the_commands(tmp_path):

@@ -163,3 +163,18 @@ def test_tiny_causal_teacher(tmp_path: Path, elm_cache: Path) -> None:
 
     # Forcing encoder handling is honoured (no causal flag), e.g. for a decoder used bidirectionally.
     assert not load_teacher(tmp_path / "tiny-gpt2", causal=False).causal
+
+
+def test_half_precision_checkpoint_loads_in_fp32(tmp_path: Path, elm_cache: Path) -> None:
+    """transformers 5 keeps a checkpoint's dtype by default; a teacher saved in fp16 must still be
+    held in fp32 (the stages' precision decides compute), unless a dtype is asked for."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer("gpt2-bpe")
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok))
+    GPT2LMHeadModel(config).half().save_pretrained(tmp_path / "fp16-gpt2")
+    tok.save_pretrained(tmp_path / "fp16-gpt2")
+
+    assert {p.dtype for p in load_teacher(tmp_path / "fp16-gpt2").model.parameters()} == {torch.float32}
+    asked = load_teacher(tmp_path / "fp16-gpt2", dtype=torch.bfloat16).model
+    assert {p.dtype for p in asked.parameters()} == {torch.bfloat16}

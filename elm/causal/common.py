@@ -80,7 +80,9 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
     from ..utils.hub import load_tokenizer, resolve_model_path
 
     resolved = resolve_model_path(str(path), "model")
-    model = AutoModelForCausalLM.from_pretrained(resolved, local_files_only=Path(resolved).is_dir())
+    model = AutoModelForCausalLM.from_pretrained(  # fp32 as elm.teacher.load_teacher, whatever the file holds
+        resolved, local_files_only=Path(resolved).is_dir(), dtype=torch.float32
+    )
     return model.to(device).eval(), load_tokenizer(resolved)
 
 

@@ -115,9 +115,12 @@ class TaskDistiller:
     def teacher_model(self) -> Any:
         """The fine-tuned teacher (eager attention when its maps are distilled), loaded once, frozen."""
         if self._teacher is None:
+            import torch
             from transformers import AutoModelForSequenceClassification
 
-            kwargs = {"attn_implementation": "eager"} if self.kd.attention > 0 else {}
+            kwargs: dict[str, Any] = {"dtype": torch.float32}  # as elm.teacher.load_teacher
+            if self.kd.attention > 0:
+                kwargs["attn_implementation"] = "eager"
             with quiet_transformers():
                 model = AutoModelForSequenceClassification.from_pretrained(self.teacher_info["path"], **kwargs)
             self._teacher = model.eval().requires_grad_(False)

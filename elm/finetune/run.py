@@ -217,6 +217,7 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     ``distill``: task distillation (:class:`elm.distill_task.run.TaskDistiller`): its trainer class,
     collator and the training rows it prepared replace the plain ones.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification, PrinterCallback, Trainer
 
     device = resolve_device(cfg.device)
@@ -224,7 +225,8 @@ def finetune_seed(cfg: DictConfig, model_path: str, task: TaskData, tokenizer: A
     seed_everything(seed)  # the fresh head's init depends on the seed
     with quiet_transformers():  # "newly initialised classifier" is the point here
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=task.num_labels, ignore_mismatched_sizes=bool(cfg.reinit_head)
+            model_path, num_labels=task.num_labels, ignore_mismatched_sizes=bool(cfg.reinit_head),
+            dtype=torch.float32,  # fp32 master weights whatever the checkpoint's dtype (precision: autocast)
         )
     if device.type == "cpu":
         use_cpu_dropout(model)  # elm's fast CPU dropout masks for models elm did not write (the teacher)
