@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A quick check of every stage on a CUDA GPU (bf16 autocast), about 4 minutes on one H200:
+# A quick check of every stage on a CUDA GPU (bf16 autocast):
 #   default search -> retrain from it -> fine-tune the export on BBC (one seed) -> the bench's
-#   GPU-relevant cases -> a search with the llama and skip families added.
+#   GPU-relevant cases -> a search with the llama and skip families added (these five: about
+#   4 minutes on one H200) -> the causal pipeline (teacher training capped at 90 s, MiniLLM at 60 s
+#   a student; not yet run on a GPU).
 # Offline as the defaults are (packaged MiniLM teacher and BBC corpus). Logs go to $OUT (default
 # outputs/check_cuda/<time>); the end of each is printed. Results of one run: docs/benchmarks.md.
 #   scripts/check_cuda.sh                  DRY_RUN=1 prints the commands only
@@ -27,4 +29,6 @@ step finetune python -m elm.finetune "model=$OUT/retrain/model" device=cuda "see
 step bench python -m elm.bench --device cuda --quick --only mlm supernet inference analysis search bf16
 step llama python -m elm.search device=cuda progress=false "space.blocks=[bert,mobilebert,llama,skip]" \
     "hydra.run.dir=$OUT/llama"
+step causal python -m elm.causal.pipeline device=cuda "teacher.train_overrides=['train.max_time_s=90']" \
+    minillm.max_time_s=60 "hydra.run.dir=$OUT/causal"
 exit $failed

@@ -532,3 +532,23 @@ def test_attention_dropout_on_cpu_runs_explicitly():
     assert probs.dtype == torch.bfloat16 and torch.allclose(probs.float(), ref, atol=1e-2)
     torch.manual_seed(0)  # the same seed draws the same masks
     assert torch.equal(out, attend(q, k, v, None, False, 0.3, need_probs=False)[0])
+
+
+def test_old_transformers_is_refused_by_name() -> None:
+    """An output class without the ``cache`` field (transformers < 5.24) is refused at import with
+    the installed version and the fix, not with a TypeError in the first forward."""
+    import dataclasses
+
+    import transformers
+
+    from elm.modeling.configuration_elm import check_transformers
+
+    check_transformers()  # the installed transformers passes
+
+    @dataclasses.dataclass
+    class OldOutput:  # transformers 5.17's fields
+        last_hidden_state: object = None
+        past_key_values: object = None
+
+    with pytest.raises(ImportError, match=f"installed: {transformers.__version__}.*transformers>=5.24"):
+        check_transformers(OldOutput)

@@ -58,6 +58,36 @@ def search_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("projected", [False, True])
+def test_rescaled_embeddings_keep_the_hidden_states_and_start_the_lm_head_near_ln_vocab(projected):
+    """Trained-but-not-inherited embeddings at PyTorch's N(0, 1) (what a search from a GPT-2
+    teacher leaves): scaling them down keeps every hidden state and brings the tied LM head's
+    first loss from far above ln(vocab) to about it."""
+    from elm import LayerConfig
+    from elm.modeling import ElmForCausalLM
+    from elm.retrain.init import rescale_embeddings
+
+    layer = LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=64)
+    arch = ArchConfig(hidden_size=32, embedding_size=16 if projected else 32, vocab_size=500, max_positions=64,
+                      type_vocab_size=0, causal=True, layers=[layer, layer])  # fmt: skip
+    torch.manual_seed(0)
+    model = ElmForCausalLM(config_from_arch(arch, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    emb = model.elm.embeddings
+    for table in (emb.word, emb.position):
+        torch.nn.init.normal_(table.weight)  # PyTorch's default init, as the supernet's tables start
+    if projected:
+        torch.nn.init.normal_(emb.project.bias)
+    ids = torch.randint(0, 500, (4, 24))
+    with torch.no_grad():
+        before = model(ids, labels=ids, output_hidden_states=True)
+        factor = rescale_embeddings(emb, 0.02)
+        after = model(ids, labels=ids, output_hidden_states=True)
+    assert factor == pytest.approx(0.02, rel=0.05) and float(emb.word.weight.std()) == pytest.approx(0.02, rel=1e-4)
+    for a, b in zip(before.hidden_states, after.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    assert before.loss > math.log(500) + 4 and abs(float(after.loss) - math.log(500)) < 0.5
+
+
 def test_init_from_search_copies_the_supernet_slices(search_dir, teacher, tmp_path):
     arch = ArchConfig.from_json(search_dir / "arch.json")
     model, info = init_from_search(search_dir, arch, teacher, ElmForMaskedLM)

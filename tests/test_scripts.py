@@ -85,12 +85,13 @@ def test_check_cuda_commands_compose(tmp_path) -> None:
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     stages = [c[2] for c in commands]
-    assert stages == ["elm.search", "elm.retrain", "elm.finetune", "elm.bench", "elm.search"]
+    assert stages == ["elm.search", "elm.retrain", "elm.finetune", "elm.bench", "elm.search", "elm.causal.pipeline"]
     bench = commands[3]
     assert set(bench[bench.index("--only") + 1 :]) <= set(CASES)
     configs = _compose([c for c in commands if c[2] != "elm.bench"])
     assert all(cfg["device"] == "cuda" for cfg in configs)
     assert configs[3]["space"]["blocks"] == ["bert", "mobilebert", "llama", "skip"]
+    assert configs[4]["teacher"]["train_overrides"] == ["train.max_time_s=90"]
 
 
 def test_console_scripts_are_installed_and_reach_the_commands(tmp_path):

@@ -7,9 +7,25 @@ with an export for ``trust_remote_code=True`` loading without ``import elm``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import transformers
 from transformers import PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+
+def check_transformers(outputs: type = BaseModelOutputWithPast) -> None:
+    """Refuse, at import, a transformers whose output classes lack the ``cache`` field the models
+    fill (older than the tested floor, 5.24): otherwise the first forward fails with an
+    unexpected-keyword ``TypeError`` far from the cause. This file loads first in every path
+    (``import elm`` and ``trust_remote_code=True``), so the check covers exports too."""
+    if "cache" not in {field.name for field in dataclasses.fields(outputs)}:
+        raise ImportError(f"ELM models need transformers >= 5.24 (installed: {transformers.__version__}); "
+                          "upgrade with: pip install -U 'transformers>=5.24'")
+
+
+check_transformers()
 
 
 class ElmConfig(PretrainedConfig):

@@ -159,8 +159,13 @@ def init_from_search(
     during the search) unless the search left them untrained (neither inherited nor trained: searches
     before inheritance); then, or with ``keep_embeddings=False``, they get the Hugging Face model's
     own init (normal, std ``initializer_range``): untrained PyTorch-default ``N(0, 1)`` embeddings
-    would start the tied LM head at an MLM loss of ~24 instead of ~ln(vocab). The LM / classifier
-    heads keep their fresh init.
+    would start the tied LM head at an MLM loss of ~24 instead of ~ln(vocab). Embeddings the search
+    trained but did not inherit (teachers other than BERT-family encoders) started at ``N(0, 1)``
+    and keep that scale, which the LayerNorm after them hides from the layers but not from the
+    tied LM head: a causal student started at an LM loss of 21 (ln(vocab) = 8.3) and ended its
+    retraining at 8x the uniform baseline's perplexity. They are scaled down by
+    :func:`rescale_embeddings`, which leaves the model's hidden states as they were. The LM /
+    classifier heads keep their fresh init.
     """
     state = load_search_state(search_dir) if state is None else state
     inherited = bool((state.get("inherit") or {}).get("inherited"))
@@ -168,8 +173,10 @@ def init_from_search(
     supernet = supernet_from_state(state, teacher)
     choice = match_choice(supernet, arch, recorded_choices(search_dir))
     model = extract(supernet, model_cls, choice, **config_kwargs)
+    embeddings = getattr(model, "elm", model).embeddings
     if not keep:  # [project decision] see the docstring
-        getattr(model, "elm", model).embeddings.apply(model._init_weights)
+        embeddings.apply(model._init_weights)
+    scale = None if not keep or inherited else rescale_embeddings(embeddings, model.config.initializer_range)
     boundaries = supernet.kept_boundaries(choice)
     info = {
         "search_dir": str(Path(search_dir).resolve()),
@@ -181,9 +188,26 @@ def init_from_search(
         "search_epochs": state.get("epoch"),
         "search_steps": state.get("step"),
         "inherited_from_teacher": inherited,
-        "embeddings": "supernet" if keep else "fresh init",
+        "embeddings": "fresh init" if not keep else "supernet" if scale is None else f"supernet, scaled by {scale:.3g}",
     }
     return model, info
+
+
+@torch.no_grad()
+def rescale_embeddings(embeddings: torch.nn.Module, std: float) -> float:
+    """Scale an ``ElmEmbeddings``' tables (word, position, token type) and its projection's bias by
+    one factor, so that the word rows have standard deviation ``std``; returns the factor.
+
+    The LayerNorm after them sees the same vector times that factor, so the hidden states do not
+    change (up to its eps); the tied LM head, which reads the word rows themselves, starts near
+    ln(vocab) instead of far above it."""
+    factor = std / float(embeddings.word.weight.float().std())
+    for table in (embeddings.word, embeddings.position, embeddings.token_type):
+        if table is not None:
+            table.weight.mul_(factor)
+    if embeddings.project is not None:
+        embeddings.project.bias.mul_(factor)
+    return factor
 
 
 def init_from_model(path: str | Path, arch: ArchConfig, model_cls: type, **config_kwargs: Any):
