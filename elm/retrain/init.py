@@ -163,7 +163,7 @@ def init_from_search(
     trained but did not inherit (teachers other than BERT-family encoders) started at ``N(0, 1)``
     and keep that scale, which the LayerNorm after them hides from the layers but not from the
     tied LM head: a causal student started at an LM loss of 21 (ln(vocab) = 8.3) and ended its
-    retraining at 8x the uniform baseline's perplexity. They are scaled down by
+    retraining at 9x the uniform baseline's perplexity. They are scaled down by
     :func:`rescale_embeddings`, which leaves the model's hidden states as they were. The LM /
     classifier heads keep their fresh init.
     """
