@@ -41,6 +41,13 @@ def test_unknown_stage_is_refused() -> None:
     assert out.returncode == 2 and "unknown stage 'serach'" in out.stderr
 
 
+def _printed_commands(stdout: str) -> list[list[str]]:
+    """The commands a dry run printed (its ``+ cmd ...`` lines), split as bash would."""
+    import shlex
+
+    return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
 def _compose(commands: list[list[str]]) -> list[dict]:
     """Each stage command's Hydra config, composed and printed by ``--cfg job`` without running."""
     import sys
@@ -59,12 +66,10 @@ def _compose(commands: list[list[str]]) -> list[dict]:
 def test_pipeline_commands_compose(tmp_path) -> None:
     """Every command pipeline.sh prints parses as the stage's Hydra config (``--cfg job`` composes
     and prints it without running), with the SST-2 rows and task distillation switched on."""
-    import shlex
-
     (tmp_path / "sst2").mkdir()
     out = _dry(str(SCRIPTS / "pipeline.sh"), OUT=str(tmp_path / "out"), SST2=str(tmp_path / "sst2"))
     assert out.returncode == 0, out.stderr
-    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    commands = _printed_commands(out.stdout)
     assert [c[:3] for c in commands] == [["python", "-m", "elm.search"], ["python", "-m", "elm.compare"]]
     compare = _compose(commands)[1]
     assert compare["tasks"] == ["bbc", str(tmp_path / "sst2")]
@@ -76,14 +81,12 @@ def test_pipeline_commands_compose(tmp_path) -> None:
 def test_check_cuda_commands_compose(tmp_path) -> None:
     """check_cuda.sh's stage commands compose on any machine (the run itself needs a GPU: its
     results are in docs/benchmarks.md); the bench's case names are ones it knows."""
-    import shlex
-
     from elm.bench.__main__ import CASES
 
     out = _dry(str(SCRIPTS / "check_cuda.sh"), OUT=str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
-    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    commands = _printed_commands(out.stdout)
     stages = [c[2] for c in commands]
     assert stages == ["elm.search", "elm.retrain", "elm.finetune", "elm.bench", "elm.search", "elm.causal.pipeline"]
     bench = commands[3]
