@@ -62,6 +62,27 @@ def test_relation_matrix():
     torch.autograd.gradcheck(relation_matrix, (h.double().requires_grad_(),))
 
 
+def test_bf16_states_take_a_bf16_gram_matmul_and_fp32_after_it():
+    """bf16 states (the search's bf16 replica) run the relation matrix's matmul in bf16, and the
+    rest of the RKD in float32: relations, loss and gradient track the float32 computation."""
+    s = torch.randn(2, 24, 32, generator=_gen(20))
+    t = torch.randn(2, 24, 48, generator=_gen(21))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    low = s.bfloat16().requires_grad_()
+    rel = relation_matrix(low)
+    assert rel.dtype == torch.float32
+    torch.testing.assert_close(rel, relation_matrix(s), atol=2e-2, rtol=0)
+    ref = rkd_loss(s, t, mask)
+    loss = rkd_loss(low, t, mask)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    loss.backward()
+    high = s.clone().requires_grad_()
+    rkd_loss(high, t, mask).backward()
+    assert low.grad.dtype == torch.bfloat16
+    assert ((low.grad.float() - high.grad).norm() / high.grad.norm()).item() < 0.05
+
+
 def test_rkd_matches_numpy_with_padding():
     s = torch.randn(3, 9, 6, generator=_gen(1))
     t = torch.randn(3, 9, 11, generator=_gen(2))

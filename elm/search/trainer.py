@@ -98,9 +98,9 @@ class BlockwiseDistiller(nn.Module):
         losses = []
         for li, outs in enumerate(outputs):
             target = self.targets(hidden, li + 1, mask)
-            losses += [self.block_loss(out.float(), target, mask) for out in outs]
+            losses += [self.block_loss(out, target, mask) for out in outs]  # (fp32 after the RKD Gram matmul)
         if self.train_embeddings:
-            emb = self.supernet.embeddings(input_ids).float()
+            emb = self.supernet.embeddings(input_ids)
             losses.append(self.block_loss(emb, self.targets(hidden, 0, mask), mask))
         return torch.stack(losses)
 

@@ -10,6 +10,10 @@ view, so the hot path has no per-head Python loop and no gather.
 
 The sub-module names mirror ``elm.modeling.modeling_elm.ElmLayer`` so extraction is a copy of
 the active slices (``elm.supernet.extract``).
+
+``compact_()`` cuts a module down to its active part, for the bf16 replica the optimiser never sees
+(``elm.utils.master``): the replica then computes on contiguous weights of the active size, and
+its gradients are the size of the active slices instead of zero-padded maxima.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from torch import nn
 from ..blocks import family
 from ..modeling.modeling_elm import ACTIVATIONS, Dropout, ElmLayer, attend, split_qkv
 from ..space import LayerConfig
+
+ACTIVE_ALL = slice(None)
+Index = tuple  # per dimension: a slice, or (dimension 0 only) a LongTensor of indices
 
 
 class ElasticLinear(nn.Module):
@@ -35,6 +42,22 @@ class ElasticLinear(nn.Module):
     def forward(self, x: torch.Tensor, out_features: int | None = None, in_features: int | None = None):
         w = self.weight[:out_features, :in_features]
         return F.linear(x, w, self.bias[:out_features])
+
+    @torch.no_grad()
+    def keep_(self, rows: slice | torch.Tensor = ACTIVE_ALL, cols: slice = ACTIVE_ALL) -> dict[str, Index]:
+        """Keep only ``weight[rows][:, cols]`` and ``bias[rows]`` (``rows``: a prefix slice, or row
+        indices); returns where each kept parameter lies in the full one (``elm.utils.master``)."""
+        def take(t: torch.Tensor) -> torch.Tensor:  # a contiguous copy, not a view of the maxima
+            return (t.index_select(0, rows) if torch.is_tensor(rows) else t[rows]).clone(memory_format=torch.contiguous_format)
+
+        self.weight = nn.Parameter(take(self.weight[:, cols]), requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(take(self.bias), requires_grad=self.bias.requires_grad)
+        return {"weight": (rows, cols), "bias": (rows,)}
+
+
+def compacted(parts: dict[str, dict[str, Index]]) -> dict[str, Index]:
+    """``{child: {param: index}}`` -> ``{"child.param": index}`` (what ``compact_`` returns)."""
+    return {f"{child}.{name}": index for child, kept in parts.items() for name, index in kept.items()}
 
 
 def _reset_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter, index) -> None:
@@ -113,6 +136,16 @@ class ElasticAttention(nn.Module):
         _permute_(optimizer, self.out.weight, cols, 1)
         self.active_heads = len(heads)
 
+    @torch.no_grad()
+    def compact_(self) -> dict[str, Index]:
+        """Cut to the active heads (a compute replica's module only: see the module doc)."""
+        h = self.active_heads
+        rows = self.qkv_rows(torch.arange(h)).flatten()
+        rows = slice(0, len(rows)) if torch.equal(rows, torch.arange(len(rows))) else rows.to(self.qkv.weight.device)
+        parts = {"qkv": self.qkv.keep_(rows), "out": self.out.keep_(cols=slice(0, h * self.head_dim))}
+        self.max_heads = h
+        return compacted(parts)
+
     def qkv_rows(self, perm: torch.Tensor) -> torch.Tensor:
         """Rows of the fused projection in head order ``perm`` (layout [projection, head, head_dim])."""
         d, n = self.head_dim, self.projections
@@ -157,6 +190,16 @@ class ElasticFFN(nn.Module):
     def input_projections(self) -> list[ElasticLinear]:
         """The projections that give a unit its input weights (fresh ones are drawn on growth)."""
         return [self.up]
+
+    @torch.no_grad()
+    def compact_(self) -> dict[str, Index]:
+        """Cut to the active units (a compute replica's module only: see the module doc)."""
+        units = slice(0, self.active_dim)
+        names = {id(m): n for n, m in self.named_children()}
+        parts = {names[id(m)]: m.keep_(rows=units) for m in self.input_projections()}
+        parts["down"] = self.down.keep_(cols=units)
+        self.max_dim = self.active_dim
+        return compacted(parts)
 
     @torch.no_grad()
     def grow(self, new_dim: int, optimizer: torch.optim.Optimizer | None = None, std: float = 0.02,

@@ -20,6 +20,14 @@ One step::
 Anything that changes the fp32 module outside the optimiser (loading a state, elastic growth or
 pruning, which also change plain attributes such as the active widths) is followed by
 :meth:`Bf16Master.rebuild`.
+
+[issue #15] The replica is *compact*: modules with a ``compact_()`` hook (the supernet's elastic
+attention and FFNs, ``elm.supernet.elastic``) keep only their active heads and units in it. The
+forward and backward then run on contiguous weights of the active size, instead of slices of the
+maxima whose backward zero-fills and copies a max-size gradient for every elastic weight; the
+hand-over adds the compact gradients into the active part of the fp32 ``.grad`` (zero elsewhere,
+as a full-size replica's would be) and the refresh copies only the active part. The fp32 master
+weights, the optimiser and what it sees are unchanged.
 """
 
 from __future__ import annotations
@@ -38,31 +46,68 @@ class Bf16Master:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """A fresh replica of ``module``: parameters in bf16; buffers (bases, variances) and plain
-        attributes (active widths) as they are."""
+        """A fresh compact replica of ``module``: parameters in bf16 (the active part only where a
+        module has ``compact_``); buffers (bases, variances) and plain attributes as they are."""
         self.compute = copy.deepcopy(self.module)
+        parts: dict[str, tuple] = {}
+        for name, sub in self.compute.named_modules():
+            if hasattr(sub, "compact_"):
+                parts.update({f"{name}.{key}" if name else key: index for key, index in sub.compact_().items()})
         for p in self.compute.parameters():
             p.data = p.data.to(torch.bfloat16)
         self.compute.train(self.module.training)
-        self._params = list(zip(self.module.parameters(), self.compute.parameters(), strict=True))
-        self._trained = [(m, low) for m, low in self._params if m.requires_grad]
+        masters = dict(self.module.named_parameters())
+        self._params = [(masters[name], low, parts.get(name)) for name, low in self.compute.named_parameters()]
+        self._trained = [item for item in self._params if item[0].requires_grad]
+        self._buffers: dict[int, torch.Tensor] = {}  # compacted parameters' gradient buffers
 
     def gradients_to_master(self) -> None:
-        """Add the replica's gradients (bf16) to the fp32 parameters' ``.grad`` and clear them."""
-        for master, low in self._trained:
+        """Add the replica's gradients (bf16) to the fp32 parameters' ``.grad`` and clear them. A
+        compacted parameter's ``.grad`` is a full-size buffer kept across steps: zero outside the
+        active part, which the step's first hand-over overwrites (no zero-fill of the maxima)."""
+        for i, (master, low, index) in enumerate(self._trained):
             if low.grad is None:
                 continue
-            if master.grad is None:
-                master.grad = low.grad.float()
+            if index is None:
+                if master.grad is None:
+                    master.grad = low.grad.float()
+                else:
+                    master.grad.add_(low.grad)
+            elif master.grad is None:  # the step's first micro-batch
+                if i not in self._buffers:
+                    self._buffers[i] = torch.zeros_like(master)
+                master.grad = self._buffers[i]
+                _add_at(master.grad, index, low.grad, overwrite=True)
             else:
-                master.grad.add_(low.grad)
+                _add_at(master.grad, index, low.grad)
             low.grad = None
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the fp32 weights into the replica (after each optimiser step or a loaded state)."""
-        for master, low in self._params:
-            low.copy_(master)
+        """Copy the fp32 weights into the replica (after each optimiser step or a loaded state). Only
+        the replica's own slices: new active widths (growth, pruning, a state that has others) need
+        :meth:`rebuild`, which the search runs at every epoch start."""
+        for master, low, index in self._params:
+            low.copy_(_take(master, index))
+
+
+def _take(t: torch.Tensor, index: tuple | None) -> torch.Tensor:
+    """``t`` at ``index`` (``elm.supernet.elastic.Index``: slices, or row indices first); None = all."""
+    if index is None:
+        return t
+    rows, *rest = index
+    t = t.index_select(0, rows) if torch.is_tensor(rows) else t[rows]
+    return t[(slice(None), *rest)]
+
+
+def _add_at(t: torch.Tensor, index: tuple, value: torch.Tensor, overwrite: bool = False) -> None:
+    """``t[index] += value`` (``overwrite``: ``= value``) in place (``index`` as in :func:`_take`)."""
+    rows, *rest = index
+    part = t[(slice(None), *rest)]
+    if torch.is_tensor(rows):
+        (part.index_copy_ if overwrite else part.index_add_)(0, rows, value.to(t.dtype))
+    else:
+        (part[rows].copy_ if overwrite else part[rows].add_)(value)
 
 
 def bf16_teacher(teacher: Any) -> Any:
