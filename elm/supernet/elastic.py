@@ -25,9 +25,7 @@ from torch import nn
 from ..blocks import family
 from ..modeling.modeling_elm import ACTIVATIONS, Dropout, ElmLayer, attend, split_qkv
 from ..space import LayerConfig
-
-ACTIVE_ALL = slice(None)
-Index = tuple  # per dimension: a slice, or (dimension 0 only) a LongTensor of indices
+from ..utils.master import Index, take
 
 
 class ElasticLinear(nn.Module):
@@ -44,15 +42,15 @@ class ElasticLinear(nn.Module):
         return F.linear(x, w, self.bias[:out_features])
 
     @torch.no_grad()
-    def keep_(self, rows: slice | torch.Tensor = ACTIVE_ALL, cols: slice = ACTIVE_ALL) -> dict[str, Index]:
+    def keep_(self, rows: slice | torch.Tensor = slice(None), cols: slice = slice(None)) -> dict[str, Index]:
         """Keep only ``weight[rows][:, cols]`` and ``bias[rows]`` (``rows``: a prefix slice, or row
-        indices); returns where each kept parameter lies in the full one (``elm.utils.master``)."""
-        def take(t: torch.Tensor) -> torch.Tensor:  # a contiguous copy, not a view of the maxima
-            return (t.index_select(0, rows) if torch.is_tensor(rows) else t[rows]).clone(memory_format=torch.contiguous_format)
-
-        self.weight = nn.Parameter(take(self.weight[:, cols]), requires_grad=self.weight.requires_grad)
-        self.bias = nn.Parameter(take(self.bias), requires_grad=self.bias.requires_grad)
-        return {"weight": (rows, cols), "bias": (rows,)}
+        indices), as contiguous copies; returns where each kept parameter lies in the full one."""
+        kept = {"weight": (rows, cols), "bias": (rows,)}
+        for name, index in kept.items():
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(take(old, index).clone(memory_format=torch.contiguous_format),
+                                             requires_grad=old.requires_grad))
+        return kept
 
 
 def compacted(parts: dict[str, dict[str, Index]]) -> dict[str, Index]:
@@ -194,9 +192,8 @@ class ElasticFFN(nn.Module):
     @torch.no_grad()
     def compact_(self) -> dict[str, Index]:
         """Cut to the active units (a compute replica's module only: see the module doc)."""
-        units = slice(0, self.active_dim)
-        names = {id(m): n for n, m in self.named_children()}
-        parts = {names[id(m)]: m.keep_(rows=units) for m in self.input_projections()}
+        units, inputs = slice(0, self.active_dim), self.input_projections()
+        parts = {name: m.keep_(rows=units) for name, m in self.named_children() if any(m is p for p in inputs)}
         parts["down"] = self.down.keep_(cols=units)
         self.max_dim = self.active_dim
         return compacted(parts)

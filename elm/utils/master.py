@@ -49,7 +49,7 @@ class Bf16Master:
         """A fresh compact replica of ``module``: parameters in bf16 (the active part only where a
         module has ``compact_``); buffers (bases, variances) and plain attributes as they are."""
         self.compute = copy.deepcopy(self.module)
-        parts: dict[str, tuple] = {}
+        parts: dict[str, Index] = {}
         for name, sub in self.compute.named_modules():
             if hasattr(sub, "compact_"):
                 parts.update({f"{name}.{key}" if name else key: index for key, index in sub.compact_().items()})
@@ -88,11 +88,14 @@ class Bf16Master:
         the replica's own slices: new active widths (growth, pruning, a state that has others) need
         :meth:`rebuild`, which the search runs at every epoch start."""
         for master, low, index in self._params:
-            low.copy_(_take(master, index))
+            low.copy_(take(master, index))
 
 
-def _take(t: torch.Tensor, index: tuple | None) -> torch.Tensor:
-    """``t`` at ``index`` (``elm.supernet.elastic.Index``: slices, or row indices first); None = all."""
+Index = tuple  # where a compact part lies in a full tensor: a slice per dimension, or row indices first
+
+
+def take(t: torch.Tensor, index: Index | None) -> torch.Tensor:
+    """``t`` at ``index`` (a view unless rows are indices); None = all of ``t``."""
     if index is None:
         return t
     rows, *rest = index
@@ -100,8 +103,8 @@ def _take(t: torch.Tensor, index: tuple | None) -> torch.Tensor:
     return t[(slice(None), *rest)]
 
 
-def _add_at(t: torch.Tensor, index: tuple, value: torch.Tensor, overwrite: bool = False) -> None:
-    """``t[index] += value`` (``overwrite``: ``= value``) in place (``index`` as in :func:`_take`)."""
+def _add_at(t: torch.Tensor, index: Index, value: torch.Tensor, overwrite: bool = False) -> None:
+    """``t[index] += value`` (``overwrite``: ``= value``) in place."""
     rows, *rest = index
     part = t[(slice(None), *rest)]
     if torch.is_tensor(rows):
