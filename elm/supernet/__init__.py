@@ -9,7 +9,12 @@ from .elastic import (
     uniform_layer_map,
 )
 from .extract import copy_candidate, extract
-from .supernet import CommonDropout, SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
+from .supernet import (  # SpaceConfig lives in elm.space; re-exported
+    CommonDropout,
+    SpaceConfig,
+    Supernet,
+    rescale_embeddings,
+)
 
 __all__ = [
     "CandidateBlock",
@@ -22,5 +27,6 @@ __all__ = [
     "Supernet",
     "copy_candidate",
     "extract",
+    "rescale_embeddings",
     "uniform_layer_map",
 ]
