@@ -65,7 +65,7 @@ def test_rescaled_embeddings_keep_the_hidden_states_and_start_the_lm_head_near_l
     first loss from far above ln(vocab) to about it."""
     from elm import LayerConfig
     from elm.modeling import ElmForCausalLM
-    from elm.supernet import rescale_embeddings
+    from elm.retrain.init import rescale_embeddings
 
     layer = LayerConfig("bert", num_heads=2, head_dim=16, ffn_dim=64)
     arch = ArchConfig(hidden_size=32, embedding_size=16 if projected else 32, vocab_size=500, max_positions=64,

@@ -542,34 +542,6 @@ def test_prune_heads_removes_one_of_two_identical_heads() -> None:
     assert mine[0]["head"] == (0 if imp[0] < imp[1] else 1)  # the less important copy goes
 
 
-def test_supernet_embedding_tables_start_at_the_init_range_without_drawing_random_numbers(monkeypatch) -> None:
-    """Not PyTorch's N(0, 1): a teacher that cannot be inherited from leaves the tables to the
-    search, and the exported model's tied LM head reads their scale. They are rescaled, not redrawn:
-    the same draws times one factor, and the random stream after the supernet (candidates' init,
-    dropout) is what it would be without the rescale."""
-    import elm.supernet.supernet as module
-
-    def build(causal: bool):
-        torch.manual_seed(0)
-        net = Supernet(make_space(causal=causal), vocab_size=50, max_positions=16, teacher_hidden_size=HIDDEN,
-                       teacher_layers=4)  # fmt: skip
-        return net.embeddings, torch.rand(3)
-
-    for causal in (False, True):
-        emb, after = build(causal)
-        assert emb.word.weight.std().item() == pytest.approx(0.02, rel=1e-4)
-        assert emb.position.weight.std().item() == pytest.approx(0.02, rel=0.2)
-        if not causal:  # BERT's [PAD] row stays zero
-            assert not emb.word.weight[emb.word.padding_idx].any()
-        with monkeypatch.context() as m:
-            m.setattr(module, "rescale_embeddings", lambda embeddings, std: 1.0)
-            plain, plain_after = build(causal)
-        factor = (emb.word.weight.std() / plain.word.weight.std()).item()
-        assert factor < 0.05 and torch.equal(after, plain_after)
-        for name in ("word", "position"):
-            torch.testing.assert_close(getattr(emb, name).weight, getattr(plain, name).weight * factor)
-
-
 def test_attention_dropout_is_its_own_setting() -> None:
     """space.attention_dropout (null = space.dropout) sets only the dropout on attention
     probabilities; on CPU SDPA with it falls back to its math path (3.4x slower, docs/benchmarks.md)."""

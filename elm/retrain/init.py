@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..space import ArchConfig, SpaceConfig
-from ..supernet import Supernet, extract, rescale_embeddings
+from ..supernet import Supernet, extract
 from ..supernet.basis import Basis
 from ..utils.hub import quiet_transformers
 from ..utils.io import DONE_FILE, SEARCH_STATE_FILE, load_checkpoint
@@ -160,13 +160,12 @@ def init_from_search(
     before inheritance); then, or with ``keep_embeddings=False``, they get the Hugging Face model's
     own init (normal, std ``initializer_range``): untrained PyTorch-default ``N(0, 1)`` embeddings
     would start the tied LM head at an MLM loss of ~24 instead of ~ln(vocab). Embeddings the search
-    trained but did not inherit (teachers other than BERT-family encoders) are scaled to the init
-    range by :func:`elm.supernet.rescale_embeddings`, which leaves the model's hidden states as
-    they were: the LayerNorm after them hides their scale from every search loss but not from the
-    tied LM head. (Search states written before the supernet started its tables at that range kept
-    PyTorch's ``N(0, 1)``: a causal student's LM loss averaged 21 over its first 25 steps, ln(vocab)
-    = 8.3, and it ended its retraining at 9x the uniform baseline's perplexity.) The LM /
-    classifier heads keep their fresh init.
+    trained but did not inherit (teachers other than BERT-family encoders) started at ``N(0, 1)``
+    and keep that scale, which the LayerNorm after them hides from the layers but not from the
+    tied LM head: a causal student's LM loss averaged 21 over its first 25 steps (ln(vocab) =
+    8.3), and it ended its retraining at 9x the uniform baseline's perplexity. They are scaled
+    down by :func:`rescale_embeddings`, which leaves the model's hidden states as they were. The
+    LM / classifier heads keep their fresh init.
     """
     state = load_search_state(search_dir) if state is None else state
     inherited = bool((state.get("inherit") or {}).get("inherited"))
@@ -192,6 +191,23 @@ def init_from_search(
         "embeddings": "fresh init" if not keep else "supernet" if scale is None else f"supernet, scaled by {scale:.3g}",
     }
     return model, info
+
+
+@torch.no_grad()
+def rescale_embeddings(embeddings: torch.nn.Module, std: float) -> float:
+    """Scale an ``ElmEmbeddings``' tables (word, position, token type) and its projection's bias by
+    one factor, so that the word rows have standard deviation ``std``; returns the factor.
+
+    The LayerNorm after them sees the same vector times that factor, so the hidden states do not
+    change (up to its eps); the tied LM head, which reads the word rows themselves, starts near
+    ln(vocab) instead of far above it."""
+    factor = std / float(embeddings.word.weight.float().std())
+    for table in (embeddings.word, embeddings.position, embeddings.token_type):
+        if table is not None:
+            table.weight.mul_(factor)
+    if embeddings.project is not None:
+        embeddings.project.bias.mul_(factor)
+    return factor
 
 
 def init_from_model(path: str | Path, arch: ArchConfig, model_cls: type, **config_kwargs: Any):

@@ -9,12 +9,7 @@ from .elastic import (
     uniform_layer_map,
 )
 from .extract import copy_candidate, extract
-from .supernet import (  # SpaceConfig lives in elm.space; re-exported
-    CommonDropout,
-    SpaceConfig,
-    Supernet,
-    rescale_embeddings,
-)
+from .supernet import CommonDropout, SpaceConfig, Supernet  # SpaceConfig lives in elm.space; re-exported
 
 __all__ = [
     "CandidateBlock",
@@ -27,6 +22,5 @@ __all__ = [
     "Supernet",
     "copy_candidate",
     "extract",
-    "rescale_embeddings",
     "uniform_layer_map",
 ]

@@ -48,16 +48,10 @@ class Supernet(nn.Module):
             type_vocab_size=type_vocab_size,
             causal=space.causal,
         )
-        config = ElmConfig.from_arch_dict({**self.arch_base, "layers": []}, hidden_dropout_prob=space.dropout,
-                                          pad_token_id=pad_token_id)  # fmt: skip
-        self.embeddings = ElmEmbeddings(config)
-        # [project decision] tables at the exported model's init range, not PyTorch's N(0, 1):
-        # inheritance overwrites them (BERT-family teachers), but a teacher that cannot be inherited
-        # from (a GPT-2 decoder) leaves them to the search, whose losses all read them through a
-        # LayerNorm; N(0, 1) tables barely move under Adam's lr-sized steps, and the exported model's
-        # tied LM head reads their scale. A rescale, not a redraw: no random numbers are used, so
-        # every later draw (candidates, dropout) is what it was.
-        rescale_embeddings(self.embeddings, config.initializer_range)
+        self.embeddings = ElmEmbeddings(
+            ElmConfig.from_arch_dict({**self.arch_base, "layers": []}, hidden_dropout_prob=space.dropout,
+                                     pad_token_id=pad_token_id)  # fmt: skip
+        )
         self.layers = nn.ModuleList(
             nn.ModuleList(self._candidate(block, share) for block, share in space.candidates())
             for _ in range(space.num_layers)
@@ -242,20 +236,3 @@ class CommonDropout:
             yield
         finally:
             modeling_elm.multiplier_source = outer
-
-
-@torch.no_grad()
-def rescale_embeddings(embeddings: torch.nn.Module, std: float) -> float:
-    """Scale an ``ElmEmbeddings``' tables (word, position, token type) and its projection's bias by
-    one factor, so that the word rows have standard deviation ``std``; returns the factor.
-
-    The LayerNorm after them sees the same vector times that factor, so the hidden states do not
-    change (up to its eps); the tied LM head, which reads the word rows themselves, starts near
-    ln(vocab) instead of far above it."""
-    factor = std / float(embeddings.word.weight.float().std())
-    for table in (embeddings.word, embeddings.position, embeddings.token_type):
-        if table is not None:
-            table.weight.mul_(factor)
-    if embeddings.project is not None:
-        embeddings.project.bias.mul_(factor)
-    return factor
