@@ -126,6 +126,58 @@ def test_ffn_activation_comes_from_the_family_and_travels_with_the_export(monkey
     assert [layer.ffns[0].act for layer in ElmModel(older).layers[:2]] == [F.gelu, F.relu]
 
 
+TOY_LAYER = '''"""A test family's own exported layer: BERT attention, an FFN with tanh (a file of its own)."""
+try:
+    from .modeling_elm import ElmAttention, ElmFFN
+except ImportError:
+    from elm.modeling.modeling_elm import ElmAttention, ElmFFN
+
+
+class TanhFFN(ElmFFN):
+    def forward(self, x):
+        return self.norm(x + self.dropout(self.down(self.up(x).tanh())))
+
+
+def layer_parts(config, width, layer):
+    attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
+    return attention, [TanhFFN(config, width, layer["ffn_dim"], "gelu")]
+'''
+
+
+def test_a_family_with_its_own_layer_needs_no_file_outside_the_registry(monkeypatch, tmp_path):
+    """A family whose exported layer differs lives in ``elm.blocks.<layout>_layer`` and the registry
+    alone: the package's models build it, an export ships it, and it loads as remote code."""
+    import importlib.util
+    import sys
+
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from elm.modeling import ElmModel, config_from_arch
+
+    (tmp_path / "toy_layer.py").write_text(TOY_LAYER)
+    spec = importlib.util.spec_from_file_location("elm.blocks.toy_layer", tmp_path / "toy_layer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "elm.blocks.toy_layer", module)
+    toy = BlockFamily("toy", "Toy", "#333333", bottleneck=False, stacked_ffns=False, defaults=(("heads", 3),),
+                      layout="toy")  # fmt: skip
+    monkeypatch.setitem(BLOCKS, "toy", toy)
+    space = SpaceConfig(**{**SPACE, "blocks": ["bert", "toy"]}).validate()
+    layers = [LayerConfig(num_heads=2, ffn_dim=12, **space.layer_fields(b, "none")) for b in space.blocks]
+    arch = ArchConfig(hidden_size=48, embedding_size=16, vocab_size=30, max_positions=8, layers=layers)
+    torch.manual_seed(0)
+    model = ElmModel(config_from_arch(arch)).eval()
+    assert model.config.block_layouts == {"toy": "toy"}
+    assert [type(layer.ffns[0]).__name__ for layer in model.layers] == ["ElmFFN", "TanhFFN"]
+    model.save_pretrained(tmp_path / "toy_export")
+    assert (tmp_path / "toy_export" / "modeling_elm_toy.py").read_text() == TOY_LAYER
+    remote = get_class_from_dynamic_module("modeling_elm.ElmModel", tmp_path / "toy_export")  # the export's code
+    loaded = remote.from_pretrained(tmp_path / "toy_export").eval()
+    assert type(loaded.layers[1].ffns[0]).__module__.startswith("transformers_modules.")
+    ids = torch.randint(0, 30, (2, 6))
+    assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
 def test_a_family_with_an_unknown_activation_is_refused_when_registered():
     odd = BlockFamily("oddbert", "Odd", "#222222", bottleneck=False, stacked_ffns=False, defaults=(("heads", 3),),
                       activation="swish2")  # fmt: skip

@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from elm import ArchConfig, LayerConfig, config_from_arch
 from elm.modeling import (
@@ -105,8 +106,8 @@ def cls_export(tmp_path_factory):
 def test_export_folder_is_self_contained(mlm_export, causal_export):
     for arch, _, path in (mlm_export, causal_export):
         files = set(os.listdir(path))
-        assert {"config.json", "model.safetensors", "configuration_elm.py", "modeling_elm.py",
-                "modeling_elm_llama.py"} <= files  # fmt: skip
+        shipped = {"configuration_elm.py", "modeling_elm.py", "modeling_elm_layouts.py", "modeling_elm_llama.py"}
+        assert {"config.json", "model.safetensors"} | shipped <= files
         auto_map = json.loads((path / "config.json").read_text())["auto_map"]
         expected = {
             "AutoConfig": "configuration_elm.ElmConfig",
@@ -117,15 +118,43 @@ def test_export_folder_is_self_contained(mlm_export, causal_export):
         if arch.causal:
             expected["AutoModelForCausalLM"] = "modeling_elm.ElmForCausalLM"
         assert auto_map == expected
-        # the shipped code imports only its siblings (relatively), never the elm package
-        for name in ("modeling_elm.py", "configuration_elm.py", "modeling_elm_llama.py"):
-            for node in ast.walk(ast.parse((path / name).read_text())):
+        # the shipped code imports only its siblings (relatively), never the elm package outside a
+        # ``try`` (transformers skips those when it checks what remote code needs)
+        for name in shipped:
+            for node in required_imports(ast.parse((path / name).read_text())):
                 if isinstance(node, ast.ImportFrom) and node.level:
-                    assert node.level == 1 and node.module in ("configuration_elm", "modeling_elm",
-                                                               "modeling_elm_llama"), name  # fmt: skip
-                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    assert node.level == 1 and f"{node.module}.py" in shipped, name
+                else:
                     modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                     assert not any(m == "elm" or m.startswith("elm.") for m in modules), name
+
+
+def required_imports(node: ast.AST):
+    """The import statements of ``node`` outside ``try`` blocks."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield node
+    elif not isinstance(node, ast.Try):
+        for child in ast.iter_child_nodes(node):
+            yield from required_imports(child)
+
+
+def test_an_export_without_own_layouts_ships_none(tmp_path):
+    arch = ArchConfig.from_dict({**mixed_arch(causal=False).to_dict(), "layers": [vars(mixed_arch(False).layers[0])]})
+    build(ElmForMaskedLM, arch).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("modeling_elm_llama.py"))
+    remote = get_class_from_dynamic_module("modeling_elm.ElmForMaskedLM", tmp_path)  # the export's own code
+    assert remote.from_pretrained(tmp_path).config.block_layouts == {}
+
+
+def test_save_pretrained_pushes_what_it_wrote(tmp_path, monkeypatch, mlm_export):
+    """``push_to_hub=True`` uploads after the layouts are written (transformers' own upload comes
+    before them): the push gets the hub settings and the folder holds every shipped file."""
+    pushed = []
+    monkeypatch.setattr(ElmForMaskedLM, "push_to_hub", lambda self, repo, **kw: pushed.append(
+        (repo, kw, sorted(p.name for p in tmp_path.glob("modeling_elm*.py")))))  # fmt: skip
+    mlm_export[1].save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hi")
+    assert pushed == [("me/tiny", {"commit_message": "hi"},
+                       ["modeling_elm.py", "modeling_elm_layouts.py", "modeling_elm_llama.py"])]  # fmt: skip
 
 
 def test_auto_config_round_trip(mlm_export):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from elm.blocks import family
+from elm.blocks.llama_layer import rotary
 from elm.modeling import ElmForCausalLM, ElmModel, config_from_arch
 from elm.modeling.modeling_elm import ElmLayer, attention_bias
-from elm.modeling.modeling_elm_llama import rotary
 from elm.space import ArchConfig, ArchError, LayerConfig, SpaceConfig
 from elm.supernet import Supernet, extract
 from elm.supernet.basis import Moments

@@ -10,11 +10,12 @@ its own space settings with their defaults (``space.families.<name>.<key>``, e.g
 ``SpaceConfig`` field.
 
 Everything outside this package asks the registry (:func:`family`) rather than comparing names.
-One exception by design: ``elm/modeling/modeling_elm.py`` (with ``modeling_elm_llama.py`` beside it)
-ships inside every export as remote code (``trust_remote_code=True``), so it must not import
-``elm``; its layer reads the structure from the exported layer fields (``bottleneck_size``) and the
-config (``block_activations``, ``block_layouts``: written from this registry by
-``elm.modeling.config_from_arch``).
+One exception by design: ``elm/modeling/modeling_elm.py`` ships inside every export as remote code
+(``trust_remote_code=True``), so it must not import ``elm``; its layer reads the structure from the
+exported layer fields (``bottleneck_size``) and the config (``block_activations``, ``block_layouts``:
+written from this registry by ``elm.modeling.config_from_arch``). A family with its own layer
+(``layout``) keeps it here too, as ``<layout>_layer.py``; exports ship it beside the remote code
+(``elm.modeling.modeling_elm_layouts``).
 
 This package imports nothing from ``elm`` (``elm.space`` imports it), so it works on any object
 with the fields of a ``LayerConfig`` / ``SpaceConfig``.
@@ -52,7 +53,9 @@ class BlockFamily:
         identity: the block is the identity (no attention, no FFN, no parameters): choosing it for a
             layer removes the layer, so the search trades depth for width (see :data:`SKIP`).
         layout: the exported layer's layout (``ElmConfig.block_layouts``, read by the remote code):
-            ``post_ln`` (BERT / MobileBERT) or ``llama`` (:mod:`elm.blocks.llama`).
+            ``post_ln`` (BERT / MobileBERT, ``modeling_elm``) or a name ``<n>`` whose layer is the
+            module ``elm.blocks.<n>_layer`` (``layer_parts(config, width, layer)``; standalone but for
+            ``modeling_elm``, as it ships in exports): ``llama`` (:mod:`elm.blocks.llama_layer`).
 
     A family whose blocks are built differently subclasses this and overrides the methods below
     (:meth:`share_modes`, :meth:`parameters`, :meth:`candidate`, ...): ``elm.blocks.llama`` does.

@@ -4,7 +4,7 @@ and a SwiGLU FFN with elastic width, causal or bidirectional.
 Here: its settings (``space.families.llama``: ``heads``, ``head_dim``, ``group``), its sharing
 modes (``none`` and ``gqa<g>``: ``g`` query heads read one key/value head), its validation and
 parameter count. Its elastic candidate is :mod:`elm.blocks.llama_elastic`, its exported layer
-``elm/modeling/modeling_elm_llama.py`` (shipped beside ``modeling_elm.py`` as remote code).
+:mod:`elm.blocks.llama_layer` (shipped in exports as ``modeling_elm_llama.py``, remote code).
 
 [project decision] Mixing rule: a supernet may hold llama candidates beside BERT and MobileBERT ones
 in every layer. Every block maps a state in the supernet's one shared basis to the next state in

@@ -1,5 +1,5 @@
 """The llama family's elastic candidate (:mod:`elm.blocks.llama`): the supernet twin of
-``elm.modeling.modeling_elm_llama`` (same sub-module names, same function on the active slices).
+``elm.blocks.llama_layer`` (same sub-module names, same function on the active slices).
 
 Elastic like the BERT families' candidates: stored units are a prefix-sliced maximum, pruning
 permutes whole key/value groups to the front, growth activates FFN units. The analysis reads it
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.modeling_elm import Dropout, ElmLayer, attention_bias
-from ..modeling.modeling_elm_llama import RMSNorm, group_of, grouped_attention
 from ..space import LayerConfig
 from ..supernet.elastic import CandidateBlock, ElasticAttention, ElasticFFN, ElasticLinear
 from ..supernet.extract import copy_attention, copy_linear
 from ..supernet.inherit import fit_linear
+from .llama_layer import RMSNorm, group_of, grouped_attention
 
 EPS = 1e-12  # ElmConfig.layer_norm_eps's default, which the exported layer's RMSNorms take
 

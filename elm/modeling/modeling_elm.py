@@ -1,7 +1,8 @@
 """Standalone ELM models: any mix of BERT, MobileBERT and LLaMA-style blocks as a Hugging Face model.
 
-Self-contained (only ``configuration_elm`` and ``modeling_elm_llama`` beside it) so an export can
-ship it for ``trust_remote_code=True``. The supernet's elastic blocks (``elm.supernet``) compute the same
+Self-contained (only ``configuration_elm`` and ``modeling_elm_layouts`` beside it, the latter with
+the layers of families that bring their own, e.g. ``modeling_elm_llama``) so an export can ship it for
+``trust_remote_code=True``. The supernet's elastic blocks (``elm.supernet``) compute the same
 function on sliced weights; ``elm.supernet.extract`` copies them here and the outputs agree.
 
 Speed levers (small models are dominated by the vocabulary projection and by overheads):
@@ -38,14 +39,6 @@ def block_activation(config: ElmConfig, layer: dict) -> str:
     return named or ("relu" if layer.get("bottleneck_size") is not None else "gelu")
 
 
-def block_layout(config: ElmConfig, layer: dict) -> str:
-    """The layer layout of a layer's family, as the export recorded it (``ElmConfig.block_layouts``):
-    ``post_ln`` (BERT / MobileBERT: post-LayerNorm attention and FFNs, the default) or ``llama``
-    (pre-RMSNorm grouped-query attention with rotary positions and a SwiGLU FFN,
-    ``modeling_elm_llama``). A config written without layouts: grouped-query sharing is llama's."""
-    named = (getattr(config, "block_layouts", None) or {}).get(layer["block"])
-    return named or ("llama" if str(layer.get("share", "")).startswith("gqa") else "post_ln")
-
 # Auto classes an export loads with under ``trust_remote_code=True``. ``save_pretrained`` only
 # writes the saved class into ``config.auto_map``; ElmPreTrainedModel.save_pretrained adds all of them.
 AUTO_MAP = {
@@ -54,6 +47,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "ElmForCausalLM",  # causal architectures only
     "AutoModelForSequenceClassification": "ElmForSequenceClassification",
 }
+HUB_KEYS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision")  # save_pretrained(push_to_hub=True)
 
 
 def _recording() -> bool:
@@ -212,7 +206,8 @@ class ElmFFN(nn.Module):
 
 class ElmLayer(nn.Module):
     """A BERT block (attention + FFN at H) or a MobileBERT block (H -> B, attention and
-    ``num_ffn`` FFNs at B, B -> H with the residual at H)."""
+    ``num_ffn`` FFNs at B, B -> H with the residual at H); a family with its own layout (llama)
+    brings its attention and FFNs (``modeling_elm_layouts``)."""
 
     def __init__(self, config: ElmConfig, layer: dict) -> None:
         super().__init__()
@@ -228,15 +223,17 @@ class ElmLayer(nn.Module):
             self.bottleneck_out = nn.Linear(width, h)
             self.norm_out = nn.LayerNorm(h, eps=config.layer_norm_eps)
             self.dropout = Dropout(config.hidden_dropout_prob)
-        heads, head_dim, share, ffns = layer["num_heads"], layer["head_dim"], layer["share"], layer.get("num_ffn", 1)
-        if block_layout(config, layer) == "llama":  # (shipped beside this file, imported on use)
-            from .modeling_elm_llama import ElmGroupedAttention, ElmSwiGLU
+        # a family's own layer (modeling_elm_layouts imported on use: its layers import this file)
+        from .modeling_elm_layouts import layer_parts
 
-            self.attention = ElmGroupedAttention(config, width, heads, head_dim, share)
-            self.ffns = nn.ModuleList(ElmSwiGLU(config, width, layer["ffn_dim"]) for _ in range(ffns))
-            return
-        self.attention = ElmAttention(config, width, heads, head_dim, share)
-        self.ffns = nn.ModuleList(ElmFFN(config, width, layer["ffn_dim"], block_activation(config, layer)) for _ in range(ffns))
+        own = layer_parts(config, layer["block"])
+        if own is not None:
+            self.attention, ffns = own(config, width, layer)
+        else:
+            self.attention = ElmAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
+            act = block_activation(config, layer)
+            ffns = [ElmFFN(config, width, layer["ffn_dim"], act) for _ in range(layer.get("num_ffn", 1))]
+        self.ffns = nn.ModuleList(ffns)
 
     def forward(self, x, mask=None, causal: bool = False, output_attentions: bool = False, cache=None,
                 layer_idx: int = 0):  # fmt: skip
@@ -301,7 +298,15 @@ class ElmPreTrainedModel(PreTrainedModel):
                 if auto != "AutoModelForCausalLM" or self.config.causal:
                     auto_map[auto] = f"{module}.{name}"
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs} if kwargs.pop("push_to_hub", False) else None
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .modeling_elm_layouts import write_export
+
+            write_export(save_directory, self.config)
+        if hub is not None:  # (transformers would upload before write_export: push what is written here)
+            self.push_to_hub(hub.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1]), **hub)
+        return saved
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,9 +1,10 @@
-"""The LLaMA-style block of an ELM model: pre-RMSNorm, rotary positions, grouped-query attention and
-a SwiGLU FFN (the ``llama`` family of ``elm.blocks``).
+"""The LLaMA-style block of an exported ELM model: pre-RMSNorm, rotary positions, grouped-query
+attention and a SwiGLU FFN (the ``llama`` family's layout, ``elm.blocks.llama``).
 
-Shipped beside ``modeling_elm.py`` in every export (``ElmLayer`` imports it, so ``save_pretrained``
-copies it as remote code); like that file it imports nothing of ``elm``. The supernet's elastic
-twin (``elm.blocks.llama_elastic``) computes the same function on sliced weights.
+An export that holds llama layers ships this file as ``modeling_elm_llama.py`` beside
+``modeling_elm.py`` (``elm.modeling.modeling_elm_layouts.write_export``), so it needs only
+``modeling_elm`` beside it: in the package the same names come from ``elm.modeling``. The
+supernet's elastic twin (``elm.blocks.llama_elastic``) computes the same function on sliced weights.
 
 Layout of the fused projection, unit-major so an elastic candidate's active units are a prefix:
 a *unit* is one key/value head with the ``group`` query heads that read it, stored as
@@ -19,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_elm import Dropout, attend
+try:  # an export: beside modeling_elm.py (transformers ignores imports under try when it checks requirements)
+    from .modeling_elm import Dropout, attend
+except ImportError:  # the package: elm.blocks.llama_layer
+    from elm.modeling.modeling_elm import Dropout, attend
 
 ROPE_BASE = 10000.0  # rotary frequency base, as in LLaMA
 
@@ -115,3 +119,9 @@ class ElmSwiGLU(nn.Module):
     def forward(self, x):
         n = self.norm(x)
         return x + self.dropout(self.down(F.silu(self.gate(n)) * self.up(n)))
+
+
+def layer_parts(config, width: int, layer: dict):
+    """The attention and FFNs of a llama layer of ``ElmLayer`` (the layout's one entry point)."""
+    attention = ElmGroupedAttention(config, width, layer["num_heads"], layer["head_dim"], layer["share"])
+    return attention, [ElmSwiGLU(config, width, layer["ffn_dim"]) for _ in range(layer.get("num_ffn", 1))]
