@@ -152,8 +152,8 @@ def test_save_pretrained_pushes_what_it_wrote(tmp_path, monkeypatch, mlm_export)
     pushed = []
     monkeypatch.setattr(ElmForMaskedLM, "push_to_hub", lambda self, repo, **kw: pushed.append(
         (repo, kw, sorted(p.name for p in tmp_path.glob("modeling_elm*.py")))))  # fmt: skip
-    mlm_export[1].save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hi")
-    assert pushed == [("me/tiny", {"commit_message": "hi"},
+    mlm_export[1].save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hi", max_shard_size="1GB")
+    assert pushed == [("me/tiny", {"commit_message": "hi", "max_shard_size": "1GB"},
                        ["modeling_elm.py", "modeling_elm_layouts.py", "modeling_elm_llama.py"])]  # fmt: skip
 
 

@@ -47,7 +47,8 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "ElmForCausalLM",  # causal architectures only
     "AutoModelForSequenceClassification": "ElmForSequenceClassification",
 }
-HUB_KEYS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision")  # save_pretrained(push_to_hub=True)
+# save_pretrained(push_to_hub=True): what goes to push_to_hub only (max_shard_size goes to both)
+HUB_KEYS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
 
 
 def _recording() -> bool:
@@ -299,6 +300,8 @@ class ElmPreTrainedModel(PreTrainedModel):
                     auto_map[auto] = f"{module}.{name}"
             self.config.auto_map = auto_map
         hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs} if kwargs.pop("push_to_hub", False) else None
+        if hub is not None and "max_shard_size" in kwargs:
+            hub["max_shard_size"] = kwargs["max_shard_size"]
         saved = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from .modeling_elm_layouts import write_export
