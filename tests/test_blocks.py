@@ -178,6 +178,16 @@ def test_a_family_with_its_own_layer_needs_no_file_outside_the_registry(monkeypa
     assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
+def test_a_family_unknown_to_this_process_loads_with_what_its_export_recorded():
+    """An export of a family registered in another process (post-LayerNorm: no ``block_layouts``
+    entry) builds here from the config alone, with its recorded activation."""
+    import torch.nn.functional as F
+
+    layer = {**dataclasses.asdict(LayerConfig("bert", 2, 8, 12)), "block": "elsewhere"}
+    built = ElmLayer(_config(block_activations={"elsewhere": "relu"}), layer)
+    assert type(built.ffns[0]).__name__ == "ElmFFN" and built.ffns[0].act is F.relu
+
+
 def test_a_family_with_an_unknown_activation_is_refused_when_registered():
     odd = BlockFamily("oddbert", "Odd", "#222222", bottleneck=False, stacked_ffns=False, defaults=(("heads", 3),),
                       activation="swish2")  # fmt: skip

@@ -15,7 +15,7 @@ import importlib
 import shutil
 from pathlib import Path
 
-from elm.blocks import family
+from elm.blocks import BLOCKS
 
 # what an export holds in place of this file; {imports} / {layouts} name the layouts it ships
 EXPORTED = '''"""The layers of this model's block families with their own layout (written by elm's export)."""
@@ -39,9 +39,11 @@ def _module(name: str):
 
 
 def layer_parts(config, block: str):
-    """The ``layer_parts`` of ``block``'s layout (``config.block_layouts``, else its family's), or
-    None for the post-LayerNorm layer of ``modeling_elm``."""
-    name = (getattr(config, "block_layouts", None) or {}).get(block) or family(block).layout
+    """The ``layer_parts`` of ``block``'s layout, or None for the post-LayerNorm layer of
+    ``modeling_elm``. The config's ``block_layouts`` names it; a config written by hand without
+    it takes the registered family's (a family unknown to this process: post-LayerNorm, as exports
+    record every other layout)."""
+    name = (getattr(config, "block_layouts", None) or {}).get(block) or getattr(BLOCKS.get(block), "layout", "post_ln")
     return None if name == "post_ln" else _module(name).layer_parts
 
 
