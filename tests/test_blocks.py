@@ -129,7 +129,7 @@ def test_ffn_activation_comes_from_the_family_and_travels_with_the_export(monkey
 TOY_LAYER = '''"""A test family's own exported layer: BERT attention, an FFN with tanh (a file of its own)."""
 try:
     from .modeling_elm import ElmAttention, ElmFFN
-except ImportError:
+except ModuleNotFoundError:
     from elm.modeling.modeling_elm import ElmAttention, ElmFFN
 
 
@@ -186,6 +186,12 @@ def test_a_family_unknown_to_this_process_loads_with_what_its_export_recorded():
     layer = {**dataclasses.asdict(LayerConfig("bert", 2, 8, 12)), "block": "elsewhere"}
     built = ElmLayer(_config(block_activations={"elsewhere": "relu"}), layer)
     assert type(built.ffns[0]).__name__ == "ElmFFN" and built.ffns[0].act is F.relu
+
+
+def test_a_layout_this_elm_lacks_is_a_clear_error():
+    layer = dataclasses.asdict(LayerConfig("bert", 2, 8, 12))
+    with pytest.raises(ArchError, match=r"layout 'newer' is not one this elm has \(no elm.blocks.newer_layer\); upgrade"):
+        ElmLayer(_config(block_layouts={"bert": "newer"}), layer)
 
 
 def test_a_family_with_an_unknown_activation_is_refused_when_registered():

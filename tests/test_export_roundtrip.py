@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,15 +147,38 @@ def test_an_export_without_own_layouts_ships_none(tmp_path):
     assert remote.from_pretrained(tmp_path).config.block_layouts == {}
 
 
-def test_save_pretrained_pushes_what_it_wrote(tmp_path, monkeypatch, mlm_export):
-    """``push_to_hub=True`` uploads after the layouts are written (transformers' own upload comes
-    before them): the push gets the hub settings and the folder holds every shipped file."""
-    pushed = []
-    monkeypatch.setattr(ElmForMaskedLM, "push_to_hub", lambda self, repo, **kw: pushed.append(
-        (repo, kw, sorted(p.name for p in tmp_path.glob("modeling_elm*.py")))))  # fmt: skip
-    mlm_export[1].save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hi", max_shard_size="1GB")
-    assert pushed == [("me/tiny", {"commit_message": "hi", "max_shard_size": "1GB"},
-                       ["modeling_elm.py", "modeling_elm_layouts.py", "modeling_elm_llama.py"])]  # fmt: skip
+def test_save_pretrained_with_push_uploads_the_layouts(tmp_path, monkeypatch, mlm_export):
+    """transformers uploads inside its own ``save_pretrained``: the folder it uploads already holds
+    the export's layouts (the generated ``modeling_elm_layouts.py`` and ``modeling_elm_llama.py``).
+    The Hub calls are stand-ins; the save and the upload hook are transformers' own."""
+    import types
+
+    import transformers.modeling_utils as modeling_utils
+    from transformers.utils.hub import PushToHubMixin
+
+    uploaded = []
+    repo = types.SimpleNamespace(create_repo=lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(modeling_utils, "hf_api", lambda: repo)
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card", lambda *a, **k: types.SimpleNamespace(save=print))
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", lambda self, folder, repo_id, *a, **k: uploaded.append(
+        (repo_id, sorted(os.listdir(folder)), (Path(folder) / "modeling_elm_layouts.py").read_text())))  # fmt: skip
+    mlm_export[1].save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hi")
+    [(repo_id, files, layouts)] = uploaded
+    assert repo_id == "me/tiny" and {"model.safetensors", "modeling_elm_llama.py"} <= set(files)
+    assert "written by elm's export" in layouts and "from .modeling_elm_llama import" in layouts
+
+
+def test_a_config_written_by_hand_exports_its_families_layouts(tmp_path):
+    """A config without ``block_layouts`` builds llama layers from the registry; its export ships
+    them too and names their family, so the export's own code builds the same model."""
+    arch = mixed_arch(causal=False)
+    model = build(ElmForMaskedLM, arch)
+    hand = ElmForMaskedLM(ElmConfig.from_arch_dict(arch.to_dict()))
+    hand.load_state_dict(model.state_dict())
+    assert hand.config.block_layouts == {}
+    hand.eval().save_pretrained(tmp_path)
+    remote = get_class_from_dynamic_module("modeling_elm.ElmForMaskedLM", tmp_path)
+    assert torch.equal(remote.from_pretrained(tmp_path).eval()(**inputs()).logits, model(**inputs()).logits)
 
 
 def test_auto_config_round_trip(mlm_export):

@@ -22,7 +22,7 @@ from torch import nn
 
 try:  # an export: beside modeling_elm.py (transformers ignores imports under try when it checks requirements)
     from .modeling_elm import Dropout, attend
-except ImportError:  # the package: elm.blocks.llama_layer
+except ModuleNotFoundError:  # the package: elm.blocks.llama_layer (no modeling_elm beside it)
     from elm.modeling.modeling_elm import Dropout, attend
 
 ROPE_BASE = 10000.0  # rotary frequency base, as in LLaMA

@@ -15,6 +15,7 @@ words (:func:`keep_mask`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,6 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "ElmForCausalLM",  # causal architectures only
     "AutoModelForSequenceClassification": "ElmForSequenceClassification",
 }
-# save_pretrained(push_to_hub=True): what goes to push_to_hub only (max_shard_size goes to both)
-HUB_KEYS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
 
 
 def _recording() -> bool:
@@ -291,7 +290,7 @@ class ElmPreTrainedModel(PreTrainedModel):
     # ``**kwargs`` in forward) would skip dividing by the gradient-accumulation steps.
     accepts_loss_kwargs = False
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None:  # registered (import elm) or remote-code loaded
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -299,17 +298,21 @@ class ElmPreTrainedModel(PreTrainedModel):
                 if auto != "AutoModelForCausalLM" or self.config.causal:
                     auto_map[auto] = f"{module}.{name}"
             self.config.auto_map = auto_map
-        hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs} if kwargs.pop("push_to_hub", False) else None
-        if hub is not None and "max_shard_size" in kwargs:
-            hub["max_shard_size"] = kwargs["max_shard_size"]
-        saved = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            from .modeling_elm_layouts import write_export
-
-            write_export(save_directory, self.config)
-        if hub is not None:  # (transformers would upload before write_export: push what is written here)
-            self.push_to_hub(hub.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1]), **hub)
+        saved = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if self.should_save_on_this_rank(is_main_process) and os.path.isdir(save_directory):
+            self._write_layouts(save_directory)
         return saved
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """transformers' upload (``push_to_hub``, ``save_pretrained(push_to_hub=True)``) runs inside
+        its ``save_pretrained``: the layouts go into the folder first, so they are uploaded too."""
+        self._write_layouts(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def _write_layouts(self, directory) -> None:
+        from .modeling_elm_layouts import write_export
+
+        write_export(directory, self.config)
 
     def _init_weights(self, module):
         super()._init_weights(module)
