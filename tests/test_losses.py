@@ -195,6 +195,23 @@ def test_forward_and_reverse_kl(temperature):
     assert float(forward_kl(t, t)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_gradient_is_softmax_minus_teacher_probabilities(temperature):
+    """The frozen-teacher path (soft-target cross-entropy) has KL's closed-form gradient,
+    (softmax(s / T) - softmax(t / T)) / (T * valid tokens) at valid tokens and 0 at padding; a teacher
+    that requires grad still gets its own gradient (the explicit path)."""
+    s = torch.randn(2, 4, 10, generator=_gen(23), dtype=torch.float64).requires_grad_()
+    t = torch.randn(2, 4, 10, generator=_gen(24), dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    forward_kl(s, t, mask, temperature).backward()
+    expected = (torch.softmax(s.detach() / temperature, -1) - torch.softmax(t / temperature, -1)) / temperature
+    expected = expected * mask[..., None] / mask.sum()
+    torch.testing.assert_close(s.grad, expected)
+    t_grad = t.clone().requires_grad_()
+    forward_kl(s.detach(), t_grad, mask, temperature).backward()
+    assert t_grad.grad is not None and float(t_grad.grad.abs().sum()) > 0
+
+
 def test_kl_hidden_is_feature_softmax_kl():
     proj = nn.Linear(3, 5)
     s, t = torch.randn(2, 4, 3, generator=_gen(21)), torch.randn(2, 4, 5, generator=_gen(22))

@@ -22,6 +22,7 @@ from elm import ArchConfig
 from elm.modeling import ElmForMaskedLM, config_from_arch
 from elm.retrain import init_from_search, retrain
 from elm.retrain.trainer import STATE_FILE, RetrainTrainer
+from elm.teacher import TeacherCache
 from elm.utils.cli import CONFIG_DIR
 from elm.utils.logging import read_metrics
 
@@ -208,6 +209,23 @@ def test_resume_continues_from_the_checkpoint(search_dir, tmp_path, monkeypatch)
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
     assert set(resumed) == {"model_dir", "val_loss", "val_ppl", "params", "train_time_s"}
+
+
+def test_a_shared_teacher_cache_trains_exactly_as_the_teacher(search_dir, tmp_path):
+    """elm.compare's TeacherCache: a retraining on the batches of an earlier one reads every teacher
+    state from the cache, and ends with the same weights, bit for bit, as a run without the cache."""
+    arch = ArchConfig.from_json(search_dir / "arch.json")
+    cfg = compose_cfg("teacher_head.fit=true", f"teacher_head.path={tmp_path / 'head.pt'}")
+    cache = TeacherCache(2**30)
+    retrain(cfg, arch, tmp_path / "first", search_dir, teacher_cache=cache)
+    assert (cache.hits, cache.misses) == (0, 6)  # 2 epochs x 3 steps
+    cached = retrain(cfg, arch, tmp_path / "cached", search_dir, teacher_cache=cache)
+    assert (cache.hits, cache.misses) == (6, 6)
+    plain = retrain(cfg, arch, tmp_path / "plain", search_dir)
+    a = load_file(Path(plain["model_dir"]) / "model.safetensors")
+    b = load_file(Path(cached["model_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached["val_loss"] == plain["val_loss"]
 
 
 @pytest.mark.parametrize("case", ["no_done", "vocab", "missing_arch"])

@@ -10,6 +10,7 @@ import torch
 
 from elm.teacher import (
     Teacher,
+    TeacherCache,
     TeacherError,
     check_seq_len,
     check_vocab,
@@ -65,6 +66,34 @@ def test_default_teacher_forward(minilm: Teacher) -> None:
     probs = with_attn.attentions[0].sum(-1)[enc["attention_mask"].bool()]
     torch.testing.assert_close(probs, torch.ones_like(probs))
     torch.testing.assert_close(with_attn.hidden_states[-1], out.hidden_states[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_cache_returns_the_teachers_states_for_the_same_batch(minilm: Teacher, monkeypatch) -> None:
+    """A batch seen before is answered from the cache (the same tensors, no forward); another batch,
+    a state not kept, a teacher with other weights' dtype or a full cache runs the teacher."""
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1000, 30000, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    calls = []
+    forward = Teacher.__call__
+    monkeypatch.setattr(Teacher, "__call__", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    cache = TeacherCache(2**30)
+    first = cache.outputs(minilm, ids, mask, [2, 6])
+    again = cache.outputs(minilm, ids.clone(), mask.clone(), [2, 6])
+    assert len(calls) == 1 and (cache.hits, cache.misses) == (1, 1)
+    assert again.hidden_states[2] is first.hidden_states[2] and again.hidden_states[6] is first.hidden_states[6]
+    assert again.hidden_states[0] is None and len(again.hidden_states) == minilm.num_layers + 1
+    other = ids.clone()
+    other[0, 3] += 1
+    torch.testing.assert_close(cache.outputs(minilm, other, mask, [6]).hidden_states[6], minilm(other, mask).hidden_states[6])
+    cache.outputs(minilm, ids, mask, [1, 2])  # state 1 was not kept: recomputed, and now kept too
+    assert cache.outputs(minilm, ids, mask, [1]).hidden_states[1] is not None and cache.hits == 2
+    n = len(calls)
+    cache.outputs(minilm, ids, 1 - mask, [6])  # another mask is another batch
+    assert len(calls) == n + 1
+    full = TeacherCache(100)  # too small for any batch: nothing kept, every call runs the teacher
+    full.outputs(minilm, ids, mask, [6]), full.outputs(minilm, ids, mask, [6])
+    assert (full.hits, full.used) == (0, 0)
 
 
 def test_check_vocab(minilm: Teacher) -> None:

@@ -52,8 +52,10 @@ def _interleaved(make, steps: int, repeats: int) -> tuple[float, float]:
 def retrain_trainer(
     device, precision: str, *, batch: int = 16, seq: int = 128, teacher_name: str | None = None
 ):
-    """A ``RetrainTrainer`` of a 4-layer, 256-wide student on random rows: LM + RKD on every layer
-    (the default distillation without the fitted teacher head's logit KD)."""
+    """A ``RetrainTrainer`` of a 4-layer, 256-wide student on random rows: the default distillation,
+    LM + RKD on every layer + logit KD through a teacher MLM head (unfitted here: the same shapes
+    and cost as a fitted one)."""
+    from ..retrain.teacher_head import FittedTeacherHead, new_head
     from ..retrain.trainer import RetrainSettings, RetrainTrainer
     from ..supernet import uniform_layer_map
     from ..teacher import load_teacher
@@ -67,8 +69,9 @@ def retrain_trainer(
     loop = LoopConfig(epochs=2, batch_size=batch, warmup_steps=30, device=device, precision=precision, progress=False,
                       run_dir=tempfile.mkdtemp(prefix="elm-bench-"))  # fmt: skip
     kd = RetrainSettings(layer_map=uniform_layer_map(arch.num_layers, teacher.num_layers),
-                         weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 0.0}, eval_batches=1)  # fmt: skip
-    return RetrainTrainer(model, teacher, train, held_out, loop, kd)
+                         weights={"lm": 1.0, "hidden": 1.0, "point": 0.0, "kd": 1.0}, eval_batches=1)  # fmt: skip
+    head = FittedTeacherHead(new_head(teacher).to(device), teacher, {})
+    return RetrainTrainer(model, teacher, train, held_out, loop, kd, teacher_head=head)
 
 
 STEPS = {"search": search_trainer, "retrain": retrain_trainer}  # what each real step's trainer is built by

@@ -36,10 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..finetune.checkpoint import check_same_run
 from ..finetune.run import RESULTS_FILE, check_finetune_settings, prepare_task, run_finetune
 from ..space import ArchConfig, SpaceConfig
+from ..teacher import TeacherCache
 from ..utils.hub import load_tokenizer
 from ..utils.io import DONE_FILE, atomic_write_json, load_checkpoint, read_json
 from ..utils.runtime import resolve_device
-from ..utils.settings import compose_config
+from ..utils.settings import check_number, compose_config
 from .baselines import layer_params, random_arch, uniform_arch
 from .latency import measure_side_by_side
 from .report import KD_SUFFIX, task_label, write_comparison
@@ -105,7 +106,7 @@ def candidate_archs(
 
 
 def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path, search_dir: Path | None,
-                 resume: bool, init_from: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                 resume: bool, init_from: Path | None = None, teacher_cache=None) -> dict[str, Any]:  # fmt: skip
     from ..retrain import retrain
 
     done = out / DONE_FILE
@@ -119,7 +120,7 @@ def _retrain_one(retrain_cfg: DictConfig, name: str, arch: ArchConfig, out: Path
     log.info("%s: retraining %s (%s)", name, describe(arch), start)
     cfg = retrain_cfg.copy()
     cfg.resume = resume  # a half-done retrain (its checkpoint) is continued, not refused
-    return retrain(cfg, arch, out, search_dir=search_dir, init_from=init_from)
+    return retrain(cfg, arch, out, search_dir=search_dir, init_from=init_from, teacher_cache=teacher_cache)
 
 
 def _check_finished_retrain(retrain_cfg: DictConfig, out: Path) -> None:
@@ -231,6 +232,7 @@ def _check_inputs(cfg: DictConfig, retrain_cfg: DictConfig, ft_cfg: DictConfig) 
         if (sub.get("hub") or {}).get("repo_id") is not None:
             raise ValueError(f"{what}.hub.repo_id is set, but elm.compare publishes nothing (every row would push to "
                              f"one repo); drop it and push a chosen row with elm.retrain / elm.finetune")  # fmt: skip
+    check_number("teacher_cache_gb", cfg.get("teacher_cache_gb", 0), 0, integer=False)
     if any(b < 1 for b in cfg.latency.batch_sizes) or cfg.latency.seq_len < 1 or cfg.latency.repeats < 1:
         raise ValueError("latency.batch_sizes, latency.seq_len and latency.repeats must be >= 1")
     tokenizer = load_tokenizer(retrain_cfg.teacher.name)
@@ -308,15 +310,20 @@ def run_compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }  # fmt: skip
     atomic_write_json(run_dir / "comparison.json", summary)
 
-    # 3. the same retraining for every arch
+    # 3. the same retraining for every arch (the same batches: the teacher's states are kept between them)
     retrained = {}
+    gib = float(cfg.get("teacher_cache_gb", 0))
+    cache = TeacherCache(int(gib * 2**30)) if gib > 0 else None
     for name, a in archs.items():
         out = run_dir / "retrain" / name
         init_from = _write_slice(retrain_cfg, a, out) if name == "teacher_slice" else None
         search = search_dir if name == "searched" else None
-        retrained[name] = _retrain_one(retrain_cfg, name, a, out, search, bool(cfg.resume), init_from)
+        retrained[name] = _retrain_one(retrain_cfg, name, a, out, search, bool(cfg.resume), init_from, cache)
         summary["archs"][name]["retrain"] = retrained[name]
         atomic_write_json(run_dir / "comparison.json", summary)
+    if cache is not None and cache.hits:
+        log.info("teacher states reused between the retrainings: %s", cache)
+    del cache
     rows_archs = {m: m for m in cfg.models if m not in ("random", "teacher")}
     note = {}
     if "random" in cfg.models:

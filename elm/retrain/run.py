@@ -71,7 +71,7 @@ def check_inputs(cfg: DictConfig, arch: ArchConfig, teacher) -> None:
 
 def retrain(
     cfg: DictConfig, arch: ArchConfig, run_dir: str | Path, search_dir: str | Path | None = None,
-    init_from: str | Path | None = None,
+    init_from: str | Path | None = None, teacher_cache=None,
 ) -> dict:
     """Distil ``teacher`` into ``arch``, export it to ``<run_dir>/<export.dir>`` and return the results.
 
@@ -83,6 +83,7 @@ def retrain(
         search_dir: a finished ``elm.search`` run dir to initialise from (None = random init).
         init_from: a saved model dir (``save_pretrained`` of an elm model of this ``arch``, e.g. a
             teacher slice) to start from instead; ignored when ``search_dir`` is given.
+        teacher_cache: an ``elm.teacher.TeacherCache`` shared by retrainings on the same batches.
 
     Returns:
         ``{"model_dir", "val_loss", "val_ppl", "params", "train_time_s"}``: the export path,
@@ -168,7 +169,8 @@ def retrain(
                              temperature=d.temperature, loss=loss, eval_batches=r.eval_batches,
                              mlm_probability=r.mlm_probability)
         trainer = RetrainTrainer(model, teacher, data["train"], data["validation"], loop, kd, teacher_head=head,
-                                 point_target=target, logger=logger, compile=bool(cfg.get("compile", False)))  # fmt: skip
+                                 point_target=target, logger=logger, compile=bool(cfg.get("compile", False)),
+                                 teacher_cache=teacher_cache)  # fmt: skip
         trainer.meta = {"init": init, "settings": settings}
         if state is not None:
             trainer.load_state_dict(state)

@@ -81,12 +81,16 @@ class RetrainTrainer(TrainLoop):
             when ``kd.weights["point"] > 0``.
         compile: run the forward pass through ``torch.compile`` (the model is compiled once; the
             architecture is fixed here, unlike in the search).
+        teacher_cache: an ``elm.teacher.TeacherCache`` shared with other retrainings on the same
+            batches (``elm.compare``); used on CPU only, where the teacher's forward is a quarter of
+            the step (on a GPU it is cheap and its memory is better left to the batch).
     """
 
     stage, state_file = "retrain", STATE_FILE
 
     def __init__(self, model, teacher, train, validation, loop: LoopConfig, kd: RetrainSettings, *,
-                 teacher_head=None, point_target=None, logger=None, compile: bool = False) -> None:  # fmt: skip
+                 teacher_head=None, point_target=None, logger=None, compile: bool = False,
+                 teacher_cache=None) -> None:  # fmt: skip
         if kd.temperature <= 0:
             raise ValueError(f"distill.temperature={kd.temperature} must be > 0")
         num_layers = model.config.num_hidden_layers
@@ -123,9 +127,11 @@ class RetrainTrainer(TrainLoop):
         self.forward_model = torch.compile(self.ddp) if compile else self.ddp
         if self.master is not None:
             self.forward_model, self.teacher = self.master.compute, bf16_teacher(self.teacher)
+            self.teacher_head = teacher_head.bound_to(self.teacher) if teacher_head is not None else None
         self.plan = {"epochs": loop.epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": loop.batch_size,
                      "lr": loop.lr, "schedule": loop.schedule, "warmup_steps": self.warmup_steps}  # fmt: skip
         self.meta: dict[str, Any] = {}  # facts of the run saved with the state (e.g. how it was initialised)
+        self.teacher_cache = teacher_cache if self.device.type == "cpu" else None
 
     # ---- data ------------------------------------------------------------------------------
     def collator(self, seed: int):
@@ -186,7 +192,7 @@ class RetrainTrainer(TrainLoop):
         with self.prec.autocast():
             out = self.forward_model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
                                      output_hidden_states=need_teacher)  # fmt: skip
-            t = self.teacher(batch["input_ids"], mask) if need_teacher else None
+            t = self.teacher_outputs(batch) if need_teacher else None
         terms = {"lm": out.loss.float()}
         targets = [self.in_basis(t.hidden_states[m].float()) for m in self.layer_map[1:]] if need_teacher else []
         if w["hidden"] > 0:
@@ -203,6 +209,14 @@ class RetrainTrainer(TrainLoop):
         terms["total"] = sum(w[k] * v for k, v in terms.items())
         return terms
 
+    def teacher_outputs(self, batch: dict[str, torch.Tensor]):
+        """The teacher's outputs for ``batch``, through ``teacher_cache`` when there is one (the
+        states the losses read: ``layer_map[1:]`` and the last, which the fitted head reads)."""
+        if self.teacher_cache is None:
+            return self.teacher(batch["input_ids"], batch["attention_mask"])
+        states = sorted({*self.layer_map[1:], self.teacher.num_layers})
+        return self.teacher_cache.outputs(self.teacher, batch["input_ids"], batch["attention_mask"], states)
+
     def in_basis(self, h: torch.Tensor) -> torch.Tensor:
         """A teacher state in the shared basis (as it is without one)."""
         return h if self.basis is None else self.basis.to_student(h)
@@ -217,7 +231,7 @@ class RetrainTrainer(TrainLoop):
         if student_logits.dim() == 3:  # config.mlm_masked_only=False: [B, T, V]
             student_logits = student_logits[selected]
         if self.teacher_head is not None:
-            teacher_logits = self.teacher_head(t.hidden_states[-1][selected].float())
+            teacher_logits = self.teacher_head(t.hidden_states[-1][selected]).float()
         else:
             teacher_logits = t.logits[selected].float()
         return forward_kl(student_logits[None], teacher_logits[None, :, :vocab], None, self.temperature)
