@@ -7,7 +7,8 @@
 #   comparison table + PNG (accuracy as a fraction of the teacher's, speed-up over it).
 #   With SST2=none (BBC only): 23.8 min on 2 idle cores with AMX (2026-12-04; search 2 min, 4 retrains
 #   8.7 min, fine-tuning 5 models x (3-rate sweep + 3 seeds) 11.8 min, of it the teacher's 4.2 min, task
-#   distillation 1.3 min: docs/benchmarks.md). With SST-2 (4,000 sentences per run) about 3.5 h on
+#   distillation 1.3 min), 33 min on 2 with AVX512-BF16 but no AMX (2026-12-05; retrains 10.3 min,
+#   fine-tuning 18.4 min: docs/benchmarks.md). With SST-2 (4,000 sentences per run) about 3.5 h on
 #   the slower machines of earlier sessions.
 #
 #   scripts/pipeline.sh [extra overrides for the search]       OUT=<dir> sets the output folder
