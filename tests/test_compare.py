@@ -254,7 +254,8 @@ def test_bad_inputs_are_refused(tmp_path):
              (OmegaConf.merge(ok, {"task_distill": {"enabled": True, "models": ["teacher"]}}), {}, {},
               "the teacher is not distilled"),
              (ok, {"hub": {"repo_id": "me/m"}}, {}, "retrain.hub.repo_id is set, but elm.compare publishes nothing"),
-             (ok, {}, {"hub": {"repo_id": "me/m"}}, "finetune.hub.repo_id is set")]  # fmt: skip
+             (ok, {}, {"hub": {"repo_id": "me/m"}}, "finetune.hub.repo_id is set"),
+             (OmegaConf.merge(ok, {"teacher_cache_gb": -1}), {}, {}, "teacher_cache_gb=-1 must be a number >= 0")]  # fmt: skip
     for cfg, retrain, finetune, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             _check_inputs(cfg, compose_config("retrain", [], retrain), compose_config("finetune", [], finetune))

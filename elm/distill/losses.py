@@ -219,7 +219,8 @@ def _token_kl(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Te
     when ``reverse``; computed in the student's (float) precision."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    s, t = _float(student_logits), _float(teacher_logits).to(_float(student_logits).dtype)
+    s = _float(student_logits)
+    t = _float(teacher_logits).to(s.dtype)
     if temperature != 1:  # (a [tokens, vocab] pass each way saved at T = 1)
         s, t = s / temperature, t / temperature
     if not reverse and not t.requires_grad:  # a frozen teacher: its side needs no graph
@@ -267,7 +268,8 @@ def soft_label_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
     (``[N]`` or ``[N, 1]``): the MSE between the student's and the teacher's predictions
     (``temperature`` unused). 0 when the logits are equal; computed in at least float32.
     """
-    s, t = _float(student_logits), _float(teacher_logits).to(_float(student_logits).dtype)
+    s = _float(student_logits)
+    t = _float(teacher_logits).to(s.dtype)
     if s.shape != t.shape:
         raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} logits differ in shape")
     if s.dim() == 1 or s.shape[-1] == 1:
