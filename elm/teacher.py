@@ -139,16 +139,16 @@ class TeacherCache:
         key = hashlib.blake2b(input_ids.cpu().numpy().tobytes() + attention_mask.cpu().numpy().tobytes())
         key = key.digest()
         hit = self._store.get(key)
-        if hit is not None and torch.equal(hit[0], input_ids) and torch.equal(hit[1], attention_mask) \
-                and all(i in hit[2] for i in states):  # fmt: skip
+        same = hit is not None and torch.equal(hit[0], input_ids) and torch.equal(hit[1], attention_mask)
+        if same and all(i in hit[2] for i in states):
             self.hits += 1
             return TeacherOutput(hidden_states=tuple(hit[2].get(i) for i in range(teacher.num_layers + 1)))
         self.misses += 1
         out = teacher(input_ids, attention_mask)
-        kept = {i: out.hidden_states[i] for i in states}
+        kept = {**(hit[2] if same else {}), **{i: out.hidden_states[i] for i in states}}  # (+ states not kept yet)
         size = _nbytes(input_ids, attention_mask, *kept.values())
         freed = _nbytes(hit[0], hit[1], *hit[2].values()) if hit else 0
-        if self.used - freed + size <= self.max_bytes:  # (a hit without some of ``states``: replaced)
+        if self.used - freed + size <= self.max_bytes:
             self._owner = owner
             self._store[key] = (input_ids.clone(), attention_mask.clone(), kept)
             self.used += size - freed

@@ -87,7 +87,7 @@ def test_teacher_cache_returns_the_teachers_states_for_the_same_batch(minilm: Te
     other[0, 3] += 1
     torch.testing.assert_close(cache.outputs(minilm, other, mask, [6]).hidden_states[6], minilm(other, mask).hidden_states[6])
     cache.outputs(minilm, ids, mask, [1, 2])  # state 1 was not kept: recomputed, and now kept too
-    assert cache.outputs(minilm, ids, mask, [1]).hidden_states[1] is not None and cache.hits == 2
+    assert cache.outputs(minilm, ids, mask, [1, 6]).hidden_states[1] is not None and cache.hits == 2
     n = len(calls)
     cache.outputs(minilm, ids, 1 - mask, [6])  # another mask is another batch
     assert len(calls) == n + 1
